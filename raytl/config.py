@@ -1,0 +1,117 @@
+"""Typed, frozen job configs, validated before any Ray work starts."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass
+
+
+class ConfigError(ValueError):
+    """A bad option value; the message is one sentence naming the option and what is allowed."""
+
+
+class Choice(str, enum.Enum):
+    """An option with a fixed set of string values."""
+
+    @classmethod
+    def parse(cls, value: str | Choice, option: str) -> Choice:
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(c.value for c in cls)
+            raise ConfigError(f"{option} must be one of {allowed}, not {value!r}.") from None
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Layer(Choice):
+    POOL5 = "pool5"  # last pooling layer, 512 x (size/32)^2
+    FC6 = "fc6"  # first fully connected layer after ReLU, 4096
+    FC7 = "fc7"  # second fully connected layer after ReLU, 4096
+
+
+class Pool(Choice):
+    AVG = "avg"  # mean over the spatial grid: 512-d
+    MAX = "max"  # max over the spatial grid: 512-d
+    FLATTEN = "flatten"  # the whole pool5 map: 25088-d at 224 px, the textbook h
+
+
+class Precision(Choice):
+    AUTO = "auto"  # bf16 on CUDA and on CPUs with AMX / AVX-512-BF16, else fp32
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything `raytl extract` needs; build with `ExtractConfig.create` to validate."""
+
+    source: str
+    output: str
+    manifest: str | None = None
+    weights: str = "imagenet"  # imagenet | random | path or URI of a torchvision VGG16 state_dict
+    layer: Layer = Layer.POOL5
+    pool: Pool = Pool.AVG
+    precision: Precision = Precision.AUTO
+    image_size: int = 224  # the centre crop
+    resize_size: int | None = None  # shorter side before the crop; None: round(image_size * 256 / 224)
+    batch_size: int | None = None  # images per forward pass; None: 256 per GPU, 32 on CPU
+    num_actors: int | None = None  # model actors; None: one per GPU, or one on a CPU-only cluster
+    decode_batch: int = 32  # files fetched and decoded per CPU task call
+    rows_per_file: int = 8192  # rows per Parquet part file
+    max_pixels: int = 89_478_485  # larger images are refused as decompression bombs (Pillow's default)
+    seed: int = 0  # seeds --weights random
+    overwrite: bool = False  # replace an OUTPUT that already holds raytl embeddings
+
+    @classmethod
+    def create(cls, **options: object) -> ExtractConfig:
+        """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
+        options = dict(options)
+        options["layer"] = Layer.parse(options.get("layer", Layer.POOL5), "--layer")  # type: ignore[arg-type]
+        options["pool"] = Pool.parse(options.get("pool", Pool.AVG), "--pool")  # type: ignore[arg-type]
+        options["precision"] = Precision.parse(
+            options.get("precision", Precision.AUTO), "--precision"  # type: ignore[arg-type]
+        )
+        config = cls(**options)  # type: ignore[arg-type]
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ConfigError on the first bad value."""
+        if not self.source and not self.manifest:
+            raise ConfigError("SOURCE is empty: give a directory or URI of images, or --manifest FILE.")
+        if not self.output:
+            raise ConfigError("OUTPUT is empty: give a directory or URI to write embeddings to.")
+        _positive("--image-size", self.image_size, low=32, high=2048)
+        if self.resize_size is not None and self.resize_size < self.image_size:
+            raise ConfigError(
+                f"--resize-size must be at least --image-size ({self.image_size}), not {self.resize_size}."
+            )
+        for option, value in (("--batch-size", self.batch_size), ("--num-actors", self.num_actors)):
+            if value is not None:
+                _positive(option, value)
+        _positive("--decode-batch", self.decode_batch)
+        _positive("--rows-per-file", self.rows_per_file)
+        _positive("--max-pixels", self.max_pixels)
+        if self.pool != Pool.AVG and self.layer != Layer.POOL5:
+            raise ConfigError(f"--pool {self.pool} applies to --layer pool5 only, not --layer {self.layer}.")
+        if not self.weights:
+            raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
+
+    @property
+    def resize(self) -> int:
+        """The shorter side before the centre crop."""
+        return self.resize_size or round(self.image_size * 256 / 224)
+
+    def to_json(self) -> str:
+        """The whole config as JSON, for logs and summaries."""
+        return json.dumps({k: str(v) if isinstance(v, Choice) else v for k, v in asdict(self).items()})
+
+
+def _positive(option: str, value: int, low: int = 1, high: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
+        bound = f"between {low} and {high}" if high else f"at least {low}"
+        raise ConfigError(f"{option} must be an integer {bound}, not {value!r}.")

@@ -1,0 +1,109 @@
+"""The model stage: an actor-pool callable that turns uint8 image batches into embeddings."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from raytl.config import Layer, Pool, Precision
+from raytl.models import IMAGENET_MEAN, IMAGENET_STD, VGG16Trunk, resolve_precision
+
+_AUTOCAST_DTYPE = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+
+
+class Embedder:
+    """Built where it runs: loads VGG16 onto this actor's device; `__call__(batch) -> pyarrow.Table`.
+
+    Runs without Ray too (pass the state_dict itself), so the GPU stage can be benchmarked on its own.
+    """
+
+    def __init__(
+        self,
+        state_dict: Any,
+        layer: Layer = Layer.POOL5,
+        pool: Pool = Pool.AVG,
+        precision: Precision = Precision.AUTO,
+        batch_size: int = 32,
+        threads: int | None = None,
+    ) -> None:
+        if not isinstance(state_dict, dict):  # a Ray ObjectRef: every actor fetches the same validated tensors
+            import ray
+
+            state_dict = ray.get(state_dict)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu" and threads:
+            # Ray sets OMP_NUM_THREADS from the actor's num_cpus; the model may use more cores than
+            # the actor reserves, because decoding tasks are short and interleave.
+            torch.set_num_threads(min(threads, os.cpu_count() or threads))
+        self.precision = resolve_precision(Precision(precision), self.device)
+        # channels_last speeds up reduced-precision convolutions; fp32 keeps torchvision's exact layout.
+        self.channels_last = self.precision != Precision.FP32
+        model = VGG16Trunk(layer, pool)
+        model.load_state_dict(state_dict)
+        model = model.eval().to(self.device)
+        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Rows (path, label, image, error) -> rows (path, label, embedding, error); errored rows get null."""
+        ok = batch["error"] == ""
+        vectors = self.embed(batch["image"][ok])
+        dim = vectors.shape[1]
+        values = np.zeros((len(ok), dim), dtype=np.float32)
+        values[ok] = vectors
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim, mask=pa.array(~ok))
+        return pa.table(
+            {
+                "path": pa.array(batch["path"], pa.string()),
+                "label": _labels(batch["label"]),
+                "embedding": embedding,
+                "error": pa.array(batch["error"], pa.string()),
+            }
+        )
+
+    @torch.inference_mode()
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, D), in chunks of batch_size."""
+        chunks = []
+        for start in range(0, len(images), self.batch_size):
+            chunks.append(self._forward(images[start : start + self.batch_size]))
+        if not chunks:
+            return np.zeros((0, self._dim(images)), dtype=np.float32)
+        return np.concatenate(chunks)
+
+    def _forward(self, images: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Ray hands read-only arrays; torch only reads them
+            x = torch.from_numpy(images)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        # NHWC uint8 viewed as NCHW is already channels_last: no copy until the float conversion.
+        x = x.permute(0, 3, 1, 2)
+        x = x.float() if self.channels_last else x.contiguous().float()
+        # The same operations, in the same order, as torchvision's ConvertImageDtype + Normalize.
+        x = x.div_(255).sub_(self.mean).div_(self.std)
+        with self._autocast():
+            y = self.model(x)
+        return y.float().cpu().numpy()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == Precision.FP32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPE[self.precision])
+
+    def _dim(self, images: np.ndarray) -> int:
+        probe = np.zeros((1, *images.shape[1:]), dtype=np.uint8)
+        return self._forward(probe).shape[1]
+
+
+def _labels(labels: np.ndarray) -> pa.Array:
+    # The pipeline carries "no label" as "" (Ray turns None in object columns into NaN).
+    return pa.array([None if v is None or v == "" or v != v else str(v) for v in labels], pa.string())

@@ -1,0 +1,179 @@
+"""`raytl extract`: the Ray Data pipeline from an image corpus to Parquet embeddings."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+import raytl
+from raytl import storage, writer
+from raytl.config import ExtractConfig
+from raytl.embed import Embedder
+from raytl.models import IMAGENET_MEAN, IMAGENET_STD, embedding_dim, load_weights
+from raytl.preprocess import Transform, decode_batch
+from raytl.reader import Corpus, list_corpus
+
+log = logging.getLogger(__name__)
+
+# Parquet part files stay near this size whatever D is (25088-d flattened pool5 rows are 100 KB each).
+_TARGET_FILE_BYTES = 256 * 1024 * 1024
+# Host memory one model actor reserves: VGG16 trunk, activations of a batch, Ray's buffers. Besides
+# telling the scheduler, it keeps Ray from fusing the decode tasks into the model actor.
+_ACTOR_MEMORY = 3 * 1024**3
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the pipeline may use, read from the cluster once at start-up."""
+
+    gpus: int
+    cpus: int
+
+    @classmethod
+    def of_cluster(cls) -> Resources:
+        total = ray.cluster_resources()
+        return cls(gpus=int(total.get("GPU", 0)), cpus=max(1, int(total.get("CPU", 1))))
+
+
+def run(config: ExtractConfig) -> dict[str, Any]:
+    """Validate inputs, run the pipeline, write `_summary.json`; returns the summary."""
+    corpus = list_corpus(config.source, config.manifest)  # fails fast on a missing or empty SOURCE
+    weights = load_weights(config.weights, config.layer, config.seed)  # fails fast on bad weights
+    prepare_output(config.output, config.overwrite)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    resources = Resources.of_cluster()
+    dim = embedding_dim(config.layer, config.pool, config.image_size)
+    metadata = embeddings_metadata(config, weights.id, dim)
+    log.info("extract config: %s", config.to_json())
+    started = time.perf_counter()
+    stats = build(config, corpus, ray.put(weights.state_dict), resources, metadata)
+    embedded = failed = 0
+    for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
+        embedded += pc.sum(batch["embedded"]).as_py() or 0
+        failed += pc.sum(batch["failed"]).as_py() or 0
+    wall = time.perf_counter() - started
+    summary = {
+        "seen": corpus.table.num_rows,
+        "embedded": embedded,
+        "failed": failed,
+        "skipped": 0,
+        "ignored_non_images": corpus.ignored,
+        "wall_seconds": round(wall, 3),
+        "images_per_second": round(embedded / wall, 2) if wall else None,
+        "output": storage.redact(config.output),
+        "embedding": metadata,
+    }
+    writer.write_summary(config.output, summary)
+    return summary
+
+
+def build(
+    config: ExtractConfig, corpus: Corpus, weights_ref: Any, resources: Resources, metadata: dict
+) -> ray.data.Dataset:
+    """The whole pipeline as one chain: listed paths -> decode (CPU tasks) -> embed (actors) -> write."""
+    gpu = resources.gpus > 0
+    actors = config.num_actors or (resources.gpus if gpu else 1)
+    batch_size = config.batch_size or (256 if gpu else 32)
+    dim = metadata["dim"]
+    rows_per_file = max(1, min(config.rows_per_file, _TARGET_FILE_BYTES // (4 * dim)))
+    transform = Transform(config.image_size, config.resize, config.max_pixels)
+    return (
+        ray.data.from_arrow(_blocks(corpus.table, config.decode_batch))
+        .map_batches(
+            decode_batch,
+            fn_kwargs={"transform": transform},
+            batch_size=config.decode_batch,
+            batch_format="numpy",
+            num_cpus=1,
+        )
+        .map_batches(
+            Embedder,
+            fn_constructor_kwargs={
+                "state_dict": weights_ref,
+                "layer": config.layer,
+                "pool": config.pool,
+                "precision": config.precision,
+                "batch_size": batch_size,
+                # On CPU-only clusters each actor's torch uses its share of the cores.
+                "threads": None if gpu else max(1, resources.cpus // actors),
+            },
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_gpus=1 if gpu else 0,
+            num_cpus=1,
+            memory=_ACTOR_MEMORY,
+        )
+        .map_batches(
+            writer.write_part,
+            fn_kwargs={"output": config.output, "schema": writer.embeddings_schema(dim, metadata)},
+            batch_size=rows_per_file,
+            batch_format="pyarrow",
+            num_cpus=0.25,  # mostly waiting on storage
+        )
+    )
+
+
+def _blocks(table: pa.Table, rows: int) -> list[pa.Table]:
+    """Split the listing so that decode tasks run in parallel from the first block on."""
+    count = max(1, math.ceil(table.num_rows / rows))
+    return [table.slice(i * rows, rows) for i in range(count)]
+
+
+def embeddings_metadata(config: ExtractConfig, weights_id: str, dim: int) -> dict[str, Any]:
+    """The JSON stored under the Parquet schema key `raytl`: how every embedding was made."""
+    return {
+        "model": "vgg16",
+        "weights": weights_id,
+        "layer": str(config.layer),
+        "pool": str(config.pool) if config.layer == "pool5" else None,
+        "dim": dim,
+        "image_size": config.image_size,
+        "precision": str(config.precision),
+        "preprocessing": {
+            "exif_transpose": True,
+            "to_rgb": True,
+            "resize": config.resize,
+            "interpolation": "bilinear",
+            "antialias": True,
+            "center_crop": config.image_size,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
+        "raytl_version": raytl.__version__,
+    }
+
+
+def prepare_output(output: str, overwrite: bool) -> None:
+    """Refuse an OUTPUT that already holds raytl results, unless --overwrite (then clear just those)."""
+    fs, root = storage.filesystem(output)
+    root = root.rstrip("/")
+    existing = _raytl_files(fs, root)
+    if existing and not overwrite:
+        raise storage.StorageError(
+            f"OUTPUT {storage.redact(output)} already holds raytl results ({len(existing)} files); "
+            "pass --overwrite to replace them or choose another OUTPUT."
+        )
+    for path in existing:
+        fs.rm(path)
+
+
+def _raytl_files(fs: Any, root: str) -> list[str]:
+    if not fs.exists(root):
+        return []
+    if fs.isfile(root):
+        raise storage.StorageError(f"OUTPUT {storage.redact(root)} is a file, not a folder.")
+    names = fs.ls(root, detail=False)
+    ours = [p for p in names if p.rsplit("/", 1)[-1].startswith("part-") or p.endswith(writer.SUMMARY_FILE)]
+    errors_dir = f"{root}/{writer.ERRORS_DIR}"
+    if fs.exists(errors_dir):
+        ours += [p for p in fs.find(errors_dir) if p.rsplit("/", 1)[-1].startswith("part-")]
+    return ours

@@ -1,0 +1,106 @@
+"""Fetch image bytes, decode, EXIF-orient, convert to RGB, resize and centre-crop: CPU tasks."""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from raytl import storage
+
+# Pillow's own bomb check fires at 2x its limit; raytl checks the header against its own limit instead.
+Image.MAX_IMAGE_PIXELS = None
+
+# What Pillow's decoders raise on broken data (truncated streams, bad headers, corrupt chunks).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error)
+
+
+class ImageError(ValueError):
+    """A file that is not a usable image; the message is the reason stored in `_errors`."""
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Decode bytes to the uint8 RGB crop that VGG16_Weights.IMAGENET1K_V1.transforms() would see."""
+
+    image_size: int = 224
+    resize_size: int = 256
+    max_pixels: int = 89_478_485
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        """bytes -> uint8 array (image_size, image_size, 3); raises ImageError with the reason."""
+        image = self.decode(data)
+        # Exactly torchvision's ImageClassification on a PIL image: bilinear (antialiased) resize of the
+        # shorter side, then centre crop; the float conversion and normalisation happen on the model's device.
+        image = F.resize(image, [self.resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        image = F.center_crop(image, [self.image_size])
+        return np.asarray(image, dtype=np.uint8)
+
+    def decode(self, data: bytes) -> Image.Image:
+        """bytes -> EXIF-oriented RGB PIL image."""
+        if not data:
+            raise ImageError("empty file (0 bytes)")
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageError("not a recognised image format") from None
+        except _DECODE_ERRORS as exc:
+            raise ImageError(f"cannot decode: {exc}") from None
+        width, height = image.size
+        if width * height > self.max_pixels:
+            raise ImageError(
+                f"image of {width}x{height} px exceeds --max-pixels {self.max_pixels} (decompression bomb guard)"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # palette-transparency and EXIF warnings are not errors
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+        except _DECODE_ERRORS as exc:
+            raise ImageError(f"cannot decode: {exc}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; 16- and 32-bit greyscale are scaled, not clipped as Pillow would."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # Pillow's own I;16 -> RGB conversion clips at 255, turning a 16-bit scan white. 16-bit
+        # greyscale (PNG, TIFF) opens as I;16 or I; scale its 0..65535 range to 0..255 instead.
+        values = np.asarray(image, dtype=np.float64)
+        scaled = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        peak = 1.0 if values.size and values.max() <= 1.0 else 255.0
+        scaled = np.clip(np.rint(values * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if image.mode != "RGB":
+        # RGBA, LA and P with transparency drop alpha as torchvision's `.convert("RGB")` does; CMYK,
+        # YCbCr, L and 1 go through Pillow's standard conversions.
+        image = image.convert("RGB")
+    return image
+
+
+def decode_batch(batch: dict[str, np.ndarray], transform: Transform) -> dict[str, np.ndarray]:
+    """A batch of (path, label) rows -> rows with `image` (uint8 NHWC) and `error` ('' when decoded)."""
+    paths = [str(p) for p in batch["path"]]
+    size = transform.image_size
+    images = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
+    errors = [""] * len(paths)
+    for i, data in enumerate(storage.fetch_many(paths)):
+        if isinstance(data, Exception):
+            errors[i] = "cannot read: " + storage.describe_error(data)
+            continue
+        try:
+            images[i] = transform(data)
+        except ImageError as exc:
+            errors[i] = storage.redact(str(exc))
+        except Exception as exc:  # a decoder bug on a hostile file must not end the run
+            errors[i] = "cannot decode: " + storage.describe_error(exc)
+    return {"path": batch["path"], "label": batch["label"], "image": images, "error": np.array(errors)}

@@ -1,0 +1,130 @@
+"""List a corpus: image files under a class-per-folder SOURCE, or the rows of a CSV / Parquet manifest."""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from raytl import storage
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+CORPUS_SCHEMA = pa.schema([("path", pa.string()), ("label", pa.string())])
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The images to read: `table` has columns path (full URI) and label ("" when unknown)."""
+
+    table: pa.Table
+    ignored: int  # files that were listed but are not images
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.table.num_rows) and pc.any(pc.not_equal(self.table["label"], "")).as_py()
+
+
+def is_image(path: str) -> bool:
+    """True for the image extensions raytl reads, in any case."""
+    return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_corpus(source: str | None, manifest: str | None = None) -> Corpus:
+    """List SOURCE or read MANIFEST; raises StorageError on a missing or empty corpus."""
+    corpus = read_manifest(manifest) if manifest else list_folder(source or "")
+    if corpus.table.num_rows == 0:
+        where = f"manifest {manifest}" if manifest else f"SOURCE {source}"
+        raise storage.StorageError(
+            f"{storage.redact(where)} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})."
+        )
+    return corpus
+
+
+def list_folder(source: str) -> Corpus:
+    """SOURCE/<label>/<file> -> label from the first folder; files directly in SOURCE get no label."""
+    fs, root = storage.filesystem(source)
+    root = root.rstrip("/")
+    try:
+        if not fs.exists(root):
+            raise storage.StorageError(
+                f"SOURCE {storage.redact(source)} does not exist (no such bucket, prefix or directory)."
+            )
+        if fs.isfile(root):
+            raise storage.StorageError(
+                f"SOURCE {storage.redact(source)} is a file; give the folder that holds the images."
+            )
+        files = sorted(fs.find(root, withdirs=False))
+    except storage.StorageError:
+        raise
+    except Exception as exc:
+        raise storage.StorageError(
+            f"SOURCE {storage.redact(source)} cannot be listed: {storage.describe_error(exc)}."
+        ) from None
+    paths, labels = [], []
+    for file in files:
+        if not is_image(file):
+            continue
+        relative = file[len(root) :].lstrip("/")
+        paths.append(storage.to_uri(fs, file))
+        labels.append(relative.split("/", 1)[0] if "/" in relative else "")
+    log.info("listed %d images under %s (%d other files ignored)", len(paths), source, len(files) - len(paths))
+    return Corpus(pa.table([paths, labels], schema=CORPUS_SCHEMA), ignored=len(files) - len(paths))
+
+
+def read_manifest(manifest: str) -> Corpus:
+    """A CSV or Parquet file with `path` and optional `label`; relative paths are taken from its folder."""
+    try:
+        data = storage.read_bytes(manifest)
+    except FileNotFoundError:
+        raise storage.StorageError(f"--manifest {storage.redact(manifest)}: no such file.") from None
+    except Exception as exc:
+        raise storage.StorageError(
+            f"--manifest {storage.redact(manifest)} cannot be read: {storage.describe_error(exc)}."
+        ) from None
+    table = _parse_manifest(manifest, data)
+    if "path" not in table.column_names:
+        raise storage.StorageError(
+            f"--manifest {storage.redact(manifest)} has no `path` column (columns: {', '.join(table.column_names)})."
+        )
+    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
+    paths = [p if "://" in p or p.startswith("/") else storage.join(base, p) for p in _strings(table["path"])]
+    if "" in paths:
+        raise storage.StorageError(f"--manifest {storage.redact(manifest)} has an empty `path`.")
+    labels = _strings(table["label"]) if "label" in table.column_names else [""] * len(paths)
+    return Corpus(pa.table([paths, labels], schema=CORPUS_SCHEMA), ignored=0)
+
+
+def _parse_manifest(manifest: str, data: bytes) -> pa.Table:
+    name = manifest.lower()
+    try:
+        if name.endswith((".parquet", ".pq")):
+            return pq.read_table(io.BytesIO(data))
+        if name.endswith((".csv", ".csv.gz", ".tsv")):
+            delimiter = "\t" if name.endswith(".tsv") else ","
+            return pacsv.read_csv(
+                pa.CompressedInputStream(pa.BufferReader(data), "gzip")
+                if name.endswith(".gz")
+                else pa.BufferReader(data),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                convert_options=pacsv.ConvertOptions(column_types={"path": pa.string(), "label": pa.string()}),
+            )
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise storage.StorageError(
+            f"--manifest {storage.redact(manifest)} is not valid {name.rsplit('.', 1)[-1].upper()}: "
+            f"{storage.describe_error(exc)}."
+        ) from None
+    raise storage.StorageError(
+        f"--manifest {storage.redact(manifest)} must end in .csv, .csv.gz, .tsv or .parquet."
+    )
+
+
+def _strings(column: pa.ChunkedArray) -> list[str]:
+    return ["" if v is None else str(v) for v in column.to_pylist()]

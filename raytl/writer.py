@@ -1,0 +1,59 @@
+"""Write embedded rows as Parquet part files and failed rows to `_errors/`, under deterministic names."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raytl import storage
+
+ERRORS_DIR = "_errors"
+SUMMARY_FILE = "_summary.json"
+METADATA_KEY = b"raytl"
+ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string())])
+
+
+def embeddings_schema(dim: int, metadata: dict) -> pa.Schema:
+    """The contract: path, label, embedding fixed_size_list<float32>[D], metadata key `raytl`."""
+    return pa.schema(
+        [("path", pa.string()), ("label", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
+        metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()},
+    )
+
+
+def write_part(batch: pa.Table, output: str, schema: pa.Schema) -> pa.Table:
+    """Write a batch of rows (path, label, embedding, error); returns a one-row table of counts."""
+    # Named after the batch's contents: a retried task rewrites the same files instead of adding rows.
+    name = "part-" + _digest(batch.column("path")) + ".parquet"
+    failed = batch.filter(pc.not_equal(batch.column("error"), ""))
+    embedded = batch.filter(pc.equal(batch.column("error"), ""))
+    if embedded.num_rows:
+        rows = embedded.select(["path", "label", "embedding"]).cast(schema)
+        storage.write_bytes(storage.join(output, name), _parquet(rows))
+    if failed.num_rows:
+        rows = failed.select(["path", "error"]).cast(ERRORS_SCHEMA)
+        storage.write_bytes(storage.join(output, ERRORS_DIR, name), _parquet(rows))
+    return pa.table({"embedded": [embedded.num_rows], "failed": [failed.num_rows]})
+
+
+def _digest(paths: pa.ChunkedArray) -> str:
+    h = hashlib.sha256()
+    for path in paths.to_pylist():
+        h.update(path.encode() + b"\0")
+    return h.hexdigest()[:24]
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def write_summary(output: str, summary: dict) -> None:
+    """OUTPUT/_summary.json: counts, wall time, throughput and the config."""
+    storage.write_bytes(storage.join(output, SUMMARY_FILE), json.dumps(summary, indent=2).encode())
