@@ -44,9 +44,7 @@ class Embedder:
         self.precision = resolve_precision(Precision(precision), self.device)
         # channels_last speeds up reduced-precision convolutions; fp32 keeps torchvision's exact layout.
         self.channels_last = self.precision != Precision.FP32
-        model = VGG16Trunk(layer, pool)
-        model.load_state_dict(state_dict)
-        model = model.eval().to(self.device)
+        model = VGG16Trunk.from_state_dict(state_dict, layer, pool).to(self.device)
         self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)

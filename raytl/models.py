@@ -35,13 +35,24 @@ class VGG16Trunk(nn.Module):
 
     def __init__(self, layer: Layer = Layer.POOL5, pool: Pool = Pool.AVG) -> None:
         super().__init__()
-        vgg = torchvision.models.vgg16(weights=None)
+        # Built without storage (VGG16's own init of 138M parameters takes seconds): the weights come
+        # from `from_state_dict`.
+        with torch.device("meta"):
+            vgg = torchvision.models.vgg16(weights=None)
         self.layer, self.pool = Layer(layer), Pool(pool)
         self.features = vgg.features
         if self.layer != Layer.POOL5:
             self.avgpool = vgg.avgpool
             # classifier: Linear(fc6) ReLU Dropout Linear(fc7) ReLU Dropout Linear(fc8)
             self.classifier = vgg.classifier[:2] if self.layer == Layer.FC6 else vgg.classifier[:5]
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], layer: Layer, pool: Pool) -> VGG16Trunk:
+        """A trunk holding these tensors (all of VGG16's, or just those the layer needs)."""
+        trunk = cls(layer, pool)
+        needed = trunk.state_dict().keys()
+        trunk.load_state_dict({k: state_dict[k] for k in needed}, assign=True)
+        return trunk.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
@@ -77,7 +88,7 @@ def load_weights(spec: str, layer: Layer, seed: int = 0) -> Weights:
         state, weights_id = _state_dict_from_file(spec)
     check_fits_vgg16(state, spec)
     needed = VGG16Trunk(layer).state_dict().keys()
-    return Weights({k: state[k].detach().clone() for k in needed}, weights_id)
+    return Weights({k: state[k].detach().contiguous() for k in needed}, weights_id)
 
 
 def _imagenet_state_dict() -> dict[str, torch.Tensor]:
@@ -116,7 +127,8 @@ def _state_dict_from_file(uri: str) -> tuple[dict[str, torch.Tensor], str]:
 
 def check_fits_vgg16(state: dict[str, torch.Tensor], spec: str) -> None:
     """Raise WeightsError unless `state` has every VGG16 tensor at the right shape."""
-    expected = torchvision.models.vgg16(weights=None).state_dict()
+    with torch.device("meta"):
+        expected = torchvision.models.vgg16(weights=None).state_dict()
     missing = [k for k in expected if k not in state]
     if missing:
         raise WeightsError(

@@ -1,0 +1,33 @@
+"""Config validation: every bad value gets one sentence naming the option."""
+
+import pytest
+
+from raytl.config import ConfigError, ExtractConfig, Layer, Pool, Precision
+
+
+def test_defaults_are_the_vgg16_preset():
+    config = ExtractConfig.create(source="s3://b/in", output="s3://b/out")
+    assert (config.layer, config.pool, config.precision) == (Layer.POOL5, Pool.AVG, Precision.AUTO)
+    assert (config.image_size, config.resize) == (224, 256)
+    assert ExtractConfig.create(source="a", output="b", image_size=64).resize == 73
+    assert ExtractConfig.create(source="a", output="b", image_size=64, resize_size=64).resize == 64
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"layer": "pool4"}, "--layer must be one of pool5, fc6, fc7, not 'pool4'."),
+        ({"pool": "median"}, "--pool must be one of avg, max, flatten, not 'median'."),
+        ({"precision": "int8"}, "--precision must be one of auto, fp32, bf16, fp16, not 'int8'."),
+        ({"image_size": 16}, "--image-size must be an integer between 32 and 2048, not 16."),
+        ({"image_size": 64, "resize_size": 60}, "--resize-size must be at least --image-size (64), not 60."),
+        ({"batch_size": 0}, "--batch-size must be an integer at least 1, not 0."),
+        ({"num_actors": -1}, "--num-actors must be an integer at least 1, not -1."),
+        ({"layer": "fc6", "pool": "max"}, "--pool max applies to --layer pool5 only, not --layer fc6."),
+        ({"output": ""}, "OUTPUT is empty: give a directory or URI to write embeddings to."),
+    ],
+)
+def test_bad_values(options, message):
+    with pytest.raises(ConfigError) as info:
+        ExtractConfig.create(**{"source": "a", "output": "b", **options})
+    assert str(info.value) == message

@@ -1,0 +1,117 @@
+"""VGG16 trunks against torchvision, weights loading and validation, precision choice."""
+
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from images import random_state_dict
+
+from raytl.config import Layer, Pool, Precision
+from raytl.embed import Embedder
+from raytl.models import VGG16Trunk, WeightsError, embedding_dim, load_weights, resolve_precision
+
+
+@pytest.fixture(scope="module")
+def state():
+    return random_state_dict(11)
+
+
+@pytest.mark.parametrize(
+    "layer,pool,size,dim",
+    [("pool5", "avg", 224, 512), ("pool5", "max", 64, 512), ("pool5", "flatten", 224, 25088),
+     ("pool5", "flatten", 64, 2048), ("pool5", "flatten", 100, 4608), ("fc6", "avg", 64, 4096),
+     ("fc7", "avg", 64, 4096)],
+)
+def test_embedding_dim(layer, pool, size, dim):
+    assert embedding_dim(Layer(layer), Pool(pool), size) == dim
+    with torch.device("meta"):  # shapes only
+        assert VGG16Trunk(Layer(layer), Pool(pool))(torch.zeros(1, 3, size, size)).shape == (1, dim)
+
+
+@pytest.mark.parametrize("layer,pool", [("pool5", "avg"), ("pool5", "max"), ("pool5", "flatten"),
+                                        ("fc6", "avg"), ("fc7", "avg")])
+def test_trunk_equals_torchvision_vgg16(state, layer, pool):
+    vgg = torchvision.models.vgg16(weights=None)
+    vgg.load_state_dict(state)
+    vgg.eval()
+    trunk = VGG16Trunk.from_state_dict(state, Layer(layer), Pool(pool))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f = vgg.features(x)
+        expected = {
+            ("pool5", "avg"): f.mean((2, 3)),
+            ("pool5", "max"): f.amax((2, 3)),
+            ("pool5", "flatten"): f.flatten(1),
+            ("fc6", "avg"): vgg.classifier[1](vgg.classifier[0](torch.flatten(vgg.avgpool(f), 1))),
+            # fc7: run the whole classifier up to fc8's input with a hook
+            ("fc7", "avg"): vgg.classifier[:5](torch.flatten(vgg.avgpool(f), 1)),
+        }[(layer, pool)]
+        assert torch.equal(trunk(x), expected)
+    if layer == "fc7":  # fc7 is what fc8 sees: the classifier's last Linear applied to it gives the logits
+        with torch.no_grad():
+            assert torch.allclose(vgg.classifier[6](trunk(x)), vgg(x), atol=1e-5)
+
+
+def test_weights_from_file_keep_only_what_the_layer_needs(tmp_path, state):
+    path = tmp_path / "vgg16.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)  # as saved from DDP
+    weights = load_weights(str(path), Layer.POOL5)
+    assert set(weights.state_dict) == {k for k in state if k.startswith("features.")}
+    assert torch.equal(weights.state_dict["features.0.weight"], state["features.0.weight"])
+    assert weights.id.startswith(str(path) + "#sha256:")
+    assert "classifier.3.weight" in load_weights(str(path), Layer.FC7).state_dict
+
+
+def test_random_weights_are_seeded():
+    a = load_weights("random", Layer.POOL5, seed=3).state_dict["features.0.weight"]
+    b = load_weights("random", Layer.POOL5, seed=3).state_dict["features.0.weight"]
+    c = load_weights("random", Layer.POOL5, seed=4).state_dict["features.0.weight"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_weights_of_the_wrong_shape_are_refused(tmp_path, state):
+    bad = dict(state, **{"features.0.weight": torch.zeros(32, 3, 3, 3)})
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(WeightsError, match=r"features.0.weight has shape \(32, 3, 3, 3\), expected \(64, 3, 3, 3\)"):
+        load_weights(str(tmp_path / "bad.pt"), Layer.POOL5)
+
+
+def test_resnet_weights_are_refused(tmp_path):
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet.pt")
+    with pytest.raises(WeightsError, match="is not a torchvision VGG16 state_dict: 32 tensors are missing"):
+        load_weights(str(tmp_path / "resnet.pt"), Layer.POOL5)
+
+
+def test_unreadable_weights_are_refused(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a pickle")
+    with pytest.raises(WeightsError, match="is not a PyTorch state_dict file"):
+        load_weights(str(tmp_path / "junk.pt"), Layer.POOL5)
+    with pytest.raises(WeightsError, match="no such file"):
+        load_weights(str(tmp_path / "missing.pt"), Layer.POOL5)
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_precision(Precision.FP32, cpu) == Precision.FP32
+    assert resolve_precision(Precision.BF16, cpu) == Precision.BF16
+    assert resolve_precision(Precision.AUTO, cpu) in (Precision.FP32, Precision.BF16)
+
+
+def test_embedder_without_ray_matches_torchvision(state):
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    fp32 = Embedder({k: state[k] for k in VGG16Trunk().state_dict()}, precision=Precision.FP32, batch_size=2)
+    got = fp32.embed(images)
+    vgg = torchvision.models.vgg16(weights=None)
+    vgg.load_state_dict(state)
+    vgg.eval()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1
+    )
+    with torch.no_grad():
+        expected = vgg.features(x).mean((2, 3)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    bf16 = Embedder({k: state[k] for k in VGG16Trunk().state_dict()}, precision=Precision.BF16).embed(images)
+    cos = (bf16 * expected).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() >= 0.99

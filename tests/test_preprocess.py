@@ -1,0 +1,86 @@
+"""Decoding and preprocessing: exactly torchvision's transforms, every mode to RGB, broken files refused."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from images import BROKEN_REASONS, bomb_png, broken_files, encode, encodings, picture, reference_rgb
+from PIL import Image
+
+from raytl.models import IMAGENET_MEAN, IMAGENET_STD
+from raytl.preprocess import ImageError, Transform, decode_batch, to_rgb
+
+
+def _normalise(crop: np.ndarray) -> torch.Tensor:
+    """What the Embedder does on its device, on CPU here."""
+    x = torch.from_numpy(crop).permute(2, 0, 1).contiguous().float().div_(255)
+    return x.sub_(torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).div_(torch.tensor(IMAGENET_STD).view(3, 1, 1))
+
+
+@pytest.mark.parametrize("size", [32, 224])
+@pytest.mark.parametrize("name", sorted(encodings(3)))
+def test_matches_torchvision_transforms_exactly(name, size):
+    data = encodings(3)[name]
+    expected = torchvision.models.VGG16_Weights.IMAGENET1K_V1.transforms(
+        crop_size=size, resize_size=round(size * 256 / 224)
+    )(reference_rgb(data))
+    crop = Transform(size, round(size * 256 / 224))(data)
+    assert crop.shape == (size, size, 3) and crop.dtype == np.uint8
+    assert torch.equal(_normalise(crop), expected)
+
+
+def test_default_transform_is_vgg16_imagenet_preset():
+    data = encode(picture(5, 500, 375), "JPEG")
+    expected = torchvision.models.VGG16_Weights.IMAGENET1K_V1.transforms()(reference_rgb(data))
+    assert torch.equal(_normalise(Transform()(data)), expected)
+
+
+def test_exif_rotation_is_applied():
+    data = encodings(4)["rotated-4.jpg"]  # stored 40x64 with orientation 6: shown 64 wide, 40 high
+    assert Image.open(io.BytesIO(data)).size == (40, 64)
+    assert Transform().decode(data).size == (64, 40)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped():
+    values = np.array([[0, 257 * 10, 257 * 128, 65535]], dtype=np.uint16)
+    rgb = np.asarray(to_rgb(Image.fromarray(values)))
+    assert rgb[0, :, 0].tolist() == [0, 10, 128, 255]
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "CMYK", "P", "1", "YCbCr", "I", "F"])
+def test_every_mode_becomes_rgb(mode):
+    image = picture(6).convert("L" if mode in ("I", "F") else "RGB").convert(mode)
+    assert to_rgb(image).mode == "RGB"
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_REASONS))
+def test_broken_files_raise_with_reason(name):
+    with pytest.raises(ImageError, match=BROKEN_REASONS[name]):
+        Transform()(broken_files()[name])
+
+
+def test_bomb_guard_checks_the_header_before_decoding():
+    # 100 million pixels of header and a few bytes of data: refused without allocating the image.
+    with pytest.raises(ImageError, match="10000x10000 px exceeds --max-pixels 1000"):
+        Transform(max_pixels=1000).decode(bomb_png(10000, 10000))
+
+
+def test_decode_batch_marks_errors_and_keeps_order(tmp_path):
+    good = tmp_path / "a.png"
+    good.write_bytes(encode(picture(1), "PNG"))
+    bad = tmp_path / "b.jpg"
+    bad.write_bytes(b"")
+    batch = {
+        "path": np.array([str(good), str(bad), str(tmp_path / "missing.jpg")]),
+        "label": np.array(["x", "y", "z"]),
+    }
+    out = decode_batch(batch, Transform(32, 37))
+    assert out["image"].shape == (3, 32, 32, 3)
+    assert out["error"][0] == ""
+    assert out["error"][1] == "empty file (0 bytes)"
+    assert out["error"][2].startswith("cannot read: FileNotFoundError")
+    assert out["image"][0].any() and not out["image"][1].any()
+    assert out["label"].tolist() == ["x", "y", "z"]
