@@ -38,10 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_extract(p: argparse.ArgumentParser) -> None:
-    p.description = "Embed every image under SOURCE (class-per-folder) or in --manifest, write Parquet to OUTPUT."
-    p.add_argument("paths", nargs="+", metavar="SOURCE OUTPUT", help="SOURCE and OUTPUT; only OUTPUT with --manifest")
+    p.description = (
+        "Embed every image under SOURCE (class-per-folder) or in --manifest, write Parquet to OUTPUT."
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="SOURCE OUTPUT", help="SOURCE and OUTPUT; only OUTPUT with --manifest"
+    )
     p.add_argument("--manifest", help="CSV or Parquet file with columns path and optional label")
-    p.add_argument("--weights", default="imagenet", help="imagenet | random | path or URI of a VGG16 state_dict")
+    p.add_argument(
+        "--weights", default="imagenet", help="imagenet | random | path or URI of a VGG16 state_dict"
+    )
     p.add_argument("--layer", default="pool5", help=f"{' | '.join(c.value for c in Layer)} (default pool5)")
     p.add_argument("--pool", default="avg", help=f"pool5 pooling: {' | '.join(c.value for c in Pool)}")
     p.add_argument("--precision", default="auto", help=f"{' | '.join(c.value for c in Precision)}")
@@ -94,7 +100,9 @@ def run_extract(args: argparse.Namespace) -> int:
 
 def add_quickstart(p: argparse.ArgumentParser) -> None:
     p.description = "Build a small labelled image corpus from scikit-learn's digits and run raytl on it."
-    p.add_argument("workdir", nargs="?", default="raytl-quickstart", help="where to write (default ./raytl-quickstart)")
+    p.add_argument(
+        "workdir", nargs="?", default="raytl-quickstart", help="where to write (default ./raytl-quickstart)"
+    )
     p.set_defaults(run=run_quickstart)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -67,13 +68,14 @@ class ExtractConfig:
     overwrite: bool = False  # replace an OUTPUT that already holds raytl embeddings
 
     @classmethod
-    def create(cls, **options: object) -> ExtractConfig:
+    def create(cls, **options: Any) -> ExtractConfig:
         """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
         options = dict(options)
         options["layer"] = Layer.parse(options.get("layer", Layer.POOL5), "--layer")  # type: ignore[arg-type]
         options["pool"] = Pool.parse(options.get("pool", Pool.AVG), "--pool")  # type: ignore[arg-type]
         options["precision"] = Precision.parse(
-            options.get("precision", Precision.AUTO), "--precision"  # type: ignore[arg-type]
+            options.get("precision", Precision.AUTO),
+            "--precision",  # type: ignore[arg-type]
         )
         config = cls(**options)  # type: ignore[arg-type]
         config.validate()

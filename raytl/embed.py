@@ -32,7 +32,9 @@ class Embedder:
         batch_size: int = 32,
         threads: int | None = None,
     ) -> None:
-        if not isinstance(state_dict, dict):  # a Ray ObjectRef: every actor fetches the same validated tensors
+        if not isinstance(
+            state_dict, dict
+        ):  # a Ray ObjectRef: every actor fetches the same validated tensors
             import ray
 
             state_dict = ray.get(state_dict)

@@ -88,7 +88,7 @@ def build(
     return (
         ray.data.from_arrow(_blocks(corpus.table, config.decode_batch))
         .map_batches(
-            decode_batch,
+            decode_batch,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
             fn_kwargs={"transform": transform},
             batch_size=config.decode_batch,
             batch_format="numpy",
@@ -113,7 +113,7 @@ def build(
             memory=_ACTOR_MEMORY,
         )
         .map_batches(
-            writer.write_part,
+            writer.write_part,  # type: ignore[arg-type]
             fn_kwargs={"output": config.output, "schema": writer.embeddings_schema(dim, metadata)},
             batch_size=rows_per_file,
             batch_format="pyarrow",

@@ -109,7 +109,9 @@ def _state_dict_from_file(uri: str) -> tuple[dict[str, torch.Tensor], str]:
     except FileNotFoundError:
         raise WeightsError(f"--weights {storage.redact(uri)}: no such file.") from None
     except Exception as exc:
-        raise WeightsError(f"--weights {storage.redact(uri)} cannot be read: {storage.describe_error(exc)}.") from None
+        raise WeightsError(
+            f"--weights {storage.redact(uri)} cannot be read: {storage.describe_error(exc)}."
+        ) from None
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:

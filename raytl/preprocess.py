@@ -47,7 +47,7 @@ class Transform:
         if not data:
             raise ImageError("empty file (0 bytes)")
         try:
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             raise ImageError("not a recognised image format") from None
         except _DECODE_ERRORS as exc:
@@ -55,7 +55,8 @@ class Transform:
         width, height = image.size
         if width * height > self.max_pixels:
             raise ImageError(
-                f"image of {width}x{height} px exceeds --max-pixels {self.max_pixels} (decompression bomb guard)"
+                f"image of {width}x{height} px exceeds --max-pixels {self.max_pixels} "
+                "(decompression bomb guard)"
             )
         try:
             with warnings.catch_warnings():

@@ -75,7 +75,9 @@ def list_folder(source: str) -> Corpus:
         relative = file[len(root) :].lstrip("/")
         paths.append(storage.to_uri(fs, file))
         labels.append(relative.split("/", 1)[0] if "/" in relative else "")
-    log.info("listed %d images under %s (%d other files ignored)", len(paths), source, len(files) - len(paths))
+    log.info(
+        "listed %d images under %s (%d other files ignored)", len(paths), source, len(files) - len(paths)
+    )
     return Corpus(pa.table([paths, labels], schema=CORPUS_SCHEMA), ignored=len(files) - len(paths))
 
 
@@ -92,7 +94,8 @@ def read_manifest(manifest: str) -> Corpus:
     table = _parse_manifest(manifest, data)
     if "path" not in table.column_names:
         raise storage.StorageError(
-            f"--manifest {storage.redact(manifest)} has no `path` column (columns: {', '.join(table.column_names)})."
+            f"--manifest {storage.redact(manifest)} has no `path` column "
+            f"(columns: {', '.join(table.column_names)})."
         )
     base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
     paths = [p if "://" in p or p.startswith("/") else storage.join(base, p) for p in _strings(table["path"])]
@@ -114,7 +117,9 @@ def _parse_manifest(manifest: str, data: bytes) -> pa.Table:
                 if name.endswith(".gz")
                 else pa.BufferReader(data),
                 parse_options=pacsv.ParseOptions(delimiter=delimiter),
-                convert_options=pacsv.ConvertOptions(column_types={"path": pa.string(), "label": pa.string()}),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={"path": pa.string(), "label": pa.string()}
+                ),
             )
     except (pa.ArrowInvalid, OSError) as exc:
         raise storage.StorageError(

@@ -87,8 +87,11 @@ def bomb_png(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(
-        b"IEND", b""
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
     )
 
 
@@ -143,7 +146,7 @@ def reference_embeddings(
         f = model.features(x)
         if layer == "pool5":
             return {"avg": f.mean((2, 3)), "max": f.amax((2, 3)), "flatten": f.flatten(1)}[pool].numpy()
-        h = model.classifier[:2 if layer == "fc6" else 5](torch.flatten(model.avgpool(f), 1))
+        h = model.classifier[: 2 if layer == "fc6" else 5](torch.flatten(model.avgpool(f), 1))
         return h.numpy()
 
 

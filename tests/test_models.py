@@ -1,6 +1,5 @@
 """VGG16 trunks against torchvision, weights loading and validation, precision choice."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -19,9 +18,15 @@ def state():
 
 @pytest.mark.parametrize(
     "layer,pool,size,dim",
-    [("pool5", "avg", 224, 512), ("pool5", "max", 64, 512), ("pool5", "flatten", 224, 25088),
-     ("pool5", "flatten", 64, 2048), ("pool5", "flatten", 100, 4608), ("fc6", "avg", 64, 4096),
-     ("fc7", "avg", 64, 4096)],
+    [
+        ("pool5", "avg", 224, 512),
+        ("pool5", "max", 64, 512),
+        ("pool5", "flatten", 224, 25088),
+        ("pool5", "flatten", 64, 2048),
+        ("pool5", "flatten", 100, 4608),
+        ("fc6", "avg", 64, 4096),
+        ("fc7", "avg", 64, 4096),
+    ],
 )
 def test_embedding_dim(layer, pool, size, dim):
     assert embedding_dim(Layer(layer), Pool(pool), size) == dim
@@ -29,8 +34,9 @@ def test_embedding_dim(layer, pool, size, dim):
         assert VGG16Trunk(Layer(layer), Pool(pool))(torch.zeros(1, 3, size, size)).shape == (1, dim)
 
 
-@pytest.mark.parametrize("layer,pool", [("pool5", "avg"), ("pool5", "max"), ("pool5", "flatten"),
-                                        ("fc6", "avg"), ("fc7", "avg")])
+@pytest.mark.parametrize(
+    "layer,pool", [("pool5", "avg"), ("pool5", "max"), ("pool5", "flatten"), ("fc6", "avg"), ("fc7", "avg")]
+)
 def test_trunk_equals_torchvision_vgg16(state, layer, pool):
     vgg = torchvision.models.vgg16(weights=None)
     vgg.load_state_dict(state)
@@ -73,7 +79,9 @@ def test_random_weights_are_seeded():
 def test_weights_of_the_wrong_shape_are_refused(tmp_path, state):
     bad = dict(state, **{"features.0.weight": torch.zeros(32, 3, 3, 3)})
     torch.save(bad, tmp_path / "bad.pt")
-    with pytest.raises(WeightsError, match=r"features.0.weight has shape \(32, 3, 3, 3\), expected \(64, 3, 3, 3\)"):
+    with pytest.raises(
+        WeightsError, match=r"features.0.weight has shape \(32, 3, 3, 3\), expected \(64, 3, 3, 3\)"
+    ):
         load_weights(str(tmp_path / "bad.pt"), Layer.POOL5)
 
 

@@ -11,7 +11,9 @@ from raytl.storage import StorageError
 
 
 def test_image_extensions_in_any_case():
-    assert all(is_image(f"x/a{ext}") for ext in [".jpg", ".JPEG", ".Png", ".webp", ".BMP", ".gif", ".tif", ".TIFF"])
+    assert all(
+        is_image(f"x/a{ext}") for ext in [".jpg", ".JPEG", ".Png", ".webp", ".BMP", ".gif", ".tif", ".TIFF"]
+    )
     assert not any(is_image(f"x/{n}") for n in ["a.txt", "a.jpg.json", "jpg", "a.heic", "a.csv"])
 
 
@@ -24,7 +26,7 @@ def _expected(good, root):
 def test_class_per_folder_local(tmp_path):
     good = write_corpus(tmp_path / "src", {"cat": [1], "dog": [2]})
     corpus = list_corpus(str(tmp_path / "src"))
-    got = dict(zip(corpus.table["path"].to_pylist(), corpus.table["label"].to_pylist()))
+    got = dict(zip(corpus.table["path"].to_pylist(), corpus.table["label"].to_pylist(), strict=False))
     assert got == _expected(good, str(tmp_path / "src"))
     assert corpus.ignored == len(NON_IMAGES)
     assert corpus.table["path"].to_pylist() == sorted(got)
@@ -34,7 +36,7 @@ def test_class_per_folder_s3(tmp_path, bucket):
     good = write_corpus(tmp_path / "src", {"cat": [1], "dog": [2]})
     uri = upload_dir(tmp_path / "src", bucket, "corpus/v1")
     corpus = list_corpus(uri + "/")
-    got = dict(zip(corpus.table["path"].to_pylist(), corpus.table["label"].to_pylist()))
+    got = dict(zip(corpus.table["path"].to_pylist(), corpus.table["label"].to_pylist(), strict=False))
     assert got == _expected(good, uri)
     assert all(p.startswith(f"s3://{bucket}/corpus/v1/") for p in got)
 
@@ -43,7 +45,7 @@ def test_files_at_the_top_have_no_label(tmp_path):
     write_corpus(tmp_path, {"cat": [1]}, broken=False, strays=False)
     (tmp_path / "loose.png").write_bytes((tmp_path / "cat" / "plain-1.png").read_bytes())
     corpus = list_corpus(str(tmp_path))
-    labels = dict(zip(corpus.table["path"].to_pylist(), corpus.table["label"].to_pylist()))
+    labels = dict(zip(corpus.table["path"].to_pylist(), corpus.table["label"].to_pylist(), strict=False))
     assert labels[str(tmp_path / "loose.png")] == ""
 
 

@@ -1,0 +1,265 @@
+"""End to end: `raytl extract` from a loopback S3 corpus, compared with torchvision's own computation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+import torch
+from conftest import SECRET_KEY, upload_dir
+from images import (
+    BROKEN_REASONS,
+    cosine,
+    encode,
+    picture,
+    random_state_dict,
+    reference_embeddings,
+    write_corpus,
+)
+
+from raytl import extract
+from raytl.cli import main
+from raytl.config import ExtractConfig
+
+CLASSES = {"cat": [1, 2], "dog": [3]}
+
+
+def run_cli(ray_session, *args):
+    """`raytl …` in a subprocess attached to the session's Ray, as a user would run it."""
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    return subprocess.run(
+        [sys.executable, "-m", "raytl.cli", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def read_dataset(fs, uri):
+    files = sorted(p for p in fs.ls(uri) if p.rsplit("/", 1)[-1].startswith("part-"))
+    return {k: v for f in files for k, v in _rows(fs, f).items()}, files
+
+
+def _rows(fs, path):
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    return {
+        p: (label, np.asarray(e, np.float32))
+        for p, label, e in zip(*(table[c].to_pylist() for c in table.column_names), strict=False)
+    }
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_session, tmp_path_factory):
+    """One CLI run: a corpus of every encoding plus broken and stray files, weights from s3://."""
+    import boto3
+
+    tmp = tmp_path_factory.mktemp("s3run")
+    bucket = "raytl-extract-e2e"
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
+    good = write_corpus(tmp / "corpus", CLASSES)
+    state = random_state_dict(7)
+    (tmp / "weights").mkdir()
+    torch.save(state, tmp / "weights" / "vgg16.pt")
+    source = upload_dir(tmp / "corpus", bucket, "corpus")
+    upload_dir(tmp / "weights", bucket, "models")
+    output = f"s3://{bucket}/embeddings/run1"
+    proc = run_cli(
+        ray_session,
+        "extract",
+        source,
+        output,
+        "--weights",
+        f"s3://{bucket}/models/vgg16.pt",
+        "--precision",
+        "fp32",
+        "--image-size",
+        "32",
+        "--decode-batch",
+        "8",
+        "--rows-per-file",
+        "16",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"tmp": tmp, "good": good, "state": state, "source": source, "output": output, "proc": proc}
+
+
+def test_every_image_embedded_once_with_its_label(s3_run):
+    fs = s3fs.S3FileSystem()
+    rows, files = read_dataset(fs, s3_run["output"])
+    expected = {f"{s3_run['source']}/{rel}": label for rel, label in s3_run["good"].items()}
+    assert len(files) >= 3  # rows-per-file 16 over 39 rows
+    total = sum(pq.ParquetFile(fs.open(f, "rb")).metadata.num_rows for f in files)
+    assert total == len(expected) == 39  # no duplicates across part files
+    assert {p: label for p, (label, _) in rows.items()} == expected
+
+
+def test_embeddings_match_torchvision_fp32(s3_run):
+    rows, _ = read_dataset(s3fs.S3FileSystem(), s3_run["output"])
+    corpus = s3_run["tmp"] / "corpus"
+    rels = sorted(s3_run["good"])
+    expected = reference_embeddings([(corpus / rel).read_bytes() for rel in rels], s3_run["state"], 32)
+    got = np.stack([rows[f"{s3_run['source']}/{rel}"][1] for rel in rels])
+    assert got.shape == (39, 512) and got.dtype == np.float32
+    assert cosine(got, expected).min() >= 0.999
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_errors_table_holds_each_broken_file_once(s3_run):
+    fs = s3fs.S3FileSystem()
+    tables = [pq.read_table(fs.open(f, "rb")) for f in fs.ls(s3_run["output"] + "/_errors")]
+    errors = [row for t in tables for row in t.to_pylist()]
+    assert sorted(e["path"] for e in errors) == sorted(f"{s3_run['source']}/cat/{n}" for n in BROKEN_REASONS)
+    for e in errors:
+        assert BROKEN_REASONS[e["path"].rsplit("/", 1)[-1]] in e["error"]
+
+
+def test_summary_counts(s3_run):
+    summary = json.loads(s3fs.S3FileSystem().cat_file(s3_run["output"] + "/_summary.json"))
+    assert (summary["seen"], summary["embedded"], summary["failed"], summary["skipped"]) == (43, 39, 4, 0)
+    assert summary["ignored_non_images"] == 3
+    assert summary["images_per_second"] > 0 and summary["wall_seconds"] > 0
+    assert json.loads(s3_run["proc"].stdout.strip().splitlines()[-1])["embedded"] == 39
+
+
+def test_schema_readable_without_ray(s3_run):
+    script = f"""
+import json, sys, s3fs, pyarrow.parquet as pq
+fs = s3fs.S3FileSystem()
+part = sorted(p for p in fs.ls({s3_run["output"]!r}) if p.rsplit('/', 1)[-1].startswith('part-'))[0]
+schema = pq.read_schema(fs.open(part, 'rb'))
+assert 'ray' not in sys.modules
+print(json.dumps({{'types': [str(f.type) for f in schema], 'names': schema.names,
+                  'meta': json.loads(schema.metadata[b'raytl'])}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["names"] == ["path", "label", "embedding"]
+    assert got["types"] == ["string", "string", "fixed_size_list<element: float>[512]"]
+    meta = got["meta"]
+    assert (meta["model"], meta["layer"], meta["pool"], meta["dim"], meta["image_size"]) == (
+        "vgg16",
+        "pool5",
+        "avg",
+        512,
+        32,
+    )
+    assert meta["weights"].startswith("s3://raytl-extract-e2e/models/vgg16.pt#sha256:")
+    assert meta["preprocessing"]["resize"] == 37 and meta["preprocessing"]["center_crop"] == 32
+    assert meta["raytl_version"]
+
+
+def test_secret_appears_nowhere(s3_run):
+    fs = s3fs.S3FileSystem()
+    proc = s3_run["proc"]
+    assert SECRET_KEY not in proc.stdout + proc.stderr
+    for path in fs.find(s3_run["output"]):
+        assert SECRET_KEY.encode() not in fs.cat_file(path), path
+
+
+def test_default_precision_and_224px_against_torchvision(ray_session, tmp_path):
+    """The 224 px path on a few photographs-sized JPEGs; default (auto) and bf16 precisions."""
+    (tmp_path / "src" / "x").mkdir(parents=True)
+    files = [encode(picture(s, 500, 375), "JPEG", quality=90) for s in range(3)]
+    for i, data in enumerate(files):
+        (tmp_path / "src" / "x" / f"{i}.jpg").write_bytes(data)
+    state = random_state_dict(5)
+    torch.save(state, tmp_path / "w.pt")
+    expected = reference_embeddings(files, state, 224)
+    for precision in ("auto", "bf16"):
+        out = tmp_path / f"out-{precision}"
+        config = ExtractConfig.create(
+            source=str(tmp_path / "src"), output=str(out), weights=str(tmp_path / "w.pt"), precision=precision
+        )
+        assert extract.run(config)["embedded"] == 3
+        rows = {r["path"]: r["embedding"] for r in pq.read_table(out).to_pylist()}
+        got = np.array([rows[str(tmp_path / "src" / "x" / f"{i}.jpg")] for i in range(3)], np.float32)
+        assert cosine(got, expected).min() >= 0.99, precision
+
+
+def test_manifest_and_flatten(ray_session, tmp_path, bucket):
+    write_corpus(tmp_path / "src", {"cat": [4]}, broken=False, strays=False)
+    uri = upload_dir(tmp_path / "src", bucket, "m")
+    (tmp_path / "m.csv").write_text(f"path,label\n{uri}/cat/plain-4.png,kitten\n{uri}/cat/gray16-4.png,\n")
+    state = random_state_dict(9)
+    torch.save(state, tmp_path / "w.pt")
+    config = ExtractConfig.create(
+        source=None,
+        manifest=str(tmp_path / "m.csv"),
+        output=str(tmp_path / "out"),
+        weights=str(tmp_path / "w.pt"),
+        pool="flatten",
+        image_size=64,
+        precision="fp32",
+    )
+    assert extract.run(config)["embedded"] == 2
+    table = pq.read_table(tmp_path / "out")
+    assert str(table.schema.field("embedding").type) == "fixed_size_list<element: float>[2048]"
+    rows = {r["path"]: r for r in table.to_pylist()}
+    assert rows[f"{uri}/cat/plain-4.png"]["label"] == "kitten"
+    assert rows[f"{uri}/cat/gray16-4.png"]["label"] is None
+    expected = reference_embeddings(
+        [(tmp_path / "src/cat/plain-4.png").read_bytes()], state, 64, pool="flatten"
+    )
+    assert cosine(np.array([rows[f"{uri}/cat/plain-4.png"]["embedding"]]), expected).min() >= 0.999
+
+
+# --- bad input: one sentence, exit 2, nothing written, before any heavy work ---------------------------
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    write_corpus(tmp_path / "src", {"cat": [1]}, broken=False, strays=False)
+    return str(tmp_path / "src")
+
+
+def _fails(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raytl: error: ") and "\n" not in err, err
+    assert message in err, err
+    assert SECRET_KEY not in err
+    return err
+
+
+def test_bad_input_errors(capsys, tmp_path, bucket, small_corpus, s3_endpoint):
+    out = str(tmp_path / "out")
+    _fails(
+        capsys, ["extract", "s3://raytl-missing-bucket-zz/x", out, "--weights", "random"], "does not exist"
+    )
+    _fails(capsys, ["extract", f"s3://{bucket}/nothing/here", out, "--weights", "random"], "does not exist")
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    _fails(capsys, ["extract", str(tmp_path / "empty"), out, "--weights", "random"], "holds no image files")
+    _fails(
+        capsys, ["extract", small_corpus, out, "--layer", "pool9"], "--layer must be one of pool5, fc6, fc7"
+    )
+    _fails(capsys, ["extract", small_corpus, out, "--precision", "int4"], "--precision must be one of")
+    (tmp_path / "staged").mkdir()
+    (tmp_path / "staged" / "junk.pt").write_bytes(b"\x00garbage")
+    uri = upload_dir(tmp_path / "staged", bucket, "w")
+    _fails(
+        capsys, ["extract", small_corpus, out, "--weights", f"{uri}/junk.pt"], "is not a PyTorch state_dict"
+    )
+    _fails(capsys, ["extract", small_corpus, out, "--weights", f"{uri}/none.pt"], "no such file")
+    state = random_state_dict(1)
+    state["classifier.6.weight"] = torch.zeros(10, 4096)
+    torch.save(state, tmp_path / "wrong.pt")
+    _fails(
+        capsys,
+        ["extract", small_corpus, out, "--weights", str(tmp_path / "wrong.pt")],
+        "classifier.6.weight has shape (10, 4096), expected (1000, 4096)",
+    )
+    assert not os.path.exists(out)
+
+
+def test_existing_output_is_refused_unless_overwrite(capsys, ray_session, tmp_path, small_corpus):
+    out = tmp_path / "out"
+    args = ["extract", small_corpus, str(out), "--weights", "random", "--image-size", "32"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _fails(capsys, args, "already holds raytl results")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main([*args, "--overwrite"]) == 0
+    assert pq.read_table(out).num_rows == 13
