@@ -9,11 +9,12 @@ import sys
 from collections.abc import Sequence
 
 from raytl import storage
-from raytl.config import ConfigError, ExtractConfig, Layer, Pool, Precision
+from raytl.config import ConfigError, ExtractConfig, Layer, Pool, Precision, TrainConfig
+from raytl.embeddings import EmbeddingsError
 from raytl.models import WeightsError
 
 # Errors whose message is already one sentence for the user; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, storage.StorageError, WeightsError)
+USER_ERRORS = (ConfigError, storage.StorageError, WeightsError, EmbeddingsError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     add_extract(sub.add_parser("extract", help="embed an image corpus with VGG16 and write Parquet"))
+    add_train(sub.add_parser("train", help="fit a linear probe on embeddings with Ray Train"))
+    add_predict(sub.add_parser("predict", help="classify images or embeddings with a trained model"))
     add_quickstart(sub.add_parser("quickstart", help="run the main job on a small built-in corpus"))
     return parser
 
@@ -95,6 +98,98 @@ def run_extract(args: argparse.Namespace) -> int:
 
     summary = extract.run(extract_config(args))
     print(json.dumps({k: summary[k] for k in ("seen", "embedded", "failed", "images_per_second", "output")}))
+    return 0
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Fit multinomial logistic regression on EMBEDDINGS; write the model and metrics to MODEL_DIR."
+    )
+    p.add_argument("embeddings", metavar="EMBEDDINGS", help="a raytl embeddings dataset (folder or URI)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="where the model, metrics and checkpoints go")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val", help="a separate validation embeddings dataset")
+    val.add_argument("--val-fraction", type=float, default=0.2, help="stratified seeded split (default 0.2)")
+    p.add_argument("--backend", default="ray", help="ray (Ray Train, data-parallel) | sklearn (one node)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers, one GPU each on GPU clusters")
+    p.add_argument("--epochs", type=int, default=100, help="at most this many epochs")
+    p.add_argument("--patience", type=int, default=8, help="early stopping on validation loss")
+    p.add_argument("--batch-size", type=int, default=512, help="rows per step per worker")
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate, cosine-decayed")
+    p.add_argument("--l2", type=float, help="L2 penalty (default 1/n_train, scikit-learn's C=1)")
+    p.add_argument("--class-weight", default="none", help="none | balanced")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split and the shuffles")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in MODEL_DIR")
+    p.set_defaults(run=run_train)
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """CLI arguments -> validated TrainConfig (shared by jobs/train.py)."""
+    return TrainConfig.create(
+        embeddings=args.embeddings,
+        model_dir=args.model_dir,
+        val=args.val,
+        val_fraction=args.val_fraction,
+        backend=args.backend,
+        workers=args.workers,
+        epochs=args.epochs,
+        patience=args.patience,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        l2=args.l2,
+        class_weight=args.class_weight,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from raytl import probe
+
+    metrics = probe.run(train_config(args))
+    print(
+        json.dumps(
+            {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "model_dir": args.model_dir}
+        )
+    )
+    return 0
+
+
+def add_predict(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Classify INPUT (embeddings, or images: a class-per-folder SOURCE or --manifest) with MODEL_DIR."
+    )
+    p.add_argument(
+        "paths", nargs="+", metavar="MODEL_DIR INPUT OUTPUT", help="INPUT is left out with --manifest"
+    )
+    p.add_argument("--manifest", help="CSV or Parquet file of images to classify (path, optional label)")
+    p.add_argument("--weights", help="the backbone weights, if they moved since the embeddings were made")
+    p.add_argument("--batch-size", type=int, help="images per forward pass")
+    p.add_argument("--num-actors", type=int, help="model actors")
+    p.add_argument("--overwrite", action="store_true", help="replace predictions already in OUTPUT")
+    p.set_defaults(run=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from raytl import predict
+
+    expected = 2 if args.manifest else 3
+    if len(args.paths) != expected:
+        usage = "MODEL_DIR OUTPUT with --manifest" if args.manifest else "MODEL_DIR INPUT OUTPUT"
+        raise ConfigError(f"predict takes {usage}, not {len(args.paths)} paths: {' '.join(args.paths)}.")
+    model_dir, output = args.paths[0], args.paths[-1]
+    source = None if args.manifest else args.paths[1]
+    summary = predict.run(
+        model_dir,
+        source,
+        output,
+        manifest=args.manifest,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        num_actors=args.num_actors,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps({k: summary.get(k) for k in ("predicted", "failed", "accuracy", "output")}))
     return 0
 
 

@@ -117,3 +117,64 @@ def _positive(option: str, value: int, low: int = 1, high: int | None = None) ->
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
         bound = f"between {low} and {high}" if high else f"at least {low}"
         raise ConfigError(f"{option} must be an integer {bound}, not {value!r}.")
+
+
+class Backend(Choice):
+    RAY = "ray"  # Ray Train, data-parallel over --workers
+    SKLEARN = "sklearn"  # scikit-learn on the driver: small data, and the reference
+
+
+class ClassWeight(Choice):
+    NONE = "none"
+    BALANCED = "balanced"  # weight each class by n / (classes * n_class), as scikit-learn does
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `raytl train` needs; build with `TrainConfig.create` to validate."""
+
+    embeddings: str
+    model_dir: str
+    val: str | None = None  # a separate validation embeddings dataset
+    val_fraction: float = 0.2  # stratified, seeded split of EMBEDDINGS when --val is not given
+    backend: Backend = Backend.RAY
+    workers: int = 2  # Ray Train workers; one GPU each where the cluster has GPUs
+    epochs: int = 100
+    patience: int = 8  # stop after this many epochs without a better validation loss
+    batch_size: int = 512  # rows per optimiser step on each worker
+    lr: float = 0.01  # Adam, decayed to zero over --epochs on a cosine
+    l2: float | None = None  # L2 penalty lambda/2 * ||W||^2; None: 1 / n_train, scikit-learn's C=1
+    class_weight: ClassWeight = ClassWeight.NONE
+    seed: int = 0
+    overwrite: bool = False
+
+    @classmethod
+    def create(cls, **options: Any) -> TrainConfig:
+        """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
+        options["backend"] = Backend.parse(options.get("backend", Backend.RAY), "--backend")
+        options["class_weight"] = ClassWeight.parse(
+            options.get("class_weight", ClassWeight.NONE), "--class-weight"
+        )
+        config = cls(**options)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ConfigError on the first bad value."""
+        if not self.embeddings or not self.model_dir:
+            raise ConfigError("train takes EMBEDDINGS and MODEL_DIR, and neither may be empty.")
+        if self.val is None and not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(
+                f"--val-fraction must be between 0 and 1 (exclusive), not {self.val_fraction!r}."
+            )
+        for option, value in (
+            ("--workers", self.workers),
+            ("--epochs", self.epochs),
+            ("--patience", self.patience),
+            ("--batch-size", self.batch_size),
+        ):
+            _positive(option, value)
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, not {self.lr!r}.")
+        if self.l2 is not None and self.l2 < 0:
+            raise ConfigError(f"--l2 must be zero or positive, not {self.l2!r}.")

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 import raytl
@@ -54,11 +53,8 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     metadata = embeddings_metadata(config, weights.id, dim)
     log.info("extract config: %s", config.to_json())
     started = time.perf_counter()
-    stats = build(config, corpus, ray.put(weights.state_dict), resources, metadata)
-    embedded = failed = 0
-    for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
-        embedded += pc.sum(batch["embedded"]).as_py() or 0
-        failed += pc.sum(batch["failed"]).as_py() or 0
+    counts = writer.sum_counts(build(config, corpus, ray.put(weights.state_dict), resources, metadata))
+    embedded, failed = counts.get("embedded", 0), counts.get("failed", 0)
     wall = time.perf_counter() - started
     summary = {
         "seen": corpus.table.num_rows,
@@ -78,17 +74,30 @@ def run(config: ExtractConfig) -> dict[str, Any]:
 def build(
     config: ExtractConfig, corpus: Corpus, weights_ref: Any, resources: Resources, metadata: dict
 ) -> ray.data.Dataset:
-    """The whole pipeline as one chain: listed paths -> decode (CPU tasks) -> embed (actors) -> write."""
+    """The whole pipeline: listed paths -> decode (CPU tasks) -> embed (actors) -> write Parquet parts."""
+    dim = metadata["dim"]
+    rows_per_file = max(1, min(config.rows_per_file, _TARGET_FILE_BYTES // (4 * dim)))
+    return embedded(config, corpus, weights_ref, resources).map_batches(
+        writer.write_part,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+        fn_kwargs={"output": config.output, "schema": writer.embeddings_schema(dim, metadata)},
+        batch_size=rows_per_file,
+        batch_format="pyarrow",
+        num_cpus=0.25,  # mostly waiting on storage
+    )
+
+
+def embedded(
+    config: ExtractConfig, corpus: Corpus, weights_ref: Any, resources: Resources
+) -> ray.data.Dataset:
+    """Rows (path, label, embedding, error): decoded by CPU tasks, embedded by the model actor pool."""
     gpu = resources.gpus > 0
     actors = config.num_actors or (resources.gpus if gpu else 1)
     batch_size = config.batch_size or (256 if gpu else 32)
-    dim = metadata["dim"]
-    rows_per_file = max(1, min(config.rows_per_file, _TARGET_FILE_BYTES // (4 * dim)))
     transform = Transform(config.image_size, config.resize, config.max_pixels)
     return (
         ray.data.from_arrow(_blocks(corpus.table, config.decode_batch))
         .map_batches(
-            decode_batch,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+            decode_batch,  # type: ignore[arg-type]
             fn_kwargs={"transform": transform},
             batch_size=config.decode_batch,
             batch_format="numpy",
@@ -111,13 +120,6 @@ def build(
             num_gpus=1 if gpu else 0,
             num_cpus=1,
             memory=_ACTOR_MEMORY,
-        )
-        .map_batches(
-            writer.write_part,  # type: ignore[arg-type]
-            fn_kwargs={"output": config.output, "schema": writer.embeddings_schema(dim, metadata)},
-            batch_size=rows_per_file,
-            batch_format="pyarrow",
-            num_cpus=0.25,  # mostly waiting on storage
         )
     )
 

@@ -32,6 +32,19 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def pyarrow_filesystem(uri: str) -> tuple[Any, str]:
+    """(pyarrow filesystem or None for local, path) for APIs that take pyarrow's, such as Ray Train's storage.
+
+    pyarrow's own S3FileSystem ignores AWS_ENDPOINT_URL, so object stores go through fsspec's.
+    """
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        return None, os.path.abspath(path)
+    import pyarrow.fs
+
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
 def is_local(uri: str) -> bool:
     """True when the URI names a file on this machine's filesystem."""
     return isinstance(filesystem(uri)[0], LocalFileSystem)

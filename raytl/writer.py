@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,18 +28,35 @@ def embeddings_schema(dim: int, metadata: dict) -> pa.Schema:
 
 
 def write_part(batch: pa.Table, output: str, schema: pa.Schema) -> pa.Table:
-    """Write a batch of rows (path, label, embedding, error); returns a one-row table of counts."""
+    """Write the schema's columns of a batch's good rows, and failed rows to _errors; returns counts.
+
+    The batch has an `error` column ("" for good rows); a `correct` column (predictions) is counted too.
+    """
     # Named after the batch's contents: a retried task rewrites the same files instead of adding rows.
     name = "part-" + _digest(batch.column("path")) + ".parquet"
     failed = batch.filter(pc.not_equal(batch.column("error"), ""))
     embedded = batch.filter(pc.equal(batch.column("error"), ""))
     if embedded.num_rows:
-        rows = embedded.select(["path", "label", "embedding"]).cast(schema)
+        rows = embedded.select(schema.names).cast(schema)
         storage.write_bytes(storage.join(output, name), _parquet(rows))
     if failed.num_rows:
         rows = failed.select(["path", "error"]).cast(ERRORS_SCHEMA)
         storage.write_bytes(storage.join(output, ERRORS_DIR, name), _parquet(rows))
-    return pa.table({"embedded": [embedded.num_rows], "failed": [failed.num_rows]})
+    counts = {"embedded": [embedded.num_rows], "failed": [failed.num_rows]}
+    if "correct" in batch.column_names:  # predictions with known labels
+        correct = embedded["correct"]
+        counts["labelled"] = [len(correct) - correct.null_count]
+        counts["correct"] = [pc.sum(correct.cast(pa.int64())).as_py() or 0]
+    return pa.table(counts)
+
+
+def sum_counts(stats: Any) -> dict[str, int]:
+    """Add up the count tables that write_part returned, as they stream in."""
+    totals: dict[str, int] = {}
+    for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for name in batch.column_names:
+            totals[name] = totals.get(name, 0) + (pc.sum(batch[name]).as_py() or 0)
+    return totals
 
 
 def _digest(paths: pa.ChunkedArray) -> str:

@@ -1,0 +1,170 @@
+"""`raytl predict`: classify embeddings, or images through the model's own backbone, in one stream."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from raytl import extract, storage, writer
+from raytl.config import ExtractConfig
+from raytl.embeddings import check_same_backbone, is_embeddings, matrix, open_embeddings
+from raytl.head import Model
+from raytl.models import WeightsError, load_weights
+from raytl.reader import list_corpus
+
+log = logging.getLogger(__name__)
+
+
+def predictions_schema(model: Model, model_dir: str) -> pa.Schema:
+    """path, predicted_label, score (probability of the predicted class), label (null when unknown)."""
+    meta = {"model_dir": storage.redact(model_dir), "classes": model.classes, "head": model.info.get("head")}
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("predicted_label", pa.string()),
+            ("score", pa.float32()),
+            ("label", pa.string()),
+        ],
+        metadata={writer.METADATA_KEY: json.dumps(meta).encode()},
+    )
+
+
+def run(
+    model_dir: str,
+    source: str | None,
+    output: str,
+    *,
+    manifest: str | None = None,
+    weights: str | None = None,
+    batch_size: int | None = None,
+    num_actors: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Classify INPUT into OUTPUT Parquet; returns the summary (also OUTPUT/_summary.json)."""
+    model = Model.load(model_dir)
+    if source and is_embeddings(source):
+        data = open_embeddings(source, "INPUT")
+        check_same_backbone(model.info["backbone"], data, "INPUT")
+        extract.prepare_output(output, overwrite)
+        _init_ray()
+        started, seen = time.perf_counter(), None
+        rows = data.read().map_batches(
+            classify, fn_kwargs={"model": model, "dim": data.dim}, batch_format="pyarrow"
+        )
+    else:
+        config = backbone_config(model, source, manifest, output, weights, batch_size, num_actors, overwrite)
+        corpus = list_corpus(config.source, config.manifest)
+        backbone = load_weights(config.weights, config.layer, config.seed)
+        expected = model.info["backbone"]["weights"]
+        if backbone.id != expected and not weights:
+            raise WeightsError(
+                f"the backbone weights changed since the model was trained: {backbone.id} != {expected}."
+            )
+        extract.prepare_output(output, overwrite)
+        _init_ray()
+        started, seen = time.perf_counter(), corpus.table.num_rows
+        rows = extract.embedded(config, corpus, ray.put(backbone.state_dict), extract.Resources.of_cluster())
+        rows = rows.map_batches(
+            classify, fn_kwargs={"model": model, "dim": model.mean.size}, batch_format="pyarrow"
+        )
+    stats = rows.map_batches(
+        writer.write_part,  # type: ignore[arg-type]
+        fn_kwargs={"output": output, "schema": predictions_schema(model, model_dir)},
+        batch_size=8192,
+        batch_format="pyarrow",
+        num_cpus=0.25,
+    )
+    counts = writer.sum_counts(stats)
+    wall = time.perf_counter() - started
+    predicted = counts.get("embedded", 0)
+    summary = {
+        "seen": seen if seen is not None else predicted,
+        "predicted": predicted,
+        "failed": counts.get("failed", 0),
+        "labelled": counts.get("labelled", 0),
+        "accuracy": counts["correct"] / counts["labelled"] if counts.get("labelled") else None,
+        "wall_seconds": round(wall, 3),
+        "rows_per_second": round(predicted / wall, 2) if wall else None,
+        "model_dir": storage.redact(model_dir),
+        "output": storage.redact(output),
+    }
+    writer.write_summary(output, summary)
+    return summary
+
+
+def classify(batch: pa.Table, model: Model, dim: int) -> pa.Table:
+    """Rows with `embedding` (null where decoding failed) -> path, predicted_label, score, label, correct, error."""
+    n = batch.num_rows
+    error = batch["error"] if "error" in batch.column_names else pa.array([""] * n)
+    ok = np.asarray(batch["embedding"].is_valid())
+    names = np.array(model.classes, dtype=object)
+    predicted = np.full(n, None, dtype=object)
+    score = np.zeros(n, dtype=np.float32)
+    if ok.any():
+        embedded = batch["embedding"].filter(pa.array(ok))
+        index, probability = model.predict(matrix(embedded, dim))
+        predicted[ok], score[ok] = names[index], probability
+    labels = batch["label"].to_pylist() if "label" in batch.column_names else [None] * n
+    correct = [
+        None if not label or p is None else p == label for label, p in zip(labels, predicted, strict=True)
+    ]
+    return pa.table(
+        {
+            "path": batch["path"],
+            "predicted_label": pa.array(predicted.tolist(), pa.string()),
+            "score": pa.array(score),
+            "label": pa.array([label or None for label in labels], pa.string()),
+            "correct": pa.array(correct, pa.bool_()),
+            "error": error,
+        }
+    )
+
+
+def backbone_config(
+    model: Model,
+    source: str | None,
+    manifest: str | None,
+    output: str,
+    weights: str | None,
+    batch_size: int | None,
+    num_actors: int | None,
+    overwrite: bool,
+) -> ExtractConfig:
+    """The extract settings the model's embeddings were made with (from their `raytl` metadata)."""
+    backbone = model.info["backbone"]
+    spec, seed = weights_spec(backbone["weights"])
+    return ExtractConfig.create(
+        source=source,
+        output=output,
+        manifest=manifest,
+        weights=weights or spec,
+        seed=seed,
+        layer=backbone["layer"],
+        pool=backbone.get("pool") or "avg",
+        precision=backbone.get("precision", "auto"),
+        image_size=backbone["image_size"],
+        resize_size=backbone["preprocessing"]["resize"],
+        batch_size=batch_size,
+        num_actors=num_actors,
+        overwrite=overwrite,
+    )
+
+
+def weights_spec(weights_id: str) -> tuple[str, int]:
+    """A weights id from the metadata back to a --weights value (and seed)."""
+    if weights_id == "torchvision:VGG16_Weights.IMAGENET1K_V1":
+        return "imagenet", 0
+    if weights_id.startswith("random:seed="):
+        return "random", int(weights_id.split("=", 1)[1])
+    return weights_id.split("#sha256:", 1)[0], 0
+
+
+def _init_ray() -> None:
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)

@@ -1,0 +1,456 @@
+"""`raytl train`: a linear probe (multinomial logistic regression) on embeddings, with Ray Train."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+import raytl
+from raytl import split, storage
+from raytl.config import Backend, ClassWeight, TrainConfig
+from raytl.embeddings import Embeddings, EmbeddingsError, check_same_backbone, matrix, open_embeddings
+from raytl.head import METRICS_FILE, MODEL_FILE, MODEL_JSON, LinearHead, Model
+from raytl.metrics import report
+
+log = logging.getLogger(__name__)
+
+# Embeddings up to this share of the cluster's object store are cached there for the epochs.
+_CACHE_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the first pass over the labels decided: classes, the split, and per-split counts."""
+
+    classes: list[str]
+    limits: dict[str, int] | None  # validation bins per class; None with a separate --val dataset
+    train_counts: dict[str, int]
+    val_counts: dict[str, int]
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Check inputs, fit the probe, write MODEL_DIR (model, model.json, metrics.json); returns metrics."""
+    train = open_embeddings(config.embeddings)
+    val = open_embeddings(config.val, "--val") if config.val else None
+    if val is not None:
+        check_same_backbone(train.metadata, val, "--val")
+    prepare_model_dir(config.model_dir, config.overwrite)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    plan = plan_split(config, train, val)
+    train_rows = xy(train, plan, config.seed, side="train")
+    val_rows = xy(val, plan, None, side="all") if val else xy(train, plan, config.seed, side="val")
+    train_rows, val_rows = cache_if_small(train_rows, val_rows, train, val)
+    mean, std = moments(train_rows, train.dim)
+    n_train = sum(plan.train_counts.values())
+    l2 = config.l2 if config.l2 is not None else 1.0 / n_train  # scikit-learn's default C=1
+    if config.backend == Backend.SKLEARN:
+        head, history = fit_sklearn(train_rows, plan, config, l2)
+    else:
+        head, history = fit_ray(train_rows, val_rows, plan, config, mean, std, l2)
+    info = {
+        "kind": "probe",
+        "head": "logreg",
+        "backend": str(config.backend),
+        "backbone": train.metadata,
+        "embeddings": storage.redact(config.embeddings),
+        "l2": l2,
+        "raytl_version": raytl.__version__,
+    }
+    model = Model.from_head(head, plan.classes, info)
+    model.save(config.model_dir)
+    metrics = evaluate(model, val_rows)
+    metrics.update(
+        head="logreg",
+        backend=str(config.backend),
+        train_samples=plan.train_counts,
+        val_samples=plan.val_counts,
+        history=history,
+    )
+    storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), _json(metrics))
+    return metrics
+
+
+def prepare_model_dir(model_dir: str, overwrite: bool) -> None:
+    """Refuse a MODEL_DIR that already holds a model, unless --overwrite (then clear it first)."""
+    fs, root = storage.filesystem(model_dir)
+    root = root.rstrip("/")
+    if not fs.exists(root) or not fs.ls(root):
+        return
+    if not overwrite:
+        raise storage.StorageError(
+            f"MODEL_DIR {storage.redact(model_dir)} is not empty; pass --overwrite to replace what is there "
+            "or choose another MODEL_DIR."
+        )
+    for name in (MODEL_FILE, MODEL_JSON, METRICS_FILE, "train"):
+        path = f"{root}/{name}"
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+# --- pass 1: labels and the split ------------------------------------------------------------------
+
+
+def label_histograms(batch: pa.Table, seed: int) -> pa.Table:
+    """Rows per (label, hash bin) of one batch, pickled into a one-row table."""
+    labels = batch["label"].to_pylist()
+    row_bins = split.bins(batch["path"].to_pylist(), seed)
+    missing = sum(1 for label in labels if label is None or label == "")
+    hists: dict[str, np.ndarray] = {}
+    for label in set(labels) - {None, ""}:
+        mask = np.fromiter((lab == label for lab in labels), bool, len(labels))
+        hists[label] = np.bincount(row_bins[mask], minlength=split.BINS)
+    return pa.table({"stats": [pickle.dumps((hists, missing))]})
+
+
+def count_labels(data: Embeddings, seed: int, what: str) -> dict[str, np.ndarray]:
+    """One distributed pass over the path and label columns only; refuses rows without a label."""
+    ds = data.read().select_columns(["path", "label"])
+    total: dict[str, np.ndarray] = {}
+    missing = 0
+    for batch in ds.map_batches(
+        label_histograms, fn_kwargs={"seed": seed}, batch_format="pyarrow"
+    ).iter_batches(batch_size=None, batch_format="pyarrow"):
+        for blob in batch["stats"].to_pylist():
+            hists, none = pickle.loads(blob)
+            missing += none
+            for label, hist in hists.items():
+                total[label] = total.get(label, 0) + hist
+    if missing:
+        raise EmbeddingsError(f"{what} {storage.redact(data.uri)} has {missing} rows without a label.")
+    return total
+
+
+def plan_split(config: TrainConfig, train: Embeddings, val: Embeddings | None) -> Plan:
+    """Classes, and which rows validate: a separate --val dataset or a stratified --val-fraction."""
+    hists = count_labels(train, config.seed, "EMBEDDINGS")
+    classes = sorted(hists)
+    if len(classes) < 2:
+        raise EmbeddingsError(
+            f"EMBEDDINGS {storage.redact(train.uri)} has a single class ({classes[0]!r}); a classifier needs two."
+        )
+    if val is not None:
+        val_hists = count_labels(val, config.seed, "--val")
+        unknown = sorted(set(val_hists) - set(classes))
+        if unknown:
+            raise EmbeddingsError(
+                f"--val has labels that EMBEDDINGS does not: {', '.join(map(repr, unknown[:5]))}."
+            )
+        train_counts = {c: int(h.sum()) for c, h in hists.items()}
+        val_counts = {c: int(val_hists.get(c, np.zeros(1)).sum()) for c in classes}
+        limits = None
+    else:
+        limits = split.thresholds(hists, config.val_fraction)
+        val_counts = {c: int(hists[c][: limits[c]].sum()) for c in classes}
+        train_counts = {c: int(hists[c].sum()) - val_counts[c] for c in classes}
+    if sum(val_counts.values()) == 0:
+        raise EmbeddingsError("the validation split is empty: give --val or a larger --val-fraction.")
+    empty = [c for c in classes if train_counts[c] == 0]
+    if empty:
+        raise EmbeddingsError(f"class {empty[0]!r} has no training rows left after the validation split.")
+    return Plan(classes, limits, train_counts, val_counts)
+
+
+# --- rows for training: x (N, D) float32, y int64 -----------------------------------------------------
+
+
+def to_xy(batch: pa.Table, classes: list[str], dim: int, seed: int | None, limits: Any, side: str) -> dict:
+    """Embeddings and class indices of the rows on `side` (train | val | all) of the split."""
+    labels = batch["label"].to_pylist()
+    keep = np.ones(len(labels), bool)
+    if side != "all":
+        val = split.in_validation(labels, split.bins(batch["path"].to_pylist(), seed), limits)
+        keep = val if side == "val" else ~val
+    index = {c: i for i, c in enumerate(classes)}
+    x = matrix(batch["embedding"], dim)[keep]
+    y = np.array([index[label] for label, k in zip(labels, keep, strict=True) if k], dtype=np.int64)
+    return {"x": x, "y": y}
+
+
+def xy(data: Embeddings, plan: Plan, seed: int | None, side: str) -> ray.data.Dataset:
+    return data.read().map_batches(
+        to_xy,  # type: ignore[arg-type]
+        fn_kwargs={
+            "classes": plan.classes,
+            "dim": data.dim,
+            "seed": seed,
+            "limits": plan.limits,
+            "side": side,
+        },
+        batch_format="pyarrow",
+    )
+
+
+def cache_if_small(
+    train_rows: ray.data.Dataset, val_rows: ray.data.Dataset, train: Embeddings, val: Embeddings | None
+) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """Hold both splits in the object store when they fit easily: every epoch then skips re-reading and
+    re-splitting the Parquet. Larger datasets stream from storage each epoch."""
+    rows = sum(pq_rows(f) for f in train.files + (val.files if val else []))
+    budget = ray.cluster_resources().get("object_store_memory", 0) * _CACHE_FRACTION
+    if rows * (train.dim * 4 + 8) > budget:
+        return train_rows, val_rows
+    return train_rows.materialize(), val_rows.materialize()
+
+
+def pq_rows(uri: str) -> int:
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def batch_moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    x = batch["x"].astype(np.float64)
+    return {"n": np.array([len(x)]), "sum": x.sum(0, keepdims=True), "sumsq": (x * x).sum(0, keepdims=True)}
+
+
+def moments(rows: ray.data.Dataset, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Feature mean and standard deviation of the training rows, in one distributed pass."""
+    n, total, squares = 0, np.zeros(dim), np.zeros(dim)
+    for part in rows.map_batches(batch_moments, batch_format="numpy").iter_batches(
+        batch_size=None, batch_format="numpy"
+    ):
+        n += int(part["n"].sum())
+        total += part["sum"].sum(0)
+        squares += part["sumsq"].sum(0)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+    return mean.astype(np.float32), np.where(std > 1e-12, std, 1.0).astype(np.float32)
+
+
+# --- fitting ------------------------------------------------------------------------------------------
+
+
+def class_weights(plan: Plan, mode: ClassWeight) -> list[float]:
+    if mode == ClassWeight.NONE:
+        return [1.0] * len(plan.classes)
+    n = sum(plan.train_counts.values())
+    return [n / (len(plan.classes) * plan.train_counts[c]) for c in plan.classes]
+
+
+def fit_ray(
+    train_rows: ray.data.Dataset,
+    val_rows: ray.data.Dataset,
+    plan: Plan,
+    config: TrainConfig,
+    mean: np.ndarray,
+    std: np.ndarray,
+    l2: float,
+) -> tuple[LinearHead, list[dict]]:
+    """Data-parallel training with Ray Train; returns the head with the best validation loss."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    fs, path = storage.pyarrow_filesystem(config.model_dir)
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "mean": mean,
+            "std": std,
+            "classes": len(plan.classes),
+            "weights": class_weights(plan, config.class_weight),
+            "l2": l2,
+            "lr": config.lr,
+            "epochs": config.epochs,
+            "patience": config.patience,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=use_gpu,
+            # A linear head needs little CPU; the Ray Data tasks that feed it need the rest. A worker
+            # holding a whole CPU on a small node starves them and training never gets a batch.
+            resources_per_worker={"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 0.25},
+        ),
+        run_config=RunConfig(
+            name="train",
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            ),
+            failure_config=FailureConfig(max_failures=2),
+        ),
+        datasets={"train": train_rows, "val": val_rows},
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(metric="val_loss", mode="min")
+    with best.as_directory() as directory:
+        state = torch.load(os.path.join(directory, "head.pt"), weights_only=True)
+    head = LinearHead(torch.from_numpy(mean), torch.from_numpy(std), len(plan.classes))
+    head.load_state_dict(state["head"])
+    return head, state["history"]
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    """One Ray Train worker: stream its shard, step, validate, report, checkpoint, stop early."""
+    import ray.train
+    import ray.train.torch
+
+    torch.manual_seed(cfg["seed"])
+    device = ray.train.torch.get_device()
+    head = LinearHead(torch.as_tensor(cfg["mean"]), torch.as_tensor(cfg["std"]), cfg["classes"])
+    model = ray.train.torch.prepare_model(head)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
+    weights = torch.tensor(cfg["weights"], dtype=torch.float32, device=device)
+    history: list[dict] = []
+    best, stale, start = math.inf, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker group resumes where the last checkpoint left off
+        with checkpoint.as_directory() as directory:
+            state = torch.load(os.path.join(directory, "head.pt"), weights_only=True)
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        history, best, stale, start = state["history"], state["best"], state["stale"], state["epoch"] + 1
+    for epoch in range(start, cfg["epochs"]):
+        train_loss, train_acc = run_epoch(model, head, optimizer, weights, cfg, "train", device)
+        val_loss, val_acc = run_epoch(model, head, None, weights, cfg, "val", device)
+        schedule.step()
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_accuracy": train_acc,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+            }
+        )
+        improved = val_loss < best - 1e-7
+        best, stale = (val_loss, 0) if improved else (best, stale + 1)
+        done = stale >= cfg["patience"] or epoch == cfg["epochs"] - 1
+        state = {
+            "head": head.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "history": history,
+            "best": best,
+            "stale": stale,
+            "epoch": epoch,
+        }
+        _report(history[-1], state, improved or done)
+        if done:
+            break
+
+
+def _report(metrics: dict, state: dict, save: bool) -> None:
+    import ray.train
+
+    if not save or ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save(state, os.path.join(directory, "head.pt"))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def run_epoch(model, head, optimizer, weights, cfg, name, device) -> tuple[float, float]:
+    """One pass over this worker's shard of `name`; returns the loss and accuracy over all workers."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    model.train(optimizer is not None)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # weighted loss, weight, correct
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    for batch in shard.iter_torch_batches(
+        batch_size=cfg["batch_size"],
+        dtypes={"x": torch.float32, "y": torch.int64},
+        device=device,
+        local_shuffle_buffer_size=4 * cfg["batch_size"] if optimizer else None,
+        local_shuffle_seed=cfg["seed"] if optimizer else None,
+    ):
+        x, y = batch["x"], batch["y"]
+        with torch.set_grad_enabled(optimizer is not None):
+            logits = model(x)
+            per_row = torch.nn.functional.cross_entropy(logits, y, reduction="none") * weights[y]
+            if optimizer is not None:
+                loss = per_row.sum() / weights[y].sum() + 0.5 * cfg["l2"] * head.linear.weight.pow(2).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        sums += torch.stack(
+            [per_row.sum().double(), weights[y].sum().double(), (logits.argmax(1) == y).sum().double()]
+        )
+        count += len(y)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(count)
+    loss = (sums[0] / sums[1]).item() if sums[1] > 0 else math.nan
+    return loss, (sums[2] / count).item() if count > 0 else math.nan
+
+
+def fit_sklearn(
+    train_rows: ray.data.Dataset, plan: Plan, config: TrainConfig, l2: float
+) -> tuple[LinearHead, list]:
+    """scikit-learn's LogisticRegression on the driver, standardised: the reference, for data that fits."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = gather(train_rows)
+    scaler = StandardScaler().fit(x)
+    n = len(y)
+    clf = LogisticRegression(
+        C=1.0 / (l2 * n) if l2 > 0 else 1e12,
+        class_weight="balanced" if config.class_weight == ClassWeight.BALANCED else None,
+        max_iter=2000,
+        random_state=config.seed,
+    ).fit(scaler.transform(x), y)
+    weight, bias = clf.coef_, clf.intercept_
+    if len(plan.classes) == 2:  # binary: p(1) = sigmoid(w.x + b) equals a softmax over logits (0, w.x + b)
+        weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
+    std = np.where(scaler.scale_ > 1e-12, scaler.scale_, 1.0)
+    head = LinearHead(torch.from_numpy(scaler.mean_), torch.from_numpy(std), len(plan.classes))
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.from_numpy(weight))
+        head.linear.bias.copy_(torch.from_numpy(bias))
+    return head, []
+
+
+def gather(rows: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """All rows on the driver (the sklearn backend only)."""
+    xs, ys = [], []
+    for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
+        xs.append(batch["x"])
+        ys.append(batch["y"])
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys)
+
+
+# --- evaluation -------------------------------------------------------------------------------------------
+
+
+def batch_confusion(batch: dict[str, np.ndarray], model: Model) -> dict[str, np.ndarray]:
+    from raytl.metrics import confusion
+
+    predicted, _ = model.predict(batch["x"])
+    return {"matrix": confusion(batch["y"], predicted, len(model.classes)).reshape(1, -1)}
+
+
+def evaluate(model: Model, rows: ray.data.Dataset) -> dict[str, Any]:
+    """Metrics of `model` on the rows, summed from per-batch confusion matrices."""
+    k = len(model.classes)
+    total = np.zeros((k, k), dtype=np.int64)
+    for part in rows.map_batches(
+        batch_confusion, fn_kwargs={"model": model}, batch_format="numpy"
+    ).iter_batches(batch_size=None, batch_format="numpy"):
+        total += part["matrix"].sum(0).reshape(k, k)
+    return report(total, model.classes)
+
+
+def _json(data: dict) -> bytes:
+    import json
+
+    return json.dumps(data, indent=2, default=float).encode()
