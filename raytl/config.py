@@ -140,8 +140,8 @@ class TrainConfig:
     backend: Backend = Backend.RAY
     workers: int = 2  # Ray Train workers; one GPU each where the cluster has GPUs
     epochs: int = 100
-    patience: int = 8  # stop after this many epochs without a better validation loss
-    batch_size: int = 512  # rows per optimiser step on each worker
+    patience: int = 10  # stop after this many epochs without a better validation loss
+    batch_size: int = 256  # rows per optimiser step on each worker
     lr: float = 0.01  # Adam, decayed to zero over --epochs on a cosine
     l2: float | None = None  # L2 penalty lambda/2 * ||W||^2; None: 1 / n_train, scikit-learn's C=1
     class_weight: ClassWeight = ClassWeight.NONE

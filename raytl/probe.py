@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
 import pickle
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 
 # Embeddings up to this share of the cluster's object store are cached there for the epochs.
 _CACHE_FRACTION = 0.25
+# A worker keeps its shard of the splits in memory (CPU or GPU) after the first epoch up to this size.
+_WORKER_CACHE_BYTES = 2 * 1024**3
+# Workers report metrics and write a checkpoint at most this often (and after the last epoch).
+_REPORT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     plan = plan_split(config, train, val)
-    train_rows = xy(train, plan, config.seed, side="train")
+    train_rows = xy(train, plan, config.seed, side="all" if val else "train")
     val_rows = xy(val, plan, None, side="all") if val else xy(train, plan, config.seed, side="val")
     train_rows, val_rows = cache_if_small(train_rows, val_rows, train, val)
     mean, std = moments(train_rows, train.dim)
@@ -253,6 +259,7 @@ def fit_ray(
     from ray.train.torch import TorchTrainer
 
     fs, path = storage.pyarrow_filesystem(config.model_dir)
+    n_rows, dim = sum(plan.train_counts.values()) + sum(plan.val_counts.values()), len(mean)
     use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     trainer = TorchTrainer(
         train_loop,
@@ -267,6 +274,9 @@ def fit_ray(
             "patience": config.patience,
             "batch_size": config.batch_size,
             "seed": config.seed,
+            "report_seconds": _REPORT_SECONDS,
+            # Each worker keeps its shard in memory after the first epoch when it is small enough.
+            "in_memory": n_rows * (dim * 4 + 8) / config.workers <= _WORKER_CACHE_BYTES,
         },
         scaling_config=ScalingConfig(
             num_workers=config.workers,
@@ -279,19 +289,16 @@ def fit_ray(
             name="train",
             storage_path=path,
             storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
-            ),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=2),
         ),
         datasets={"train": train_rows, "val": val_rows},
     )
     result = trainer.fit()
-    best = result.get_best_checkpoint(metric="val_loss", mode="min")
-    with best.as_directory() as directory:
+    with result.checkpoint.as_directory() as directory:
         state = torch.load(os.path.join(directory, "head.pt"), weights_only=True)
     head = LinearHead(torch.from_numpy(mean), torch.from_numpy(std), len(plan.classes))
-    head.load_state_dict(state["head"])
+    head.load_state_dict(state["best_head"])  # the epoch with the lowest validation loss
     return head, state["history"]
 
 
@@ -302,13 +309,14 @@ def train_loop(cfg: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg["seed"])
     device = ray.train.torch.get_device()
-    head = LinearHead(torch.as_tensor(cfg["mean"]), torch.as_tensor(cfg["std"]), cfg["classes"])
+    head = LinearHead(torch.tensor(cfg["mean"]), torch.tensor(cfg["std"]), cfg["classes"])
     model = ray.train.torch.prepare_model(head)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
     weights = torch.tensor(cfg["weights"], dtype=torch.float32, device=device)
+    train, val = Shard("train", cfg, device), Shard("val", cfg, device)
     history: list[dict] = []
-    best, stale, start = math.inf, 0, 0
+    best, best_head, stale, start = math.inf, copy.deepcopy(head.state_dict()), 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group resumes where the last checkpoint left off
         with checkpoint.as_directory() as directory:
@@ -316,10 +324,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        history, best, stale, start = state["history"], state["best"], state["stale"], state["epoch"] + 1
+        history, best, best_head, stale = state["history"], state["best"], state["best_head"], state["stale"]
+        start = state["epoch"] + 1
+    last_report = time.monotonic()
     for epoch in range(start, cfg["epochs"]):
-        train_loss, train_acc = run_epoch(model, head, optimizer, weights, cfg, "train", device)
-        val_loss, val_acc = run_epoch(model, head, None, weights, cfg, "val", device)
+        train_loss, train_acc = run_epoch(model, head, optimizer, weights, cfg, train.batches(epoch), device)
+        val_loss, val_acc = run_epoch(model, head, None, weights, cfg, val.batches(None), device)
         schedule.step()
         history.append(
             {
@@ -330,27 +340,80 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 "val_accuracy": val_acc,
             }
         )
-        improved = val_loss < best - 1e-7
-        best, stale = (val_loss, 0) if improved else (best, stale + 1)
+        if val_loss < best - 1e-7:
+            best, best_head, stale = val_loss, copy.deepcopy(head.state_dict()), 0
+        else:
+            stale += 1
         done = stale >= cfg["patience"] or epoch == cfg["epochs"] - 1
-        state = {
-            "head": head.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "history": history,
-            "best": best,
-            "stale": stale,
-            "epoch": epoch,
-        }
-        _report(history[-1], state, improved or done)
+        # Reporting is a barrier and writes a checkpoint: do it every report_seconds (as agreed by all
+        # workers, so each calls report equally often) and at the end, not after every short epoch.
+        if done or _all_agree(time.monotonic() - last_report >= cfg["report_seconds"], device):
+            state = {
+                "head": head.state_dict(),
+                "best_head": best_head,
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "history": history,
+                "best": best,
+                "stale": stale,
+                "epoch": epoch,
+            }
+            _report(history[-1], state)
+            last_report = time.monotonic()
         if done:
             break
 
 
-def _report(metrics: dict, state: dict, save: bool) -> None:
+def _all_agree(flag: bool, device: torch.device) -> bool:
+    """True on every worker when any worker says so."""
+    value = torch.tensor([float(flag)], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class Shard:
+    """This worker's share of a split: streamed by Ray Data; kept in memory after the first pass when it
+    fits (cfg["in_memory"]), so that later epochs cost no pipeline start-up."""
+
+    def __init__(self, name: str, cfg: dict[str, Any], device: torch.device) -> None:
+        self.name, self.cfg, self.device = name, cfg, device
+        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def batches(self, shuffle_seed: int | None) -> Any:
+        """(x, y) batches; shuffled (seeded per epoch) when shuffle_seed is given."""
+        size = self.cfg["batch_size"]
+        if self.cached is not None:
+            x, y = self.cached
+            order = torch.arange(len(y), device=self.device)
+            if shuffle_seed is not None:
+                generator = torch.Generator().manual_seed(self.cfg["seed"] * 100_003 + shuffle_seed)
+                order = torch.randperm(len(y), generator=generator).to(self.device)
+            for start in range(0, len(y), size):
+                index = order[start : start + size]
+                yield x[index], y[index]
+            return
+        import ray.train
+
+        keep: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for batch in ray.train.get_dataset_shard(self.name).iter_torch_batches(
+            batch_size=size,
+            dtypes={"x": torch.float32, "y": torch.int64},
+            device=self.device,
+            local_shuffle_buffer_size=4 * size if shuffle_seed is not None else None,
+            local_shuffle_seed=self.cfg["seed"] if shuffle_seed is not None else None,
+        ):
+            if self.cfg["in_memory"]:
+                keep.append((batch["x"], batch["y"]))
+            yield batch["x"], batch["y"]
+        if self.cfg["in_memory"]:
+            self.cached = (torch.cat([x for x, _ in keep]), torch.cat([y for _, y in keep]))
+
+
+def _report(metrics: dict, state: dict) -> None:
     import ray.train
 
-    if not save or ray.train.get_context().get_world_rank() != 0:
+    if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
@@ -358,22 +421,12 @@ def _report(metrics: dict, state: dict, save: bool) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def run_epoch(model, head, optimizer, weights, cfg, name, device) -> tuple[float, float]:
-    """One pass over this worker's shard of `name`; returns the loss and accuracy over all workers."""
-    import ray.train
-
-    shard = ray.train.get_dataset_shard(name)
+def run_epoch(model, head, optimizer, weights, cfg, batches, device) -> tuple[float, float]:
+    """One pass over this worker's batches; returns the loss and accuracy over all workers."""
     model.train(optimizer is not None)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # weighted loss, weight, correct
     count = torch.zeros(1, dtype=torch.float64, device=device)
-    for batch in shard.iter_torch_batches(
-        batch_size=cfg["batch_size"],
-        dtypes={"x": torch.float32, "y": torch.int64},
-        device=device,
-        local_shuffle_buffer_size=4 * cfg["batch_size"] if optimizer else None,
-        local_shuffle_seed=cfg["seed"] if optimizer else None,
-    ):
-        x, y = batch["x"], batch["y"]
+    for x, y in batches:
         with torch.set_grad_enabled(optimizer is not None):
             logits = model(x)
             per_row = torch.nn.functional.cross_entropy(logits, y, reduction="none") * weights[y]
