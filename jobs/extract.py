@@ -1,4 +1,4 @@
-"""`ray job submit … -- python jobs/extract.py SOURCE OUTPUT [options]`: the same options as `raytl extract`."""
+"""`ray job submit … -- python jobs/extract.py …`: the same arguments and options as `raytl extract`."""
 
 import sys
 

@@ -73,7 +73,8 @@ def open_embeddings(uri: str, option: str = "EMBEDDINGS") -> Embeddings:
             if metas[file].get(key) != metas[first].get(key):
                 raise EmbeddingsError(
                     f"{option} {storage.redact(uri)} mixes embeddings made differently: {key} is "
-                    f"{metas[first].get(key)!r} in {_name(first)} but {metas[file].get(key)!r} in {_name(file)}."
+                    f"{metas[first].get(key)!r} in {_name(first)} but {metas[file].get(key)!r} "
+                    f"in {_name(file)}."
                 )
     return Embeddings(uri, files, dims[first], metas[first])
 
@@ -89,7 +90,7 @@ def check_same_backbone(expected: dict[str, Any], got: Embeddings, what: str) ->
 
 
 def matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    """An embedding column (fixed_size_list, or Ray's tensor type) -> float32 (N, D), zero-copy when possible."""
+    """An embedding column (fixed_size_list, or Ray's tensor type) -> float32 (N, D), zero-copy if it can."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if pa.types.is_fixed_size_list(column.type):

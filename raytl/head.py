@@ -29,6 +29,9 @@ class LinearHead(nn.Module):
         nn.init.zeros_(self.linear.weight)  # the convex problem needs no random start; zeros are reproducible
         nn.init.zeros_(self.linear.bias)
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear((x - self.mean) / self.std)
 

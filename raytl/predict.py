@@ -55,7 +55,7 @@ def run(
         _init_ray()
         started, seen = time.perf_counter(), None
         rows = data.read().map_batches(
-            classify, fn_kwargs={"model": model, "dim": data.dim}, batch_format="pyarrow"
+            classify,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs fn_kwargs={"model": model, "dim": data.dim}, batch_format="pyarrow"
         )
     else:
         config = backbone_config(model, source, manifest, output, weights, batch_size, num_actors, overwrite)
@@ -71,7 +71,9 @@ def run(
         started, seen = time.perf_counter(), corpus.table.num_rows
         rows = extract.embedded(config, corpus, ray.put(backbone.state_dict), extract.Resources.of_cluster())
         rows = rows.map_batches(
-            classify, fn_kwargs={"model": model, "dim": model.mean.size}, batch_format="pyarrow"
+            classify,  # type: ignore[arg-type]
+            fn_kwargs={"model": model, "dim": model.mean.size},
+            batch_format="pyarrow",
         )
     stats = rows.map_batches(
         writer.write_part,  # type: ignore[arg-type]
@@ -99,7 +101,8 @@ def run(
 
 
 def classify(batch: pa.Table, model: Model, dim: int) -> pa.Table:
-    """Rows with `embedding` (null where decoding failed) -> path, predicted_label, score, label, correct, error."""
+    """Rows with `embedding` (null where decoding failed) -> path, predicted_label, score, label, correct,
+    error."""
     n = batch.num_rows
     error = batch["error"] if "error" in batch.column_names else pa.array([""] * n)
     ok = np.asarray(batch["embedding"].is_valid())

@@ -144,7 +144,8 @@ def plan_split(config: TrainConfig, train: Embeddings, val: Embeddings | None) -
     classes = sorted(hists)
     if len(classes) < 2:
         raise EmbeddingsError(
-            f"EMBEDDINGS {storage.redact(train.uri)} has a single class ({classes[0]!r}); a classifier needs two."
+            f"EMBEDDINGS {storage.redact(train.uri)} has a single class ({classes[0]!r}); "
+            "a classifier needs two."
         )
     if val is not None:
         val_hists = count_labels(val, config.seed, "--val")
@@ -176,6 +177,7 @@ def to_xy(batch: pa.Table, classes: list[str], dim: int, seed: int | None, limit
     labels = batch["label"].to_pylist()
     keep = np.ones(len(labels), bool)
     if side != "all":
+        assert seed is not None and limits is not None, "a split side needs the seed and the limits"
         val = split.in_validation(labels, split.bins(batch["path"].to_pylist(), seed), limits)
         keep = val if side == "val" else ~val
     index = {c: i for i, c in enumerate(classes)}
@@ -295,6 +297,7 @@ def fit_ray(
         datasets={"train": train_rows, "val": val_rows},
     )
     result = trainer.fit()
+    assert result.checkpoint is not None, "the last epoch always reports a checkpoint"
     with result.checkpoint.as_directory() as directory:
         state = torch.load(os.path.join(directory, "head.pt"), weights_only=True)
     head = LinearHead(torch.from_numpy(mean), torch.from_numpy(std), len(plan.classes))
@@ -496,9 +499,12 @@ def evaluate(model: Model, rows: ray.data.Dataset) -> dict[str, Any]:
     """Metrics of `model` on the rows, summed from per-batch confusion matrices."""
     k = len(model.classes)
     total = np.zeros((k, k), dtype=np.int64)
-    for part in rows.map_batches(
-        batch_confusion, fn_kwargs={"model": model}, batch_format="numpy"
-    ).iter_batches(batch_size=None, batch_format="numpy"):
+    matrices = rows.map_batches(
+        batch_confusion,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+        fn_kwargs={"model": model},
+        batch_format="numpy",
+    )
+    for part in matrices.iter_batches(batch_size=None, batch_format="numpy"):
         total += part["matrix"].sum(0).reshape(k, k)
     return report(total, model.classes)
 

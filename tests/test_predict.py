@@ -1,0 +1,89 @@
+"""`raytl predict`: from images and from their embeddings alike; output schema; errors."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from images import random_state_dict, write_corpus
+
+from raytl import extract, predict, probe
+from raytl.cli import main
+from raytl.config import ExtractConfig, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    """extract (32 px, weights from a file) -> train (sklearn backend) on a small corpus."""
+    tmp = tmp_path_factory.mktemp("predict")
+    write_corpus(tmp / "corpus", {"cat": [1, 2], "dog": [3, 4]}, broken=True, strays=True)
+    torch.save(random_state_dict(21), tmp / "w.pt")
+    extract.run(
+        ExtractConfig.create(
+            source=str(tmp / "corpus"),
+            output=str(tmp / "emb"),
+            weights=str(tmp / "w.pt"),
+            image_size=32,
+            precision="fp32",
+        )
+    )
+    probe.run(
+        TrainConfig.create(
+            embeddings=str(tmp / "emb"), model_dir=str(tmp / "model"), backend="sklearn", val_fraction=0.25
+        )
+    )
+    return tmp
+
+
+def test_images_and_embeddings_give_the_same_predictions(trained):
+    from_emb = predict.run(str(trained / "model"), str(trained / "emb"), str(trained / "p-emb"))
+    from_img = predict.run(str(trained / "model"), str(trained / "corpus"), str(trained / "p-img"))
+    a = {r["path"]: r for r in pq.read_table(trained / "p-emb").to_pylist()}
+    b = {r["path"]: r for r in pq.read_table(trained / "p-img").to_pylist()}
+    assert set(a) == set(b) and len(a) == 52
+    for path in a:
+        assert a[path]["predicted_label"] == b[path]["predicted_label"]
+        assert a[path]["score"] == pytest.approx(b[path]["score"], abs=1e-4)
+        assert a[path]["label"] == b[path]["label"] == path.split("/")[-2]
+    assert from_emb["accuracy"] == from_img["accuracy"]
+    assert (from_img["seen"], from_img["predicted"], from_img["failed"]) == (56, 52, 4)
+    errors = pq.read_table(trained / "p-img" / "_errors").to_pylist()
+    assert sorted(e["path"].rsplit("/", 1)[-1] for e in errors) == sorted(
+        ["empty.jpg", "notes-as-image.jpg", "truncated.jpg", "bomb.png"]
+    )
+
+
+def test_prediction_schema(trained):
+    predict.run(str(trained / "model"), str(trained / "emb"), str(trained / "p-schema"))
+    schema = pq.read_schema(next((trained / "p-schema").glob("part-*.parquet")))
+    assert schema.names == ["path", "predicted_label", "score", "label"]
+    assert [str(t) for t in schema.types] == ["string", "string", "float", "string"]
+    table = pq.read_table(trained / "p-schema")
+    scores = np.array(table["score"].to_pylist())
+    assert ((scores >= 0.5) & (scores <= 1.0)).all()  # two classes: the winner has at least half
+    assert set(table["predicted_label"].to_pylist()) <= {"cat", "dog"}
+
+
+def test_unlabelled_images_get_null_label_and_no_accuracy(trained, tmp_path):
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "a.png").write_bytes((trained / "corpus" / "cat" / "plain-1.png").read_bytes())
+    summary = predict.run(str(trained / "model"), str(tmp_path / "new"), str(tmp_path / "out"))
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    assert len(rows) == 1 and rows[0]["label"] is None and rows[0]["predicted_label"] in {"cat", "dog"}
+    assert summary["accuracy"] is None and summary["labelled"] == 0
+
+
+def test_predict_errors(trained, capsys, tmp_path):
+    assert main(["predict", str(tmp_path / "nomodel"), str(trained / "emb"), str(tmp_path / "o")]) == 2
+    assert "holds no raytl model" in capsys.readouterr().err
+    extract.run(
+        ExtractConfig.create(
+            source=str(trained / "corpus"),
+            output=str(tmp_path / "emb64"),
+            weights=str(trained / "w.pt"),
+            image_size=64,
+            precision="fp32",
+        )
+    )
+    assert main(["predict", str(trained / "model"), str(tmp_path / "emb64"), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has image_size 64, but the model expects 32" in err and "\n" not in err
