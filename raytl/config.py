@@ -71,13 +71,10 @@ class ExtractConfig:
     def create(cls, **options: Any) -> ExtractConfig:
         """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
         options = dict(options)
-        options["layer"] = Layer.parse(options.get("layer", Layer.POOL5), "--layer")  # type: ignore[arg-type]
-        options["pool"] = Pool.parse(options.get("pool", Pool.AVG), "--pool")  # type: ignore[arg-type]
-        options["precision"] = Precision.parse(
-            options.get("precision", Precision.AUTO),
-            "--precision",  # type: ignore[arg-type]
-        )
-        config = cls(**options)  # type: ignore[arg-type]
+        options["layer"] = Layer.parse(options.get("layer", Layer.POOL5), "--layer")
+        options["pool"] = Pool.parse(options.get("pool", Pool.AVG), "--pool")
+        options["precision"] = Precision.parse(options.get("precision", Precision.AUTO), "--precision")
+        config = cls(**options)
         config.validate()
         return config
 

@@ -29,6 +29,7 @@ class Embeddings:
     files: list[str]  # full URIs
     dim: int
     metadata: dict[str, Any]
+    rows: int  # from the Parquet footers
 
     def backbone(self) -> dict[str, Any]:
         return {k: self.metadata.get(k) for k in BACKBONE_FIELDS}
@@ -54,11 +55,13 @@ def open_embeddings(uri: str, option: str = "EMBEDDINGS") -> Embeddings:
     files = _part_files(uri)
     if not files:
         raise EmbeddingsError(f"{option} {storage.redact(uri)} holds no raytl embeddings (part-*.parquet).")
-    dims, metas = {}, {}
+    dims, metas, rows = {}, {}, 0
     for file in files:
         fs, path = storage.filesystem(file)
         with fs.open(path, "rb") as f:
-            schema = pq.read_schema(f)
+            footer = pq.ParquetFile(f).metadata
+        schema = footer.schema.to_arrow_schema()
+        rows += footer.num_rows
         dims[file] = _dim(schema, file, option)
         raw = (schema.metadata or {}).get(METADATA_KEY)
         metas[file] = json.loads(raw) if raw else {}
@@ -76,7 +79,7 @@ def open_embeddings(uri: str, option: str = "EMBEDDINGS") -> Embeddings:
                     f"{metas[first].get(key)!r} in {_name(first)} but {metas[file].get(key)!r} "
                     f"in {_name(file)}."
                 )
-    return Embeddings(uri, files, dims[first], metas[first])
+    return Embeddings(uri, files, dims[first], metas[first], rows)
 
 
 def check_same_backbone(expected: dict[str, Any], got: Embeddings, what: str) -> None:

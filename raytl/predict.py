@@ -55,7 +55,9 @@ def run(
         _init_ray()
         started, seen = time.perf_counter(), None
         rows = data.read().map_batches(
-            classify,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs fn_kwargs={"model": model, "dim": data.dim}, batch_format="pyarrow"
+            classify,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+            fn_kwargs={"model": model, "dim": data.dim},
+            batch_format="pyarrow",
         )
     else:
         config = backbone_config(model, source, manifest, output, weights, batch_size, num_actors, overwrite)

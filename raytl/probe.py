@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -205,17 +204,11 @@ def cache_if_small(
 ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Hold both splits in the object store when they fit easily: every epoch then skips re-reading and
     re-splitting the Parquet. Larger datasets stream from storage each epoch."""
-    rows = sum(pq_rows(f) for f in train.files + (val.files if val else []))
+    rows = train.rows + (val.rows if val else 0)
     budget = ray.cluster_resources().get("object_store_memory", 0) * _CACHE_FRACTION
     if rows * (train.dim * 4 + 8) > budget:
         return train_rows, val_rows
     return train_rows.materialize(), val_rows.materialize()
-
-
-def pq_rows(uri: str) -> int:
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
 
 
 def batch_moments(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -257,7 +250,7 @@ def fit_ray(
     l2: float,
 ) -> tuple[LinearHead, list[dict]]:
     """Data-parallel training with Ray Train; returns the head with the best validation loss."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     fs, path = storage.pyarrow_filesystem(config.model_dir)
@@ -287,12 +280,14 @@ def fit_ray(
             # holding a whole CPU on a small node starves them and training never gets a batch.
             resources_per_worker={"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 0.25},
         ),
-        run_config=RunConfig(
+        run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 (the default); mypy resolves V1
             name="train",
             storage_path=path,
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=2),
+            # Ray Train's per-report INFO lines drown the output unless raytl itself logs at INFO.
+            logging_config=LoggingConfig(log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING"),
         ),
         datasets={"train": train_rows, "val": val_rows},
     )

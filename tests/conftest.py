@@ -83,3 +83,17 @@ def upload_dir(local_dir, bucket: str, prefix: str) -> str:
             key = f"{prefix}/{os.path.relpath(full, local_dir)}"
             client.upload_file(full, bucket, key)
     return f"s3://{bucket}/{prefix}"
+
+
+def assert_user_error(capsys, args: list[str], message: str) -> str:
+    """`raytl ARGS` exits 2 with one `raytl: error:` line holding `message`, no traceback, no secret."""
+    from raytl.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    # Ray's worker processes may write to this process's stderr at any moment: find raytl's own line.
+    ours = [line for line in err.splitlines() if line.startswith("raytl: error: ")]
+    assert len(ours) == 1 and "Traceback" not in err, err
+    assert message in ours[0], ours[0]
+    assert SECRET_KEY not in err
+    return ours[0]

@@ -11,7 +11,7 @@ def test_open_reads_dim_and_metadata(tmp_path):
     x, y = blobs(30, 2, 8, seed=0)
     write(str(tmp_path / "e"), x, names(y))
     data = open_embeddings(str(tmp_path / "e"))
-    assert data.dim == 8 and len(data.files) == 3
+    assert data.dim == 8 and len(data.files) == 3 and data.rows == 30
     assert data.metadata["layer"] == "pool5" and data.metadata["dim"] == 8
 
 

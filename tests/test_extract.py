@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
-from conftest import SECRET_KEY, upload_dir
+from conftest import SECRET_KEY, assert_user_error, upload_dir
 from images import (
     BROKEN_REASONS,
     cosine,
@@ -215,38 +215,35 @@ def small_corpus(tmp_path):
     return str(tmp_path / "src")
 
 
-def _fails(capsys, args, message):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("raytl: error: ") and "\n" not in err, err
-    assert message in err, err
-    assert SECRET_KEY not in err
-    return err
-
-
 def test_bad_input_errors(capsys, tmp_path, bucket, small_corpus, s3_endpoint):
     out = str(tmp_path / "out")
-    _fails(
+    assert_user_error(
         capsys, ["extract", "s3://raytl-missing-bucket-zz/x", out, "--weights", "random"], "does not exist"
     )
-    _fails(capsys, ["extract", f"s3://{bucket}/nothing/here", out, "--weights", "random"], "does not exist")
+    assert_user_error(
+        capsys, ["extract", f"s3://{bucket}/nothing/here", out, "--weights", "random"], "does not exist"
+    )
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    _fails(capsys, ["extract", str(tmp_path / "empty"), out, "--weights", "random"], "holds no image files")
-    _fails(
+    assert_user_error(
+        capsys, ["extract", str(tmp_path / "empty"), out, "--weights", "random"], "holds no image files"
+    )
+    assert_user_error(
         capsys, ["extract", small_corpus, out, "--layer", "pool9"], "--layer must be one of pool5, fc6, fc7"
     )
-    _fails(capsys, ["extract", small_corpus, out, "--precision", "int4"], "--precision must be one of")
+    assert_user_error(
+        capsys, ["extract", small_corpus, out, "--precision", "int4"], "--precision must be one of"
+    )
     (tmp_path / "staged").mkdir()
     (tmp_path / "staged" / "junk.pt").write_bytes(b"\x00garbage")
     uri = upload_dir(tmp_path / "staged", bucket, "w")
-    _fails(
+    assert_user_error(
         capsys, ["extract", small_corpus, out, "--weights", f"{uri}/junk.pt"], "is not a PyTorch state_dict"
     )
-    _fails(capsys, ["extract", small_corpus, out, "--weights", f"{uri}/none.pt"], "no such file")
+    assert_user_error(capsys, ["extract", small_corpus, out, "--weights", f"{uri}/none.pt"], "no such file")
     state = random_state_dict(1)
     state["classifier.6.weight"] = torch.zeros(10, 4096)
     torch.save(state, tmp_path / "wrong.pt")
-    _fails(
+    assert_user_error(
         capsys,
         ["extract", small_corpus, out, "--weights", str(tmp_path / "wrong.pt")],
         "classifier.6.weight has shape (10, 4096), expected (1000, 4096)",
@@ -259,7 +256,7 @@ def test_existing_output_is_refused_unless_overwrite(capsys, ray_session, tmp_pa
     args = ["extract", small_corpus, str(out), "--weights", "random", "--image-size", "32"]
     assert main(args) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    _fails(capsys, args, "already holds raytl results")
+    assert_user_error(capsys, args, "already holds raytl results")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert main([*args, "--overwrite"]) == 0
     assert pq.read_table(out).num_rows == 13

@@ -4,10 +4,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import assert_user_error
 from images import random_state_dict, write_corpus
 
 from raytl import extract, predict, probe
-from raytl.cli import main
 from raytl.config import ExtractConfig, TrainConfig
 
 
@@ -73,8 +73,11 @@ def test_unlabelled_images_get_null_label_and_no_accuracy(trained, tmp_path):
 
 
 def test_predict_errors(trained, capsys, tmp_path):
-    assert main(["predict", str(tmp_path / "nomodel"), str(trained / "emb"), str(tmp_path / "o")]) == 2
-    assert "holds no raytl model" in capsys.readouterr().err
+    assert_user_error(
+        capsys,
+        ["predict", str(tmp_path / "nomodel"), str(trained / "emb"), str(tmp_path / "o")],
+        "holds no raytl model",
+    )
     extract.run(
         ExtractConfig.create(
             source=str(trained / "corpus"),
@@ -84,6 +87,8 @@ def test_predict_errors(trained, capsys, tmp_path):
             precision="fp32",
         )
     )
-    assert main(["predict", str(trained / "model"), str(tmp_path / "emb64"), str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "has image_size 64, but the model expects 32" in err and "\n" not in err
+    assert_user_error(
+        capsys,
+        ["predict", str(trained / "model"), str(tmp_path / "emb64"), str(tmp_path / "o")],
+        "has image_size 64, but the model expects 32",
+    )

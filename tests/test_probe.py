@@ -6,14 +6,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import SECRET_KEY
+from conftest import SECRET_KEY, assert_user_error
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from synthetic import blobs, names, write
 
 from raytl import predict, probe, split
-from raytl.cli import main
 from raytl.config import TrainConfig
 from raytl.head import Model
 
@@ -124,39 +123,40 @@ def test_binary_sklearn_head_gives_sklearn_probabilities(ray_session, tmp_path):
     assert model.weight.shape == (2, 6) and score.min() >= 0.5
 
 
-def _fails(capsys, args, message):
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("raytl: error: ") and "\n" not in err, err
-    assert message in err, err
-
-
 def test_bad_training_data(ray_session, capsys, tmp_path):
     x, y = blobs(40, 3, 8, seed=2)
     write(str(tmp_path / "one"), x, ["only"] * 40)
-    _fails(capsys, ["train", str(tmp_path / "one"), str(tmp_path / "m")], "has a single class ('only')")
+    assert_user_error(
+        capsys, ["train", str(tmp_path / "one"), str(tmp_path / "m")], "has a single class ('only')"
+    )
     write(str(tmp_path / "unlabelled"), x, [None] * 5 + names(y)[5:])
-    _fails(capsys, ["train", str(tmp_path / "unlabelled"), str(tmp_path / "m")], "has 5 rows without a label")
+    assert_user_error(
+        capsys, ["train", str(tmp_path / "unlabelled"), str(tmp_path / "m")], "has 5 rows without a label"
+    )
     write(str(tmp_path / "tiny"), x[:2], ["a", "b"])
-    _fails(capsys, ["train", str(tmp_path / "tiny"), str(tmp_path / "m")], "the validation split is empty")
+    assert_user_error(
+        capsys, ["train", str(tmp_path / "tiny"), str(tmp_path / "m")], "the validation split is empty"
+    )
     write(str(tmp_path / "ok"), x, names(y))
     write(str(tmp_path / "odd"), x, ["other"] * 40)
-    _fails(
+    assert_user_error(
         capsys,
         ["train", str(tmp_path / "ok"), str(tmp_path / "m"), "--val", str(tmp_path / "odd")],
         "--val has labels that EMBEDDINGS does not: 'other'",
     )
     write(str(tmp_path / "fc7"), x, names(y), layer="fc7")
-    _fails(
+    assert_user_error(
         capsys,
         ["train", str(tmp_path / "ok"), str(tmp_path / "m"), "--val", str(tmp_path / "fc7")],
         "has layer 'fc7', but the model expects 'pool5'",
     )
-    _fails(
+    assert_user_error(
         capsys,
         ["train", str(tmp_path / "ok"), str(tmp_path / "m"), "--backend", "xgboost"],
         "--backend must be one of ray, sklearn",
     )
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.json").write_text("{}")
-    _fails(capsys, ["train", str(tmp_path / "ok"), str(tmp_path / "m")], "is not empty; pass --overwrite")
+    assert_user_error(
+        capsys, ["train", str(tmp_path / "ok"), str(tmp_path / "m")], "is not empty; pass --overwrite"
+    )
