@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from raytl import storage
 from raytl.config import ConfigError, ExtractConfig, Layer, Pool, Precision, TrainConfig
@@ -73,24 +75,7 @@ def extract_config(args: argparse.Namespace) -> ExtractConfig:
         usage = "OUTPUT with --manifest" if args.manifest else "SOURCE OUTPUT"
         raise ConfigError(f"extract takes {usage}, not {len(args.paths)} paths: {' '.join(args.paths)}.")
     source, output = (None, args.paths[0]) if args.manifest else args.paths
-    return ExtractConfig.create(
-        source=source,
-        output=output,
-        manifest=args.manifest,
-        weights=args.weights,
-        layer=args.layer,
-        pool=args.pool,
-        precision=args.precision,
-        image_size=args.image_size,
-        resize_size=args.resize_size,
-        batch_size=args.batch_size,
-        num_actors=args.num_actors,
-        decode_batch=args.decode_batch,
-        rows_per_file=args.rows_per_file,
-        max_pixels=args.max_pixels,
-        seed=args.seed,
-        overwrite=args.overwrite,
-    )
+    return ExtractConfig.create(**options_of(ExtractConfig, args), source=source, output=output)
 
 
 def run_extract(args: argparse.Namespace) -> int:
@@ -125,22 +110,12 @@ def add_train(p: argparse.ArgumentParser) -> None:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """CLI arguments -> validated TrainConfig (shared by jobs/train.py)."""
-    return TrainConfig.create(
-        embeddings=args.embeddings,
-        model_dir=args.model_dir,
-        val=args.val,
-        val_fraction=args.val_fraction,
-        backend=args.backend,
-        workers=args.workers,
-        epochs=args.epochs,
-        patience=args.patience,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        l2=args.l2,
-        class_weight=args.class_weight,
-        seed=args.seed,
-        overwrite=args.overwrite,
-    )
+    return TrainConfig.create(**options_of(TrainConfig, args))
+
+
+def options_of(config_class: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed options that are fields of a config dataclass (argparse names them alike)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
 
 
 def run_train(args: argparse.Namespace) -> int:

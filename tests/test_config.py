@@ -31,3 +31,32 @@ def test_bad_values(options, message):
     with pytest.raises(ConfigError) as info:
         ExtractConfig.create(**{"source": "a", "output": "b", **options})
     assert str(info.value) == message
+
+
+def test_cli_options_reach_the_configs():
+    from raytl.cli import build_parser, extract_config, train_config
+
+    parser = build_parser()
+    config = extract_config(
+        parser.parse_args(["extract", "s3://b/in", "out", "--pool", "max", "--image-size", "64"])
+    )
+    assert (config.source, config.output, config.pool, config.image_size, config.resize) == (
+        "s3://b/in",
+        "out",
+        Pool.MAX,
+        64,
+        73,
+    )
+    config = extract_config(parser.parse_args(["extract", "--manifest", "m.csv", "out"]))
+    assert (config.source, config.manifest, config.output) == (None, "m.csv", "out")
+    with pytest.raises(ConfigError, match="extract takes OUTPUT with --manifest, not 2 paths"):
+        extract_config(parser.parse_args(["extract", "--manifest", "m.csv", "a", "b"]))
+    train = train_config(
+        parser.parse_args(["train", "e", "m", "--backend", "sklearn", "--class-weight", "balanced"])
+    )
+    assert (train.embeddings, train.model_dir, str(train.backend), str(train.class_weight)) == (
+        "e",
+        "m",
+        "sklearn",
+        "balanced",
+    )
