@@ -1,0 +1,62 @@
+"""Placement on a multi-node cluster: model actors hold one GPU each and run only on GPU nodes.
+
+A `ray.cluster_utils.Cluster` (several raylets on this machine, two of them declaring a GPU) runs in a
+subprocess, apart from the test session's Ray. Without CUDA the actors fall back to the CPU, but
+where Ray placed them is real.
+"""
+
+import json
+import subprocess
+import sys
+
+from images import write_corpus
+
+SCRIPT = r"""
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors, list_tasks
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+gpu_nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+cpu_node = cluster.add_node(num_cpus=2)
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, logging_level="ERROR")
+
+from raytl import extract
+from raytl.config import ExtractConfig
+
+summary = extract.run(ExtractConfig.create(
+    source=sys.argv[1], output=sys.argv[2], weights="random", image_size=32, decode_batch=4))
+embedders = [a for a in list_actors(detail=True, limit=10000) if "Embedder" in a.class_name]
+decoders = [t for t in list_tasks(detail=True, limit=10000) if "decode_batch" in t.name]
+print(json.dumps({
+    "embedded": summary["embedded"],
+    "gpu_nodes": sorted(n.node_id for n in gpu_nodes),
+    "cpu_node": cpu_node.node_id,
+    "embedder_nodes": sorted(a.node_id for a in embedders),
+    "embedder_gpus": [a.required_resources.get("GPU", 0) for a in embedders],
+    "decode_nodes": sorted({t.node_id for t in decoders}),
+    "decode_gpus": sorted({t.required_resources.get("GPU", 0) for t in decoders}),
+}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_model_actors_run_on_gpu_nodes_with_one_gpu_each(tmp_path):
+    good = write_corpus(tmp_path / "corpus", {"a": [1, 2], "b": [3]}, broken=False, strays=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "corpus"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["embedded"] == len(good) == 39
+    # one actor per GPU in the cluster, each holding one GPU, each on its own GPU node
+    assert got["embedder_nodes"] == got["gpu_nodes"]
+    assert got["embedder_gpus"] == [1.0, 1.0]
+    # decoding asks for no GPU and may run anywhere
+    assert got["decode_gpus"] == [0.0] and got["decode_nodes"]
