@@ -250,7 +250,7 @@ def fit_ray(
     l2: float,
 ) -> tuple[LinearHead, list[dict]]:
     """Data-parallel training with Ray Train; returns the head with the best validation loss."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     fs, path = storage.pyarrow_filesystem(config.model_dir)
@@ -273,13 +273,7 @@ def fit_ray(
             # Each worker keeps its shard in memory after the first epoch when it is small enough.
             "in_memory": n_rows * (dim * 4 + 8) / config.workers <= _WORKER_CACHE_BYTES,
         },
-        scaling_config=ScalingConfig(
-            num_workers=config.workers,
-            use_gpu=use_gpu,
-            # A linear head needs little CPU; the Ray Data tasks that feed it need the rest. A worker
-            # holding a whole CPU on a small node starves them and training never gets a batch.
-            resources_per_worker={"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 0.25},
-        ),
+        scaling_config=scaling(config.workers, use_gpu),
         run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 (the default); mypy resolves V1
             name="train",
             storage_path=path,
@@ -298,6 +292,19 @@ def fit_ray(
     head = LinearHead(torch.from_numpy(mean), torch.from_numpy(std), len(plan.classes))
     head.load_state_dict(state["best_head"])  # the epoch with the lowest validation loss
     return head, state["history"]
+
+
+def scaling(workers: int, use_gpu: bool) -> Any:
+    """Ray Train workers: one GPU (and a CPU to feed it) each on GPU clusters, a sliver of CPU otherwise."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=workers,
+        use_gpu=use_gpu,
+        # A linear head needs little CPU; the Ray Data tasks that feed it need the rest. A worker
+        # holding a whole CPU on a small node starves them and training never gets a batch.
+        resources_per_worker={"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 0.25},
+    )
 
 
 def train_loop(cfg: dict[str, Any]) -> None:

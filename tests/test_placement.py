@@ -60,3 +60,14 @@ def test_model_actors_run_on_gpu_nodes_with_one_gpu_each(tmp_path):
     assert got["embedder_gpus"] == [1.0, 1.0]
     # decoding asks for no GPU and may run anywhere
     assert got["decode_gpus"] == [0.0] and got["decode_nodes"]
+
+
+def test_train_workers_ask_for_one_gpu_each_on_gpu_clusters():
+    # Placement itself cannot run here: NCCL refuses to start without a real GPU. What Ray Train is
+    # asked for decides where its workers go.
+    from raytl.probe import scaling
+
+    gpu = scaling(4, use_gpu=True)
+    assert (gpu.num_workers, gpu.use_gpu, gpu.resources_per_worker) == (4, True, {"CPU": 1, "GPU": 1})
+    cpu = scaling(2, use_gpu=False)
+    assert (cpu.use_gpu, cpu.resources_per_worker) == (False, {"CPU": 0.25})
