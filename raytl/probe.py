@@ -251,7 +251,7 @@ def fit_ray(
 ) -> tuple[LinearHead, list[dict]]:
     """Data-parallel training with Ray Train; returns the head with the best validation loss."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     fs, path = storage.pyarrow_filesystem(config.model_dir)
     n_rows, dim = sum(plan.train_counts.values()) + sum(plan.val_counts.values()), len(mean)
@@ -284,6 +284,7 @@ def fit_ray(
             logging_config=LoggingConfig(log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING"),
         ),
         datasets={"train": train_rows, "val": val_rows},
+        torch_config=TorchConfig(backend=collective_backend(use_gpu)),
     )
     result = trainer.fit()
     assert result.checkpoint is not None, "the last epoch always reports a checkpoint"
@@ -292,6 +293,18 @@ def fit_ray(
     head = LinearHead(torch.from_numpy(mean), torch.from_numpy(std), len(plan.classes))
     head.load_state_dict(state["best_head"])  # the epoch with the lowest validation loss
     return head, state["history"]
+
+
+def collective_backend(use_gpu: bool) -> str:
+    """NCCL where a GPU node's CUDA works (asked on a GPU node, not on the driver); gloo otherwise."""
+    if not use_gpu:
+        return "gloo"
+    return "nccl" if ray.get(_cuda_works.options(num_gpus=1).remote()) else "gloo"
+
+
+@ray.remote(num_cpus=0)
+def _cuda_works() -> bool:
+    return torch.cuda.is_available()
 
 
 def scaling(workers: int, use_gpu: bool) -> Any:
@@ -313,9 +326,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
     import ray.train.torch
 
     torch.manual_seed(cfg["seed"])
-    device = ray.train.torch.get_device()
+    # A worker holding a GPU whose CUDA does not work trains on its CPU (collective_backend chose gloo).
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     head = LinearHead(torch.tensor(cfg["mean"]), torch.tensor(cfg["std"]), cfg["classes"])
-    model = ray.train.torch.prepare_model(head)
+    model = ray.train.torch.prepare_model(head, move_to_device=device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
     weights = torch.tensor(cfg["weights"], dtype=torch.float32, device=device)

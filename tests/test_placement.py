@@ -28,7 +28,13 @@ from raytl.config import ExtractConfig
 
 summary = extract.run(ExtractConfig.create(
     source=sys.argv[1], output=sys.argv[2], weights="random", image_size=32, decode_batch=4))
-embedders = [a for a in list_actors(detail=True, limit=10000) if "Embedder" in a.class_name]
+from raytl import probe
+from raytl.config import TrainConfig
+
+metrics = probe.run(TrainConfig.create(embeddings=sys.argv[2], model_dir=sys.argv[3], workers=2, epochs=3))
+actors = list_actors(detail=True, limit=10000)
+embedders = [a for a in actors if "Embedder" in a.class_name]
+trainers = [a for a in actors if a.class_name == "RayTrainWorker"]
 decoders = [t for t in list_tasks(detail=True, limit=10000) if "decode_batch" in t.name]
 print(json.dumps({
     "embedded": summary["embedded"],
@@ -38,6 +44,11 @@ print(json.dumps({
     "embedder_gpus": [a.required_resources.get("GPU", 0) for a in embedders],
     "decode_nodes": sorted({t.node_id for t in decoders}),
     "decode_gpus": sorted({t.required_resources.get("GPU", 0) for t in decoders}),
+    "trainer_nodes": sorted(a.node_id for a in trainers),
+    # Ray Train places its workers in a placement group: their GPU shows as GPU_group_* bundle resources
+    "trainer_gpus": [max(v for k, v in a.required_resources.items() if k.startswith("GPU"))
+                     for a in trainers],
+    "epochs": len(metrics["history"]),
 }))
 ray.shutdown()
 cluster.shutdown()
@@ -47,7 +58,14 @@ cluster.shutdown()
 def test_model_actors_run_on_gpu_nodes_with_one_gpu_each(tmp_path):
     good = write_corpus(tmp_path / "corpus", {"a": [1, 2], "b": [3]}, broken=False, strays=False)
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "corpus"), str(tmp_path / "out")],
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            str(tmp_path / "corpus"),
+            str(tmp_path / "out"),
+            str(tmp_path / "model"),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -60,6 +78,9 @@ def test_model_actors_run_on_gpu_nodes_with_one_gpu_each(tmp_path):
     assert got["embedder_gpus"] == [1.0, 1.0]
     # decoding asks for no GPU and may run anywhere
     assert got["decode_gpus"] == [0.0] and got["decode_nodes"]
+    # Ray Train workers too: one GPU each, on the GPU nodes only (training on their CPUs here)
+    assert got["trainer_nodes"] == got["gpu_nodes"] and got["trainer_gpus"] == [1.0, 1.0]
+    assert got["epochs"] == 3
 
 
 def test_train_workers_ask_for_one_gpu_each_on_gpu_clusters():
