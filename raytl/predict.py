@@ -18,8 +18,6 @@ from raytl.head import Model
 from raytl.models import WeightsError, load_weights
 from raytl.reader import list_corpus
 
-log = logging.getLogger(__name__)
-
 
 def predictions_schema(model: Model, model_dir: str) -> pa.Schema:
     """path, predicted_label, score (probability of the predicted class), label (null when unknown)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -526,6 +527,4 @@ def evaluate(model: Model, rows: ray.data.Dataset) -> dict[str, Any]:
 
 
 def _json(data: dict) -> bytes:
-    import json
-
     return json.dumps(data, indent=2, default=float).encode()

@@ -8,7 +8,6 @@ import posixpath
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -26,10 +25,6 @@ class Corpus:
 
     table: pa.Table
     ignored: int  # files that were listed but are not images
-
-    @property
-    def labelled(self) -> bool:
-        return bool(self.table.num_rows) and pc.any(pc.not_equal(self.table["label"], "")).as_py()
 
 
 def is_image(path: str) -> bool:

@@ -45,11 +45,6 @@ def pyarrow_filesystem(uri: str) -> tuple[Any, str]:
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
 
 
-def is_local(uri: str) -> bool:
-    """True when the URI names a file on this machine's filesystem."""
-    return isinstance(filesystem(uri)[0], LocalFileSystem)
-
-
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The full URI of a path inside fs: s3://bucket/key for object stores, an absolute path locally."""
     if isinstance(fs, LocalFileSystem):
