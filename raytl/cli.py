@@ -11,7 +11,17 @@ from collections.abc import Sequence
 from typing import Any
 
 from raytl import storage
-from raytl.config import ConfigError, ExtractConfig, Layer, Pool, Precision, TrainConfig
+from raytl.config import (
+    ConfigError,
+    ExtractConfig,
+    FinetuneConfig,
+    Freeze,
+    Head,
+    Layer,
+    Pool,
+    Precision,
+    TrainConfig,
+)
 from raytl.embeddings import EmbeddingsError
 from raytl.models import WeightsError
 
@@ -37,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     add_extract(sub.add_parser("extract", help="embed an image corpus with VGG16 and write Parquet"))
     add_train(sub.add_parser("train", help="fit a linear probe on embeddings with Ray Train"))
+    add_finetune(sub.add_parser("finetune", help="fine-tune VGG16 with a new head on the images, Ray Train"))
     add_predict(sub.add_parser("predict", help="classify images or embeddings with a trained model"))
     add_quickstart(sub.add_parser("quickstart", help="run the main job on a small built-in corpus"))
     return parser
@@ -127,6 +138,73 @@ def run_train(args: argparse.Namespace) -> int:
             {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "model_dir": args.model_dir}
         )
     )
+    return 0
+
+
+def add_finetune(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Fine-tune VGG16 with a new head on the labelled images under SOURCE (class-per-folder) or in "
+        "--manifest; checkpoints every epoch in MODEL_DIR, and the same command resumes an unfinished run."
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SOURCE MODEL_DIR",
+        help="SOURCE and MODEL_DIR; only MODEL_DIR with --manifest",
+    )
+    p.add_argument("--manifest", help="CSV or Parquet file with columns path and label")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument(
+        "--val", help="validation images: a class-per-folder folder or a .csv / .parquet manifest"
+    )
+    val.add_argument("--val-fraction", type=float, default=0.2, help="stratified seeded split (default 0.2)")
+    p.add_argument(
+        "--weights", default="imagenet", help="imagenet | random | path or URI of a VGG16 state_dict"
+    )
+    p.add_argument("--head", default="avg", help=f"{' | '.join(c.value for c in Head)}: the new head's input")
+    p.add_argument(
+        "--freeze", default="block4", help=f"{' | '.join(c.value for c in Freeze)}: frozen conv blocks"
+    )
+    p.add_argument("--optimizer", default="adamw", help="adamw | sgd (Nesterov momentum 0.9)")
+    p.add_argument("--lr", type=float, default=1e-3, help="the new head's learning rate")
+    p.add_argument(
+        "--backbone-lr", type=float, help="the unfrozen VGG16 layers' learning rate (default lr/10)"
+    )
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step per worker")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers, one GPU each on GPU clusters")
+    p.add_argument("--image-size", type=int, default=224, help="crop in pixels (default 224)")
+    p.add_argument("--resize-size", type=int, help="validation: shorter side before the crop")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="no random crops and flips")
+    p.add_argument("--min-crop-scale", type=float, default=0.08, help="smallest random crop, share of area")
+    p.add_argument("--precision", default="auto", help=f"{' | '.join(c.value for c in Precision)}")
+    p.add_argument("--decode-batch", type=int, default=32, help="files per decode task call")
+    p.add_argument("--max-pixels", type=int, default=89_478_485, help="larger images are skipped")
+    p.add_argument("--max-failures", type=int, default=3, help="restarts from the last checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the head and --weights random")
+    p.add_argument("--overwrite", action="store_true", help="discard a model or unfinished run in MODEL_DIR")
+    p.set_defaults(run=run_finetune)
+
+
+def finetune_config(args: argparse.Namespace) -> FinetuneConfig:
+    """CLI arguments -> validated FinetuneConfig (shared by jobs/finetune.py)."""
+    expected = 1 if args.manifest else 2
+    if len(args.paths) != expected:
+        usage = "MODEL_DIR with --manifest" if args.manifest else "SOURCE MODEL_DIR"
+        raise ConfigError(f"finetune takes {usage}, not {len(args.paths)} paths: {' '.join(args.paths)}.")
+    source, model_dir = (None, args.paths[0]) if args.manifest else args.paths
+    return FinetuneConfig.create(**options_of(FinetuneConfig, args), source=source, model_dir=model_dir)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from raytl import finetune
+
+    metrics = finetune.run(finetune_config(args))
+    summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "best_epoch", "resumed_at_epochs")}
+    print(json.dumps({**summary, "model_dir": args.paths[-1]}))
     return 0
 
 

@@ -175,3 +175,122 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, not {self.lr!r}.")
         if self.l2 is not None and self.l2 < 0:
             raise ConfigError(f"--l2 must be zero or positive, not {self.l2!r}.")
+
+
+class Head(Choice):
+    AVG = "avg"  # pool5 averaged over the grid -> a new Linear(512, classes): light, any image size
+    FC7 = "fc7"  # VGG16's own fc6 and fc7 (pre-trained) -> Dropout -> a new Linear(4096, classes)
+
+
+class Freeze(Choice):
+    NONE = "none"  # train every layer
+    BLOCK1 = "block1"  # freeze conv block 1; train blocks 2-5 and the head
+    BLOCK2 = "block2"
+    BLOCK3 = "block3"
+    BLOCK4 = "block4"  # freeze conv blocks 1-4; train block 5 and the head (the default)
+    BLOCK5 = "block5"  # freeze every conv layer: only the head (and fc6/fc7 with --head fc7) trains
+
+
+class Optimizer(Choice):
+    ADAMW = "adamw"
+    SGD = "sgd"  # with Nesterov momentum 0.9
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything `raytl finetune` needs; build with `FinetuneConfig.create` to validate."""
+
+    source: str | None
+    model_dir: str
+    manifest: str | None = None
+    val: str | None = None  # validation images: a class-per-folder SOURCE or a .csv / .parquet manifest
+    val_fraction: float = 0.2  # stratified, seeded split of the images when --val is not given
+    weights: str = "imagenet"  # imagenet | random | path or URI of a torchvision VGG16 state_dict
+    head: Head = Head.AVG
+    freeze: Freeze = Freeze.BLOCK4
+    optimizer: Optimizer = Optimizer.ADAMW
+    lr: float = 1e-3  # the new head's learning rate
+    backbone_lr: float | None = None  # the unfrozen VGG16 layers'; None: lr / 10
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.0
+    epochs: int = 10
+    warmup_epochs: float = 1.0  # linear warm-up from lr/100, then cosine decay to zero
+    batch_size: int = 32  # images per step per worker; the global batch is workers x batch_size
+    workers: int = 2  # Ray Train workers; one GPU each where the cluster has GPUs
+    image_size: int = 224  # training crop and validation centre crop
+    resize_size: int | None = None  # validation: shorter side before the crop; None: round(size*256/224)
+    augment: bool = True  # training: random resized crop and horizontal flip; off: validation transforms
+    min_crop_scale: float = 0.08  # smallest share of the image a random crop covers (torchvision: 0.08)
+    precision: Precision = Precision.AUTO  # autocast: bf16 on CUDA and on AMX / AVX-512-BF16 CPUs
+    decode_batch: int = 32  # files fetched and decoded per CPU task call
+    max_pixels: int = 89_478_485
+    max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
+    seed: int = 0  # seeds the split, the head's initial weights and --weights random
+    overwrite: bool = False  # discard a model or an unfinished run already in MODEL_DIR
+
+    @classmethod
+    def create(cls, **options: Any) -> FinetuneConfig:
+        """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
+        options = dict(options)
+        options["head"] = Head.parse(options.get("head", Head.AVG), "--head")
+        options["freeze"] = Freeze.parse(options.get("freeze", Freeze.BLOCK4), "--freeze")
+        options["optimizer"] = Optimizer.parse(options.get("optimizer", Optimizer.ADAMW), "--optimizer")
+        options["precision"] = Precision.parse(options.get("precision", Precision.AUTO), "--precision")
+        config = cls(**options)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ConfigError on the first bad value."""
+        if not self.source and not self.manifest:
+            raise ConfigError("SOURCE is empty: give a directory or URI of images, or --manifest FILE.")
+        if not self.model_dir:
+            raise ConfigError("MODEL_DIR is empty: give a directory or URI to write the model to.")
+        if self.val is None and not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(
+                f"--val-fraction must be between 0 and 1 (exclusive), not {self.val_fraction!r}."
+            )
+        for option, value in (
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+            ("--workers", self.workers),
+            ("--decode-batch", self.decode_batch),
+            ("--max-pixels", self.max_pixels),
+        ):
+            _positive(option, value)
+        _positive("--max-failures", self.max_failures, low=0)
+        _positive("--image-size", self.image_size, low=32, high=2048)
+        if self.resize_size is not None and self.resize_size < self.image_size:
+            raise ConfigError(
+                f"--resize-size must be at least --image-size ({self.image_size}), not {self.resize_size}."
+            )
+        for option, rate in (("--lr", self.lr), ("--backbone-lr", self.backbone_lr)):
+            if rate is not None and not (isinstance(rate, int | float) and rate > 0):
+                raise ConfigError(f"{option} must be positive, not {rate!r}.")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"--weight-decay must be zero or positive, not {self.weight_decay!r}.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing!r}.")
+        if not 0.0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(
+                f"--warmup-epochs must be at least 0 and less than --epochs ({self.epochs}), "
+                f"not {self.warmup_epochs!r}."
+            )
+        if not 0.0 < self.min_crop_scale <= 1.0:
+            raise ConfigError(f"--min-crop-scale must be in (0, 1], not {self.min_crop_scale!r}.")
+        if not self.weights:
+            raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
+
+    @property
+    def resize(self) -> int:
+        """Validation: the shorter side before the centre crop."""
+        return self.resize_size or round(self.image_size * 256 / 224)
+
+    @property
+    def trunk_lr(self) -> float:
+        """The learning rate of the unfrozen VGG16 layers."""
+        return self.backbone_lr if self.backbone_lr is not None else self.lr / 10
+
+    def to_json(self) -> str:
+        """The whole config as JSON, for logs and for checking that a rerun resumes the same run."""
+        return json.dumps({k: str(v) if isinstance(v, Choice) else v for k, v in asdict(self).items()})

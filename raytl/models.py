@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -86,8 +87,8 @@ def load_weights(spec: str, layer: Layer, seed: int = 0) -> Weights:
         state, weights_id = torchvision.models.vgg16(weights=None).state_dict(), f"random:seed={seed}"
     else:
         state, weights_id = _state_dict_from_file(spec)
-    check_fits_vgg16(state, spec)
     needed = VGG16Trunk(layer).state_dict().keys()
+    check_fits_vgg16(state, spec, needed)
     return Weights({k: state[k].detach().contiguous() for k in needed}, weights_id)
 
 
@@ -127,10 +128,12 @@ def _state_dict_from_file(uri: str) -> tuple[dict[str, torch.Tensor], str]:
     return state, f"{storage.redact(uri)}#sha256:{digest}"
 
 
-def check_fits_vgg16(state: dict[str, torch.Tensor], spec: str) -> None:
-    """Raise WeightsError unless `state` has every VGG16 tensor at the right shape."""
+def check_fits_vgg16(state: dict[str, torch.Tensor], spec: str, needed: Iterable[str]) -> None:
+    """Raise WeightsError unless `state` has the `needed` VGG16 tensors, each at the right shape (a
+    fine-tuned backbone holds only the layers it uses; a full torchvision state_dict has them all)."""
     with torch.device("meta"):
-        expected = torchvision.models.vgg16(weights=None).state_dict()
+        full = torchvision.models.vgg16(weights=None).state_dict()
+    expected = {k: full[k] for k in needed}
     missing = [k for k in expected if k not in state]
     if missing:
         raise WeightsError(

@@ -58,11 +58,12 @@ def run(
             batch_format="pyarrow",
         )
     else:
-        config = backbone_config(model, source, manifest, output, weights, batch_size, num_actors, overwrite)
+        spec = weights or default_weights(model, model_dir)
+        config = backbone_config(model, source, manifest, output, spec, batch_size, num_actors, overwrite)
         corpus = list_corpus(config.source, config.manifest)
         backbone = load_weights(config.weights, config.layer, config.seed)
         expected = model.info["backbone"]["weights"]
-        if backbone.id != expected and not weights:
+        if _content(backbone.id) != _content(expected) and not weights:
             raise WeightsError(
                 f"the backbone weights changed since the model was trained: {backbone.id} != {expected}."
             )
@@ -134,19 +135,19 @@ def backbone_config(
     source: str | None,
     manifest: str | None,
     output: str,
-    weights: str | None,
+    weights: str,
     batch_size: int | None,
     num_actors: int | None,
     overwrite: bool,
 ) -> ExtractConfig:
     """The extract settings the model's embeddings were made with (from their `raytl` metadata)."""
     backbone = model.info["backbone"]
-    spec, seed = weights_spec(backbone["weights"])
+    _, seed = weights_spec(backbone["weights"])
     return ExtractConfig.create(
         source=source,
         output=output,
         manifest=manifest,
-        weights=weights or spec,
+        weights=weights,
         seed=seed,
         layer=backbone["layer"],
         pool=backbone.get("pool") or "avg",
@@ -157,6 +158,18 @@ def backbone_config(
         num_actors=num_actors,
         overwrite=overwrite,
     )
+
+
+def default_weights(model: Model, model_dir: str) -> str:
+    """The --weights the model's backbone came from; a fine-tuned backbone lives in MODEL_DIR itself."""
+    if model.info.get("kind") == "finetune":
+        return storage.join(model_dir, "backbone.pt")
+    return weights_spec(model.info["backbone"]["weights"])[0]
+
+
+def _content(weights_id: str) -> str:
+    """What identifies weights: a file's digest (files may move with their MODEL_DIR), else the id."""
+    return weights_id.rsplit("#sha256:", 1)[-1]
 
 
 def weights_spec(weights_id: str) -> tuple[str, int]:

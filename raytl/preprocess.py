@@ -68,6 +68,54 @@ class Transform:
             raise ImageError(f"cannot decode: {exc}") from None
 
 
+@dataclass(frozen=True)
+class TrainTransform(Transform):
+    """Training augmentation: torchvision's RandomResizedCrop (bilinear, antialiased) and a random
+    horizontal flip, on the decoded image. Fresh randomness on every call: every epoch sees new crops."""
+
+    min_scale: float = 0.08
+    flip: bool = True
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        image = self.decode(data)
+        rng = np.random.default_rng()
+        top, left, height, width = crop_box(image.size, self.min_scale, rng)
+        size = [self.image_size, self.image_size]
+        image = F.resized_crop(
+            image, top, left, height, width, size, interpolation=InterpolationMode.BILINEAR, antialias=True
+        )
+        if self.flip and rng.random() < 0.5:
+            image = F.hflip(image)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def crop_box(
+    size: tuple[int, int],
+    min_scale: float,
+    rng: np.random.Generator,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop covering [min_scale, 1] of the area at an aspect ratio
+    in `ratio`: torchvision's RandomResizedCrop.get_params, on a numpy generator."""
+    width, height = size
+    area = width * height
+    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        aspect = float(np.exp(rng.uniform(*log_ratio)))
+        w, h = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    # Fallback, as torchvision: the largest centred crop within the ratio bounds.
+    if width / height < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB; 16- and 32-bit greyscale are scaled, not clipped as Pillow would."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):

@@ -308,8 +308,8 @@ def _cuda_works() -> bool:
     return torch.cuda.is_available()
 
 
-def scaling(workers: int, use_gpu: bool) -> Any:
-    """Ray Train workers: one GPU (and a CPU to feed it) each on GPU clusters, a sliver of CPU otherwise."""
+def scaling(workers: int, use_gpu: bool, cpus: float = 0.25) -> Any:
+    """Ray Train workers: one GPU (and a CPU to feed it) each on GPU clusters, `cpus` each otherwise."""
     from ray.train import ScalingConfig
 
     return ScalingConfig(
@@ -317,7 +317,7 @@ def scaling(workers: int, use_gpu: bool) -> Any:
         use_gpu=use_gpu,
         # A linear head needs little CPU; the Ray Data tasks that feed it need the rest. A worker
         # holding a whole CPU on a small node starves them and training never gets a batch.
-        resources_per_worker={"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 0.25},
+        resources_per_worker={"CPU": 1, "GPU": 1} if use_gpu else {"CPU": cpus},
     )
 
 

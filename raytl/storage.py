@@ -20,6 +20,9 @@ class StorageError(ValueError):
     """A path or URI that cannot be used: missing, unreadable or not allowed."""
 
 
+_OBJECT_STORES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return (fsspec filesystem, path inside it) for a local path or URI."""
     options: dict[str, Any] = {}
@@ -28,6 +31,9 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
     if uri.startswith("s3a://"):
         uri = "s3://" + uri[len("s3a://") :]
+    if uri.split("://", 1)[0] in _OBJECT_STORES:
+        # Other processes (Ray workers) write where this one looks: a cached listing would hide their files.
+        options["use_listings_cache"] = False
     fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
 

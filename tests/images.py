@@ -158,3 +158,23 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def random_state_dict(seed: int = 7) -> dict:
     torch.manual_seed(seed)
     return torchvision.models.vgg16(weights=None).state_dict()
+
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def write_colour_corpus(root, per_class: int, seed: int = 0, size: int = 40) -> dict[str, list[str]]:
+    """A learnable corpus: per class, noisy pictures dominated by its colour, with a random grey square.
+    Returns label -> file paths (class-per-folder under root)."""
+    rng = np.random.default_rng(seed)
+    files: dict[str, list[str]] = {}
+    for label, rgb in COLOURS.items():
+        os.makedirs(os.path.join(root, label), exist_ok=True)
+        for i in range(per_class):
+            img = np.array(rgb, np.float32) + rng.normal(0, 35, (size, size, 3))
+            x, y, side = *rng.integers(0, size // 2, 2), int(rng.integers(size // 5, size // 2))
+            img[y : y + side, x : x + side] = rng.uniform(60, 200)
+            path = os.path.join(root, label, f"{label}-{seed}-{i:03d}.png")
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(path)
+            files.setdefault(label, []).append(path)
+    return files

@@ -1,0 +1,619 @@
+"""`raytl finetune`: VGG16 with a new head, trained on the images themselves with Ray Train (DDP)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from torch import nn
+
+import raytl
+from raytl import extract, predict, split, storage
+from raytl import metrics as classification
+from raytl.config import ConfigError, ExtractConfig, FinetuneConfig, Freeze, Head, Layer, Optimizer, Pool
+from raytl.head import METRICS_FILE, MODEL_FILE, MODEL_JSON, Model
+from raytl.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VGG16Trunk,
+    embedding_dim,
+    load_weights,
+    resolve_precision,
+)
+from raytl.preprocess import TrainTransform, Transform, decode_batch
+from raytl.probe import collective_backend, scaling
+from raytl.reader import Corpus, list_corpus
+
+log = logging.getLogger(__name__)
+
+BACKBONE_FILE = "backbone.pt"  # the fine-tuned VGG16 layers the head needs, as a torchvision state_dict
+RUN_FILE = "finetune.json"  # the options of the run in MODEL_DIR: a rerun with the same ones resumes it
+STATE_FILE = "state.pt"  # inside each Ray Train checkpoint
+# Index in VGG16's `features` where each conv block ends (after its max-pool).
+BLOCK_ENDS = {
+    Freeze.NONE: 0,
+    Freeze.BLOCK1: 5,
+    Freeze.BLOCK2: 10,
+    Freeze.BLOCK3: 17,
+    Freeze.BLOCK4: 24,
+    Freeze.BLOCK5: 31,
+}
+# Decoded validation images up to this share of the object store are kept there for every epoch.
+_CACHE_FRACTION = 0.25
+
+
+def run(config: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune, write MODEL_DIR (backbone.pt, model.pt, model.json, metrics.json); returns the metrics."""
+    train, val, classes = split_corpus(config)
+    layer = Layer.FC7 if config.head == Head.FC7 else Layer.POOL5
+    weights = load_weights(config.weights, layer, config.seed)
+    resuming = prepare_model_dir(config)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    log.info("finetune config: %s (%s)", config.to_json(), "resuming" if resuming else "new run")
+    weights_ref = ray.put(weights.state_dict)
+    result = fit(config, train, val, classes, weights_ref)
+    best, latest = best_and_latest(result)
+    backbone_spec = save_model(config, classes, layer, weights.state_dict, weights.id, best)
+    model = Model.load(config.model_dir)
+    metrics = evaluate(model, backbone_config(config, backbone_spec, layer), val)
+    metrics.update(
+        head=str(config.head),
+        kind="finetune",
+        best_epoch=best["epoch"],
+        train_samples=_counts(train, classes),
+        val_samples=_counts(val, classes),
+        history=latest["history"],
+        resumed_at_epochs=latest["resumed"],
+    )
+    storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), _json(metrics))
+    return metrics
+
+
+# --- inputs: the corpus, its split, MODEL_DIR --------------------------------------------------------------
+
+
+def split_corpus(config: FinetuneConfig) -> tuple[pa.Table, pa.Table, list[str]]:
+    """Training and validation listings (path, label) and the sorted classes; refuses unlabelled images."""
+    corpus = list_corpus(config.source, config.manifest).table
+    _require_labels(corpus, "SOURCE" if config.source else "--manifest")
+    classes = sorted(set(corpus["label"].to_pylist()))
+    if len(classes) < 2:
+        raise ConfigError(f"the images have a single class ({classes[0]!r}); a classifier needs two.")
+    if config.val:
+        val = _list_val(config.val)
+        unknown = sorted(set(val["label"].to_pylist()) - set(classes))
+        if unknown:
+            raise ConfigError(f"--val has labels that SOURCE does not: {', '.join(map(repr, unknown[:5]))}.")
+        train = corpus
+    else:
+        labels = corpus["label"].to_pylist()
+        row_bins = split.bins(corpus["path"].to_pylist(), config.seed)
+        hists = {
+            c: np.bincount(row_bins[[lab == c for lab in labels]], minlength=split.BINS) for c in classes
+        }
+        in_val = split.in_validation(labels, row_bins, split.thresholds(hists, config.val_fraction))
+        train, val = corpus.filter(pa.array(~in_val)), corpus.filter(pa.array(in_val))
+    empty = [c for c in classes if c not in set(train["label"].to_pylist())]
+    if empty:
+        raise ConfigError(f"class {empty[0]!r} has no training images left after the validation split.")
+    if val.num_rows == 0:
+        raise ConfigError("the validation split is empty: give --val or a larger --val-fraction.")
+    if train.num_rows < config.workers:
+        raise ConfigError(f"--workers {config.workers} is more than the {train.num_rows} training images.")
+    return train, val, classes
+
+
+def _list_val(uri: str) -> pa.Table:
+    is_manifest = uri.lower().endswith((".csv", ".csv.gz", ".tsv", ".parquet", ".pq"))
+    try:
+        table = (list_corpus(None, uri) if is_manifest else list_corpus(uri)).table
+    except storage.StorageError as exc:
+        raise storage.StorageError(f"--val: {exc}") from None
+    _require_labels(table, "--val")
+    return table
+
+
+def _require_labels(table: pa.Table, what: str) -> None:
+    missing = sum(1 for label in table["label"].to_pylist() if not label)
+    if missing:
+        raise ConfigError(
+            f"{what} has images without a label ({missing} of {table.num_rows}); fine-tuning needs "
+            "SOURCE/<label>/<image> folders or a manifest with a `label` column."
+        )
+
+
+def prepare_model_dir(config: FinetuneConfig) -> bool:
+    """Start a run in MODEL_DIR, or resume the unfinished one with the same options; True when resuming.
+
+    A finished model or another run's checkpoints are never overwritten without --overwrite."""
+    fs, root = storage.filesystem(config.model_dir)
+    root = root.rstrip("/")
+    where = f"MODEL_DIR {storage.redact(config.model_dir)}"
+    run_file = storage.join(config.model_dir, RUN_FILE)
+    options = _run_options(config)
+    if fs.exists(root) and fs.ls(root) and config.overwrite:
+        for name in (MODEL_FILE, MODEL_JSON, METRICS_FILE, BACKBONE_FILE, RUN_FILE, "train"):
+            if fs.exists(f"{root}/{name}"):
+                fs.rm(f"{root}/{name}", recursive=True)
+    elif fs.exists(root) and fs.ls(root):
+        if fs.exists(f"{root}/{MODEL_JSON}"):
+            raise storage.StorageError(
+                f"{where} already holds a finished model; pass --overwrite to train a new one there "
+                "or choose another MODEL_DIR."
+            )
+        if not fs.exists(f"{root}/{RUN_FILE}"):
+            raise storage.StorageError(
+                f"{where} is not empty and holds no raytl fine-tuning run; choose another MODEL_DIR "
+                "or pass --overwrite."
+            )
+        stored = json.loads(storage.read_bytes(run_file))
+        changed = [k for k in options if stored.get(k) != options[k]]
+        if changed:
+            name = changed[0]
+            raise ConfigError(
+                f"{where} holds an unfinished run with other options ({_option(name)} was "
+                f"{stored.get(name)!r}, now {options[name]!r}); rerun with the same options to resume it, "
+                "or pass --overwrite to start over."
+            )
+        return True
+    storage.write_bytes(run_file, json.dumps(options, indent=2).encode())
+    return False
+
+
+def _run_options(config: FinetuneConfig) -> dict[str, Any]:
+    options = json.loads(config.to_json())
+    options.pop("overwrite")
+    options.pop("max_failures")  # how hard to try does not change what is trained
+    return options
+
+
+def _option(field: str) -> str:
+    return field.upper() if field in ("source", "model_dir") else "--" + field.replace("_", "-")
+
+
+# --- data: listings -> decoded uint8 images and class indices, streamed into the workers -------------------
+
+
+def labelled_images(batch: dict[str, np.ndarray], transform: Transform, classes: list[str]) -> dict:
+    """(path, label) rows -> image uint8 (N, H, W, 3), y int64, ok bool (False: the file did not decode;
+    its image is zeros and the loss ignores it, so that every worker still steps in lockstep)."""
+    decoded = decode_batch(batch, transform)
+    index = {c: i for i, c in enumerate(classes)}
+    for path, error in zip(batch["path"], decoded["error"], strict=True):
+        if error:
+            log.warning("skipping %s: %s", storage.redact(str(path)), error)
+    return {
+        "image": decoded["image"],
+        "y": np.array([index[str(label)] for label in batch["label"]], dtype=np.int64),
+        "ok": decoded["error"] == "",
+    }
+
+
+def image_dataset(table: pa.Table, transform: Transform, classes: list[str], decode: int) -> ray.data.Dataset:
+    """Decoding and augmentation as CPU tasks; re-executed, with new random crops, every epoch."""
+    blocks = [table.slice(i, decode) for i in range(0, table.num_rows, decode)]
+    return ray.data.from_arrow(blocks).map_batches(
+        labelled_images,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+        fn_kwargs={"transform": transform, "classes": classes},
+        batch_size=decode,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+
+
+def datasets(
+    config: FinetuneConfig, train: pa.Table, val: pa.Table, classes: list[str]
+) -> dict[str, ray.data.Dataset]:
+    """The train stream (shuffled listing, random block order each epoch, augmented) and the validation
+    stream (DESIGN.md's eval transforms; kept in the object store when small)."""
+    eval_transform = Transform(config.image_size, config.resize, config.max_pixels)
+    train_transform = (
+        TrainTransform(config.image_size, config.resize, config.max_pixels, config.min_crop_scale)
+        if config.augment
+        else eval_transform
+    )
+    # Listings come sorted by class: shuffle once (seeded), then the blocks' order changes every epoch.
+    order = np.random.default_rng(config.seed).permutation(train.num_rows)
+    train_ds = image_dataset(train.take(order), train_transform, classes, config.decode_batch)
+    val_ds = image_dataset(val, eval_transform, classes, config.decode_batch)
+    budget = ray.cluster_resources().get("object_store_memory", 0) * _CACHE_FRACTION
+    if val.num_rows * config.image_size**2 * 3 <= budget:
+        val_ds = val_ds.materialize()
+    return {"train": train_ds.randomize_block_order(), "val": val_ds}
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+
+def fit(config: FinetuneConfig, train: pa.Table, val: pa.Table, classes: list[str], weights_ref: Any) -> Any:
+    """Ray Train DDP over --workers; a checkpoint every epoch; resumes from the latest one after a failure
+    and when the same command runs again on the same MODEL_DIR."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    total = ray.cluster_resources()
+    use_gpu = total.get("GPU", 0) >= 1
+    # On CPU clusters half the CPUs train and half decode: augmentation runs again every epoch.
+    cpus = 1.0 if use_gpu else max(0.25, total.get("CPU", 1) / (2 * config.workers))
+    per_worker = train.num_rows // config.workers  # Ray Train splits the stream equally
+    fs, path = storage.pyarrow_filesystem(config.model_dir)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            **asdict(config),
+            "classes": len(classes),
+            "weights_ref": weights_ref,
+            "steps_per_epoch": max(1, math.ceil(per_worker / config.batch_size)),
+            "trunk_lr": config.trunk_lr,
+            "threads": max(1, int(cpus)),
+        },
+        scaling_config=scaling(config.workers, use_gpu, cpus),
+        run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 (the default); mypy resolves V1
+            name="train",
+            storage_path=path,
+            storage_filesystem=fs,
+            # The best epoch by validation accuracy is kept besides the latest (always kept: resume needs it).
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            logging_config=LoggingConfig(log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING"),
+        ),
+        datasets=datasets(config, train, val, classes),  # type: ignore[arg-type]
+        torch_config=TorchConfig(backend=collective_backend(use_gpu)),
+    )
+    return trainer.fit()
+
+
+class Network(nn.Module):
+    """VGG16 cut at pool5 (averaged) or fc7, then dropout and a new linear layer over the classes."""
+
+    def __init__(self, trunk: VGG16Trunk, dim: int, classes: int, dropout: float) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(dim, classes)
+        nn.init.normal_(self.head.weight, 0, 0.01)  # torchvision's init of VGG16's classifier layers
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.trunk(x)))
+
+
+def build_network(state_dict: dict, cfg: dict[str, Any]) -> Network:
+    """The network with conv blocks up to --freeze frozen (no gradients, no optimiser state)."""
+    head = Head(cfg["head"])
+    layer = Layer.FC7 if head == Head.FC7 else Layer.POOL5
+    trunk = VGG16Trunk.from_state_dict(state_dict, layer, Pool.AVG)
+    torch.manual_seed(cfg["seed"])
+    network = Network(
+        trunk,
+        embedding_dim(layer, Pool.AVG, cfg["image_size"]),
+        cfg["classes"],
+        dropout=0.5 if head == Head.FC7 else 0.0,
+    )
+    for module in trunk.features[: BLOCK_ENDS[Freeze(cfg["freeze"])]]:
+        module.requires_grad_(False)
+    return network
+
+
+def make_optimizer(network: Network, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """Two groups: the new head at --lr, the unfrozen VGG16 layers at --backbone-lr."""
+    trunk = [p for p in network.trunk.parameters() if p.requires_grad]
+    groups = [{"params": list(network.head.parameters()), "lr": cfg["lr"]}]
+    if trunk:
+        groups.append({"params": trunk, "lr": cfg["trunk_lr"]})
+    if Optimizer(cfg["optimizer"]) == Optimizer.SGD:
+        return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"])
+    return torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear from 1/100 to 1 over `warmup` steps, then cosine down to zero."""
+    if step < warmup:
+        return 0.01 + 0.99 * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    """One Ray Train worker: build the network, resume if there is a checkpoint, then train and validate
+    an epoch at a time, reporting metrics and a checkpoint after each."""
+    import ray.train
+    import ray.train.torch
+
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(cfg["threads"])  # Ray's OMP_NUM_THREADS follows the (fractional) CPU request
+    network = build_network(ray.get(cfg["weights_ref"]), cfg)
+    runner = Runner(network, cfg, device)
+    optimizer = make_optimizer(network, cfg)
+    steps = cfg["steps_per_epoch"]
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(step, round(cfg["warmup_epochs"] * steps), cfg["epochs"] * steps),
+    )
+    history: list[dict] = []
+    resumed: list[int] = []
+    start, state = 0, {}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker group, or a rerun of the same command: carry on where it stopped
+        with checkpoint.as_directory() as directory:
+            state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
+        network.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        runner.scaler.load_state_dict(state["scaler"])
+        history, start = state["history"], state["epoch"] + 1
+        resumed = [*state["resumed"], start]
+    for epoch in range(start, cfg["epochs"]):
+        train_loss, train_acc, failed = runner.train_epoch(
+            optimizer, schedule, ray.train.get_dataset_shard("train")
+        )
+        val_loss, val_acc = runner.validate(ray.train.get_dataset_shard("val"))
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_accuracy": train_acc,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "failed_images": failed,
+                "lr": schedule.get_last_lr()[0],
+            }
+        )
+        state = {
+            "trainable": trainable_state(network),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "scaler": runner.scaler.state_dict(),
+            "history": history,
+            "epoch": epoch,
+            "resumed": resumed,
+        }
+        report(history[-1], state)
+    if start >= cfg["epochs"] and history:  # resumed after the last epoch: hand the driver its result again
+        report(history[-1], state)
+
+
+def trainable_state(network: Network) -> dict[str, torch.Tensor]:
+    """The tensors training changes; frozen layers are the --weights' own and stay out of checkpoints."""
+    trainable = {name for name, p in network.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in network.state_dict().items() if k in trainable}
+
+
+def report(metrics: dict, state: dict) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint (every rank holds the same weights)."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save(state, os.path.join(directory, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+class Runner:
+    """Steps and evaluates one worker's DDP model on uint8 batches: normalisation on the device, autocast
+    (bf16 on CUDA and fast-bf16 CPUs), channels_last for reduced precision, a grad scaler for fp16."""
+
+    def __init__(self, network: Network, cfg: dict[str, Any], device: torch.device) -> None:
+        import ray.train.torch
+
+        from raytl.config import Precision
+
+        self.cfg, self.device = cfg, device
+        self.precision = resolve_precision(Precision(cfg["precision"]), device)
+        self.dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self.precision)
+        self.channels_last = self.dtype is not None
+        if self.channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        self.model = ray.train.torch.prepare_model(network, move_to_device=device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == Precision.FP16)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def batches(self, shard: Any, shuffle: bool) -> Any:
+        size = self.cfg["batch_size"]
+        return shard.iter_torch_batches(
+            batch_size=size,
+            dtypes={"image": torch.uint8, "y": torch.int64, "ok": torch.bool},
+            device=self.device,
+            local_shuffle_buffer_size=4 * size if shuffle else None,
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).float()  # NHWC uint8 -> NCHW float, already channels_last in memory
+        x = x if self.channels_last else x.contiguous()
+        x = x.div_(255).sub_(self.mean).div_(self.std)
+        if self.dtype is None:
+            return self.model(x)
+        with torch.autocast(self.device.type, dtype=self.dtype):
+            return self.model(x).float()
+
+    def train_epoch(self, optimizer: Any, schedule: Any, shard: Any) -> tuple[float, float, int]:
+        """One pass over this worker's shard; the loss, accuracy and failed images over all workers."""
+        self.model.train()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, correct, images, failed
+        for batch in self.batches(shard, shuffle=True):
+            ok, y = batch["ok"], batch["y"]
+            logits = self.forward(batch["image"])
+            per_image = nn.functional.cross_entropy(
+                logits, y, reduction="none", label_smoothing=self.cfg["label_smoothing"]
+            )
+            # Images that failed to decode weigh zero; the step still happens on every worker (DDP).
+            weight = ok.float()
+            loss = (per_image * weight).sum() / weight.sum().clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            schedule.step()
+            with torch.no_grad():
+                sums += self._batch_sums(per_image, logits, y, ok)
+        return self._global(sums)
+
+    def validate(self, shard: Any) -> tuple[float, float]:
+        self.model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for batch in self.batches(shard, shuffle=False):
+                ok, y = batch["ok"], batch["y"]
+                logits = self.forward(batch["image"])
+                per_image = nn.functional.cross_entropy(logits, y, reduction="none")
+                sums += self._batch_sums(per_image, logits, y, ok)
+        loss, accuracy, _ = self._global(sums)
+        return loss, accuracy
+
+    def _batch_sums(self, per_image, logits, y, ok) -> torch.Tensor:
+        correct = ((logits.argmax(1) == y) & ok).sum()
+        return torch.stack(
+            [(per_image * ok).sum().double(), correct.double(), ok.sum().double(), (~ok).sum().double()]
+        )
+
+    def _global(self, sums: torch.Tensor) -> tuple[float, float, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        loss, correct, images, failed = sums.tolist()
+        return (
+            (loss / images if images else math.nan),
+            (correct / images if images else math.nan),
+            int(failed),
+        )
+
+
+# --- the result: MODEL_DIR for `raytl predict`, and exact metrics ----------------------------------------
+
+
+def best_and_latest(result: Any) -> tuple[dict, dict]:
+    """The checkpoint states with the best validation accuracy (ties: lower loss, then later) and the
+    latest. Ray's list can name a checkpoint that a run interrupted mid-cleanup already deleted: the
+    best one still in storage wins."""
+    assert result.checkpoint is not None, "every epoch reports a checkpoint"
+    latest = _state(result.checkpoint)
+    candidates = sorted(
+        result.best_checkpoints or [],
+        key=lambda pair: (pair[1]["val_accuracy"], -pair[1]["val_loss"], pair[1]["epoch"]),
+        reverse=True,
+    )
+    for checkpoint, metrics in candidates:
+        try:
+            return _state(checkpoint), latest
+        except FileNotFoundError:
+            log.warning("checkpoint of epoch %d is gone from storage; trying the next best", metrics["epoch"])
+    return latest, latest
+
+
+def _state(checkpoint: Any) -> dict:
+    with checkpoint.as_directory() as directory:
+        return torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
+
+
+def save_model(
+    config: FinetuneConfig, classes: list[str], layer: Layer, initial: dict, weights_id: str, best: dict
+) -> str:
+    """backbone.pt (the VGG16 layers the head uses, fine-tuned ones replaced), then model.pt / model.json
+    as for a probe: the head over those layers' output. Returns the backbone's URI."""
+    trained = best["trainable"]
+    backbone = dict(initial)
+    backbone.update({k.removeprefix("trunk."): v for k, v in trained.items() if k.startswith("trunk.")})
+    buffer = io.BytesIO()
+    torch.save(backbone, buffer)
+    uri = storage.join(config.model_dir, BACKBONE_FILE)
+    storage.write_bytes(uri, buffer.getvalue())
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest()[:16]
+    spec = backbone_config(config, uri, layer)
+    dim = embedding_dim(layer, Pool.AVG, config.image_size)
+    info = {
+        "kind": "finetune",
+        "head": str(config.head),
+        "backbone": extract.embeddings_metadata(spec, f"{storage.redact(uri)}#sha256:{digest}", dim),
+        "initial_weights": weights_id,
+        "best_epoch": best["epoch"],
+        "config": json.loads(config.to_json()),
+        "raytl_version": raytl.__version__,
+    }
+    head = Model(
+        classes,
+        np.zeros(dim, np.float32),
+        np.ones(dim, np.float32),
+        trained["head.weight"].float().numpy(),
+        trained["head.bias"].float().numpy(),
+        info,
+    )
+    head.save(config.model_dir)
+    return uri
+
+
+def backbone_config(config: FinetuneConfig, backbone_uri: str, layer: Layer) -> ExtractConfig:
+    """How predict (and the final evaluation) runs the fine-tuned layers: DESIGN.md's eval transforms."""
+    return ExtractConfig.create(
+        source=config.source or config.manifest,
+        output=config.model_dir,
+        weights=backbone_uri,
+        layer=layer,
+        pool=Pool.AVG,
+        precision=config.precision,
+        image_size=config.image_size,
+        resize_size=config.resize,
+        max_pixels=config.max_pixels,
+        decode_batch=config.decode_batch,
+    )
+
+
+def batch_confusion(batch: pa.Table, classes: list[str]) -> dict[str, np.ndarray]:
+    """Predicted rows -> the flattened confusion matrix of those that decoded, and the failed count."""
+    index = {c: i for i, c in enumerate(classes)}
+    rows = [
+        (t, p)
+        for t, p in zip(batch["label"].to_pylist(), batch["predicted_label"].to_pylist(), strict=True)
+        if p is not None
+    ]
+    true = np.array([index[t] for t, _ in rows], dtype=np.int64)
+    predicted = np.array([index[p] for _, p in rows], dtype=np.int64)
+    matrix = classification.confusion(true, predicted, len(classes)).reshape(1, -1)
+    return {"matrix": matrix, "failed": np.array([batch.num_rows - len(rows)])}
+
+
+def evaluate(model: Model, config: ExtractConfig, val: pa.Table) -> dict[str, Any]:
+    """Metrics of the saved model on every validation image, through predict's own image path."""
+    weights = load_weights(config.weights, config.layer)
+    rows = extract.embedded(
+        config, Corpus(val, ignored=0), ray.put(weights.state_dict), extract.Resources.of_cluster()
+    ).map_batches(
+        predict.classify,  # type: ignore[arg-type]
+        fn_kwargs={"model": model, "dim": model.mean.size},
+        batch_format="pyarrow",
+    )
+    k = len(model.classes)
+    total, failed = np.zeros((k, k), dtype=np.int64), 0
+    for part in rows.map_batches(
+        batch_confusion,  # type: ignore[arg-type]
+        fn_kwargs={"classes": model.classes},
+        batch_format="pyarrow",
+    ).iter_batches(batch_size=None, batch_format="numpy"):
+        total += part["matrix"].sum(0).reshape(k, k)
+        failed += int(part["failed"].sum())
+    return dict(classification.report(total, model.classes), failed_val_images=failed)
+
+
+def _counts(table: pa.Table, classes: list[str]) -> dict[str, int]:
+    labels = table["label"].to_pylist()
+    return {c: labels.count(c) for c in classes}
+
+
+def _json(data: dict) -> bytes:
+    return json.dumps(data, indent=2, default=float).encode()

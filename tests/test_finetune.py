@@ -1,0 +1,355 @@
+"""`raytl finetune`: learning, resuming after a killed worker and a killed driver, MODEL_DIR for predict."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+import torch
+from conftest import assert_user_error, upload_dir
+from images import random_state_dict, write_colour_corpus
+from PIL import Image
+
+from raytl import finetune, predict
+from raytl.config import FinetuneConfig, Freeze, Head
+from raytl.head import Model
+from raytl.preprocess import TrainTransform, crop_box
+
+# A tiny learnable problem (three colours, 32 px) that a random VGG16 with a trained head separates in a
+# few epochs on two CPU workers.
+OPTIONS = {
+    "weights": None,  # set by the fixture: a state_dict file in S3
+    "image_size": 32,
+    "epochs": 8,
+    "batch_size": 8,
+    "lr": 0.05,
+    "warmup_epochs": 0.5,
+    "min_crop_scale": 0.5,
+    "workers": 2,
+}
+
+
+def _cli(source: str, model_dir: str, options: dict) -> list[str]:
+    args = ["finetune", source, model_dir]
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def _checkpoints(fs: s3fs.S3FileSystem, model_dir: str) -> set[str]:
+    """Checkpoints Ray Train has registered (named in its snapshot), not just uploaded."""
+    snapshot = model_dir.removeprefix("s3://") + "/train/checkpoint_manager_snapshot.json"
+    fs.invalidate_cache()
+    if not fs.exists(snapshot):
+        return set()
+    return set(re.findall(r"checkpoint_\d{4}-\d\d-\d\d_[\d.-]+", fs.cat(snapshot).decode()))
+
+
+def _wait_for_new_checkpoint(fs, model_dir: str, seen: set[str], timeout: float = 240) -> set[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = _checkpoints(fs, model_dir)
+        if now - seen:
+            return seen | now
+        time.sleep(0.2)
+    raise AssertionError(f"no new checkpoint in {model_dir} within {timeout} s")
+
+
+def _training_workers() -> list[int]:
+    """Process ids of live Ray Train workers (their process titles read `ray::RayTrainWorker...`)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0]
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and title.startswith(b"ray::RayTrainWorker"):
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def resumed_run(ray_session, tmp_path_factory, s3_endpoint):
+    """The issue's "done when": a 2-worker CPU run on images in S3 whose driver is killed mid-run; the same
+    command run again resumes it, and one of its training workers is killed mid-epoch as well."""
+    import boto3
+
+    tmp = tmp_path_factory.mktemp("finetune")
+    boto3.client("s3").create_bucket(Bucket="raytl-finetune")
+    write_colour_corpus(tmp / "corpus", per_class=20, seed=0)
+    write_colour_corpus(tmp / "new", per_class=6, seed=1)
+    torch.save(random_state_dict(5), tmp / "w.pt")
+    source = upload_dir(tmp / "corpus", "raytl-finetune", "corpus")
+    new = upload_dir(tmp / "new", "raytl-finetune", "new")
+    boto3.client("s3").upload_file(str(tmp / "w.pt"), "raytl-finetune", "weights/w.pt")
+    model_dir = "s3://raytl-finetune/models/ft"
+    options = dict(OPTIONS, weights="s3://raytl-finetune/weights/w.pt")
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+
+    # 1. `raytl finetune` as its own driver on this Ray cluster, killed after its first checkpoint.
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "raytl.cli", *_cli(source, model_dir, options)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        seen = _wait_for_new_checkpoint(fs, model_dir, set())
+    finally:
+        driver.kill()
+        driver.wait()
+    assert not fs.exists(model_dir.removeprefix("s3://") + "/model.json")
+
+    # 2. The same command again resumes; a training worker killed mid-epoch makes Ray Train restart the
+    # worker group from the latest checkpoint.
+    stale = set(_training_workers())  # the killed driver's workers, if Ray has not reaped them yet
+    result: dict = {}
+    config = FinetuneConfig.create(source=source, model_dir=model_dir, **options)
+
+    def run() -> None:
+        try:
+            result["metrics"] = finetune.run(config)
+        except BaseException as exc:  # handed to the test below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    _wait_for_new_checkpoint(fs, model_dir, seen)
+    workers = sorted(set(_training_workers()) - stale)
+    assert len(workers) == 2, workers
+    killed = workers[-1]
+    os.kill(killed, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the resumed run did not finish"
+    if "error" in result:
+        raise result["error"]
+    return {
+        "metrics": result["metrics"],
+        "killed": killed,
+        "model_dir": model_dir,
+        "new": new,
+        "fs": fs,
+        "tmp": tmp,
+        "source": source,
+        "options": options,
+    }
+
+
+def test_loss_falls_and_accuracy_beats_chance(resumed_run):
+    metrics = resumed_run["metrics"]
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == list(range(OPTIONS["epochs"]))
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.05
+    # Three classes: chance is 1/3. Validation holds 12 images (20% of each class).
+    assert metrics["samples"] == 12 and metrics["val_samples"] == {"blue": 4, "green": 4, "red": 4}
+    assert metrics["accuracy"] >= 0.75, history
+    assert metrics["train_samples"] == {"blue": 16, "green": 16, "red": 16}
+    assert all(h["failed_images"] == 0 for h in history)
+
+
+def test_resumed_after_the_driver_and_a_worker_were_killed(resumed_run):
+    metrics = resumed_run["metrics"]
+    resumed = metrics["resumed_at_epochs"]
+    # Once when the command ran again (after the first run's checkpoint), once after the killed worker.
+    assert len(resumed) == 2 and 1 <= resumed[0] < resumed[1] < OPTIONS["epochs"], resumed
+    stored = json.loads(
+        resumed_run["fs"].cat(resumed_run["model_dir"].removeprefix("s3://") + "/metrics.json")
+    )
+    assert stored["resumed_at_epochs"] == resumed and stored["accuracy"] == metrics["accuracy"]
+    assert stored["confusion_matrix"] and sum(map(sum, stored["confusion_matrix"])) == 12
+
+
+def test_model_dir_in_s3_holds_what_predict_needs(resumed_run):
+    fs, root = resumed_run["fs"], resumed_run["model_dir"].removeprefix("s3://")
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+    assert {"backbone.pt", "model.pt", "model.json", "metrics.json", "finetune.json", "train"} <= names
+    info = json.loads(fs.cat(f"{root}/model.json"))
+    assert info["kind"] == "finetune" and info["classes"] == ["blue", "green", "red"]
+    assert info["backbone"]["layer"] == "pool5" and info["backbone"]["dim"] == 512
+    # The best checkpoint is kept beside the latest (Ray Train's num_to_keep=1 by validation accuracy).
+    kept = [
+        p for p in fs.ls(f"{root}/train", detail=False) if p.rsplit("/", 1)[-1].startswith("checkpoint_2")
+    ]
+    assert 1 <= len(kept) <= 2 and set(p.rsplit("/", 1)[-1] for p in kept) <= _checkpoints(fs, f"s3://{root}")
+    out = resumed_run["tmp"] / "predictions"
+    summary = predict.run(resumed_run["model_dir"], resumed_run["new"], str(out))
+    rows = pq.read_table(out).to_pylist()
+    assert summary["predicted"] == len(rows) == 18
+    correct = sum(r["predicted_label"] == r["path"].split("/")[-2] for r in rows)
+    assert correct / 18 == pytest.approx(summary["accuracy"]) and summary["accuracy"] >= 0.75
+
+
+def test_backbone_matches_the_trained_network(resumed_run):
+    """backbone.pt + model.pt reproduce the network's own logits (fine-tuned block 5, frozen blocks 1-4)."""
+    fs, root = resumed_run["fs"], resumed_run["model_dir"].removeprefix("s3://")
+    import io
+
+    backbone = torch.load(io.BytesIO(fs.cat(f"{root}/backbone.pt")), weights_only=True)
+    initial = random_state_dict(5)
+    assert torch.equal(backbone["features.0.weight"], initial["features.0.weight"])  # frozen
+    assert not torch.equal(backbone["features.28.weight"], initial["features.28.weight"])  # trained
+    assert "classifier.0.weight" not in backbone  # --head avg needs no fc layers
+
+
+def test_a_finished_model_dir_is_not_overwritten(resumed_run, capsys):
+    args = _cli(resumed_run["source"], resumed_run["model_dir"], resumed_run["options"])
+    assert_user_error(capsys, args, "already holds a finished model; pass --overwrite")
+
+
+def test_a_rerun_with_other_options_is_refused(tmp_path, capsys):
+    write_colour_corpus(tmp_path / "corpus", per_class=3)
+    options = dict(OPTIONS, weights="random")
+    config = FinetuneConfig.create(source=str(tmp_path / "corpus"), model_dir=str(tmp_path / "m"), **options)
+    assert finetune.prepare_model_dir(config) is False  # a new run: its options are recorded
+    assert finetune.prepare_model_dir(config) is True  # the same command resumes it
+    args = _cli(str(tmp_path / "corpus"), str(tmp_path / "m"), dict(options, lr=0.5))
+    assert_user_error(capsys, args, "holds an unfinished run with other options (--lr was 0.05, now 0.5)")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    args = _cli(str(tmp_path / "corpus"), str(tmp_path / "other"), options)
+    assert_user_error(capsys, args, "is not empty and holds no raytl fine-tuning run")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"freeze": "block9"}, "--freeze must be one of none, block1, block2, block3, block4, block5"),
+        ({"head": "fc8"}, "--head must be one of avg, fc7, not 'fc8'"),
+        ({"optimizer": "adam"}, "--optimizer must be one of adamw, sgd"),
+        ({"lr": 0}, "--lr must be positive, not 0.0"),
+        ({"warmup_epochs": 8}, "--warmup-epochs must be at least 0 and less than --epochs (8)"),
+        ({"label_smoothing": 1.5}, "--label-smoothing must be in [0, 1)"),
+        ({"min_crop_scale": 0}, "--min-crop-scale must be in (0, 1]"),
+        ({"workers": 0}, "--workers must be an integer at least 1, not 0"),
+    ],
+)
+def test_bad_options_get_one_sentence(tmp_path, capsys, change, message):
+    write_colour_corpus(tmp_path / "corpus", per_class=2)
+    args = _cli(str(tmp_path / "corpus"), str(tmp_path / "m"), dict(OPTIONS, weights="random", **change))
+    assert_user_error(capsys, args, message)
+    assert not (tmp_path / "m").exists()
+
+
+def test_bad_corpora_get_one_sentence(tmp_path, capsys):
+    options = dict(OPTIONS, weights="random")
+    write_colour_corpus(tmp_path / "one", per_class=3)
+    for label in ("green", "blue"):
+        for f in (tmp_path / "one" / label).iterdir():
+            f.unlink()
+    args = _cli(str(tmp_path / "one"), str(tmp_path / "m"), options)
+    assert_user_error(capsys, args, "the images have a single class ('red'); a classifier needs two.")
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "loose.png")
+    assert_user_error(capsys, args, "SOURCE has images without a label (1 of 4)")
+    write_colour_corpus(tmp_path / "ok", per_class=3)
+    args = _cli(str(tmp_path / "ok"), str(tmp_path / "m"), dict(options, val=str(tmp_path / "missing")))
+    assert_user_error(capsys, args, "--val: SOURCE")
+    args = _cli(str(tmp_path / "ok"), str(tmp_path / "m"), dict(options, workers=50))
+    assert_user_error(capsys, args, "--workers 50 is more than the")
+    assert not (tmp_path / "m").exists()
+
+
+def test_split_is_stratified_and_seeded(tmp_path):
+    write_colour_corpus(tmp_path / "c", per_class=10)
+    config = FinetuneConfig.create(
+        source=str(tmp_path / "c"), model_dir=str(tmp_path / "m"), weights="random"
+    )
+    train, val, classes = finetune.split_corpus(config)
+    assert classes == ["blue", "green", "red"]
+    assert sorted(val["label"].to_pylist()) == ["blue"] * 2 + ["green"] * 2 + ["red"] * 2
+    assert train.num_rows == 24 and not set(train["path"].to_pylist()) & set(val["path"].to_pylist())
+    again = finetune.split_corpus(config)[1]
+    assert again["path"].to_pylist() == val["path"].to_pylist()
+
+
+def test_crop_box_follows_random_resized_crop():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        width = int(rng.integers(100, 300))
+        height = int(width * rng.uniform(0.8, 1.25))
+        top, left, h, w = crop_box((width, height), 0.3, rng)
+        assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+        # Area share in [0.3, 1] and aspect in [3/4, 4/3], up to rounding to whole pixels.
+        assert 0.3 * 0.97 <= h * w / (width * height) <= 1.0
+        assert 3 / 4 * 0.97 <= w / h <= 4 / 3 * 1.03
+    # A strip no crop in the ratio range fits: torchvision's fallback, the largest centred 4:3 crop.
+    assert crop_box((300, 20), 0.3, rng) == (0, 136, 20, 27)
+
+
+def test_train_transform_crops_and_flips_at_random():
+    image = Image.fromarray(np.arange(48 * 64 * 3, dtype=np.uint8).reshape(48, 64, 3))
+    data = __import__("io").BytesIO()
+    image.save(data, "PNG")
+    transform = TrainTransform(image_size=32, resize_size=37, min_scale=0.3)
+    crops = [transform(data.getvalue()) for _ in range(8)]
+    assert all(c.shape == (32, 32, 3) and c.dtype == np.uint8 for c in crops)
+    assert len({c.tobytes() for c in crops}) == 8
+
+
+@pytest.mark.parametrize(
+    "freeze, head, first_trained",
+    [
+        (Freeze.BLOCK4, Head.AVG, 24),
+        (Freeze.NONE, Head.AVG, 0),
+        (Freeze.BLOCK5, Head.AVG, None),
+        (Freeze.BLOCK5, Head.FC7, None),
+    ],
+)
+def test_freeze_leaves_exactly_the_later_blocks_trainable(freeze, head, first_trained):
+    cfg = {"head": head, "freeze": freeze, "seed": 0, "image_size": 32, "classes": 3}
+    network = finetune.build_network(random_state_dict(1), cfg)
+    trainable = {n for n, p in network.named_parameters() if p.requires_grad}
+    conv = {int(n.split(".")[2]) for n in trainable if n.startswith("trunk.features.")}
+    assert conv == (
+        {i for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28) if i >= first_trained}
+        if first_trained is not None
+        else set()
+    )
+    assert {"head.weight", "head.bias"} <= trainable
+    fc = {n for n in trainable if n.startswith("trunk.classifier.")}
+    assert fc == (
+        {
+            "trunk.classifier.0.weight",
+            "trunk.classifier.0.bias",
+            "trunk.classifier.3.weight",
+            "trunk.classifier.3.bias",
+        }
+        if head == Head.FC7
+        else set()
+    )
+    assert network(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_warmup_then_cosine():
+    assert finetune.warmup_cosine(0, 10, 110) == pytest.approx(0.01)
+    assert finetune.warmup_cosine(5, 10, 110) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert finetune.warmup_cosine(10, 10, 110) == pytest.approx(1.0)
+    assert finetune.warmup_cosine(60, 10, 110) == pytest.approx(0.5)
+    assert finetune.warmup_cosine(110, 10, 110) == pytest.approx(0.0)
+    assert finetune.warmup_cosine(0, 0, 100) == pytest.approx(1.0)
+
+
+def test_predict_finds_a_moved_model_dir(tmp_path):
+    """A fine-tuned backbone is looked up in MODEL_DIR itself and identified by its digest."""
+    model = Model(
+        ["a", "b"],
+        np.zeros(2),
+        np.ones(2),
+        np.zeros((2, 2)),
+        np.zeros(2),
+        {"kind": "finetune", "backbone": {"weights": "s3://old/place/backbone.pt#sha256:ab"}},
+    )
+    assert predict.default_weights(model, "/new/place") == "/new/place/backbone.pt"
+    assert predict._content("file:///x/backbone.pt#sha256:ab") == predict._content(
+        model.info["backbone"]["weights"]
+    )
