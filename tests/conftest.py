@@ -26,7 +26,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 server on loopback; AWS_ENDPOINT_URL and fake credentials point every client at it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    # werkzeug logs every request at INFO through a handler it creates on first use, bound to whatever
+    # sys.stderr is then; under capsys that stream is later closed and every request logs a traceback.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -163,7 +163,9 @@ def random_state_dict(seed: int = 7) -> dict:
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 
-def write_colour_corpus(root, per_class: int, seed: int = 0, size: int = 40) -> dict[str, list[str]]:
+def write_colour_corpus(
+    root, per_class: int, seed: int = 0, size: int = 40, noise: float = 20
+) -> dict[str, list[str]]:
     """A learnable corpus: per class, noisy pictures dominated by its colour, with a random grey square.
     Returns label -> file paths (class-per-folder under root)."""
     rng = np.random.default_rng(seed)
@@ -171,7 +173,7 @@ def write_colour_corpus(root, per_class: int, seed: int = 0, size: int = 40) -> 
     for label, rgb in COLOURS.items():
         os.makedirs(os.path.join(root, label), exist_ok=True)
         for i in range(per_class):
-            img = np.array(rgb, np.float32) + rng.normal(0, 35, (size, size, 3))
+            img = np.array(rgb, np.float32) + rng.normal(0, noise, (size, size, 3))
             x, y, side = *rng.integers(0, size // 2, 2), int(rng.integers(size // 5, size // 2))
             img[y : y + side, x : x + side] = rng.uniform(60, 200)
             path = os.path.join(root, label, f"{label}-{seed}-{i:03d}.png")

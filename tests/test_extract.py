@@ -241,12 +241,12 @@ def test_bad_input_errors(capsys, tmp_path, bucket, small_corpus, s3_endpoint):
     )
     assert_user_error(capsys, ["extract", small_corpus, out, "--weights", f"{uri}/none.pt"], "no such file")
     state = random_state_dict(1)
-    state["classifier.6.weight"] = torch.zeros(10, 4096)
+    state["features.28.weight"] = torch.zeros(256, 512, 3, 3)
     torch.save(state, tmp_path / "wrong.pt")
     assert_user_error(
         capsys,
         ["extract", small_corpus, out, "--weights", str(tmp_path / "wrong.pt")],
-        "classifier.6.weight has shape (10, 4096), expected (1000, 4096)",
+        "features.28.weight has shape (256, 512, 3, 3), expected (512, 512, 3, 3)",
     )
     assert not os.path.exists(out)
 

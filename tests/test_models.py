@@ -123,3 +123,18 @@ def test_embedder_without_ray_matches_torchvision(state):
     bf16 = Embedder({k: state[k] for k in VGG16Trunk().state_dict()}, precision=Precision.BF16).embed(images)
     cos = (bf16 * expected).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(expected, axis=1)
     assert cos.min() >= 0.99
+
+
+def test_only_the_tensors_a_layer_needs_are_required(tmp_path, state):
+    """A VGG16 fine-tuned elsewhere (10 classes), or a conv-only backbone, serves pool5; fc7 needs fc6/fc7."""
+    ten_classes = dict(
+        state, **{"classifier.6.weight": torch.zeros(10, 4096), "classifier.6.bias": torch.zeros(10)}
+    )
+    torch.save(ten_classes, tmp_path / "ten.pt")
+    assert set(load_weights(str(tmp_path / "ten.pt"), Layer.FC7).state_dict) == {
+        k for k in state if not k.startswith("classifier.6.")
+    }
+    torch.save({k: v for k, v in state.items() if k.startswith("features.")}, tmp_path / "conv.pt")
+    assert len(load_weights(str(tmp_path / "conv.pt"), Layer.POOL5).state_dict) == 26
+    with pytest.raises(WeightsError, match="4 tensors are missing, the first is 'classifier.0.weight'"):
+        load_weights(str(tmp_path / "conv.pt"), Layer.FC7)
