@@ -72,6 +72,14 @@ def add_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="images per forward pass (default 256 per GPU, 32 on CPU)")
     p.add_argument("--num-actors", type=int, help="model actors (default one per GPU, one on CPU)")
     p.add_argument("--decode-batch", type=int, default=32, help="files per decode task call")
+    p.add_argument(
+        "--decode",
+        default="cpu",
+        help="cpu (Pillow in CPU tasks) | gpu (JPEGs decoded by nvJPEG in the model actors)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (slow start, faster on GPUs)"
+    )
     p.add_argument("--rows-per-file", type=int, default=8192, help="rows per Parquet part file")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="larger images go to _errors")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random")

@@ -46,6 +46,11 @@ class Precision(Choice):
     FP16 = "fp16"
 
 
+class Decode(Choice):
+    CPU = "cpu"  # Pillow in CPU tasks: exactly torchvision's preprocessing
+    GPU = "gpu"  # JPEGs decoded, resized and cropped in the model actors: nvJPEG on CUDA (torchvision on CPU)
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """Everything `raytl extract` needs; build with `ExtractConfig.create` to validate."""
@@ -62,6 +67,10 @@ class ExtractConfig:
     batch_size: int | None = None  # images per forward pass; None: 256 per GPU, 32 on CPU
     num_actors: int | None = None  # model actors; None: one per GPU, or one on a CPU-only cluster
     decode_batch: int = 32  # files fetched and decoded per CPU task call
+    decode: Decode = (
+        Decode.CPU
+    )  # gpu: when CPU JPEG decoding cannot keep GPUs busy (H100: ~10x a core's rate)
+    compile: bool = False  # torch.compile the model in each actor (minutes of warm-up; pays on long GPU runs)
     rows_per_file: int = 8192  # rows per Parquet part file
     max_pixels: int = 89_478_485  # larger images are refused as decompression bombs (Pillow's default)
     seed: int = 0  # seeds --weights random
@@ -74,6 +83,7 @@ class ExtractConfig:
         options["layer"] = Layer.parse(options.get("layer", Layer.POOL5), "--layer")
         options["pool"] = Pool.parse(options.get("pool", Pool.AVG), "--pool")
         options["precision"] = Precision.parse(options.get("precision", Precision.AUTO), "--precision")
+        options["decode"] = Decode.parse(options.get("decode", Decode.CPU), "--decode")
         config = cls(**options)
         config.validate()
         return config

@@ -13,10 +13,10 @@ import ray
 
 import raytl
 from raytl import storage, writer
-from raytl.config import ExtractConfig
+from raytl.config import Decode, ExtractConfig
 from raytl.embed import Embedder
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD, embedding_dim, load_weights
-from raytl.preprocess import Transform, decode_batch
+from raytl.preprocess import Transform, decode_batch, fetch_batch
 from raytl.reader import Corpus, list_corpus
 
 log = logging.getLogger(__name__)
@@ -94,10 +94,11 @@ def embedded(
     actors = config.num_actors or (resources.gpus if gpu else 1)
     batch_size = config.batch_size or (256 if gpu else 32)
     transform = Transform(config.image_size, config.resize, config.max_pixels)
+    on_device = config.decode == Decode.GPU  # CPU tasks then only fetch and check headers
     return (
         ray.data.from_arrow(_blocks(corpus.table, config.decode_batch))
         .map_batches(
-            decode_batch,  # type: ignore[arg-type]
+            fetch_batch if on_device else decode_batch,  # type: ignore[arg-type]
             fn_kwargs={"transform": transform},
             batch_size=config.decode_batch,
             batch_format="numpy",
@@ -113,6 +114,8 @@ def embedded(
                 "batch_size": batch_size,
                 # On CPU-only clusters each actor's torch uses its share of the cores.
                 "threads": None if gpu else max(1, resources.cpus // actors),
+                "device_decode": transform if on_device else None,
+                "compile": config.compile,
             },
             compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=batch_size,
@@ -147,6 +150,7 @@ def embeddings_metadata(config: ExtractConfig, weights_id: str, dim: int) -> dic
             "interpolation": "bilinear",
             "antialias": True,
             "center_crop": config.image_size,
+            "decode": str(config.decode),
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
         },

@@ -154,6 +154,7 @@ def backbone_config(
         precision=backbone.get("precision", "auto"),
         image_size=backbone["image_size"],
         resize_size=backbone["preprocessing"]["resize"],
+        decode=backbone["preprocessing"].get("decode", "cpu"),
         batch_size=batch_size,
         num_actors=num_actors,
         overwrite=overwrite,

@@ -153,3 +153,62 @@ def decode_batch(batch: dict[str, np.ndarray], transform: Transform) -> dict[str
         except Exception as exc:  # a decoder bug on a hostile file must not end the run
             errors[i] = "cannot decode: " + storage.describe_error(exc)
     return {"path": batch["path"], "label": batch["label"], "image": images, "error": np.array(errors)}
+
+
+# What fetch_batch ships per row (`kind`): a JPEG for the model's device to decode, or a finished crop.
+FAILED, JPEG, CROP = 0, 1, 2
+
+
+def fetch_batch(batch: dict[str, np.ndarray], transform: Transform) -> dict[str, np.ndarray]:
+    """For --decode gpu: rows with `data` = the JPEG bytes (checked from the header only) and their EXIF
+    `orientation`, or, for other formats and CMYK JPEGs, the uint8 crop decoded here (`kind` says which)."""
+    paths = [str(p) for p in batch["path"]]
+    data: list[bytes] = [b""] * len(paths)
+    kind = np.full(len(paths), FAILED, dtype=np.uint8)
+    orientation = np.ones(len(paths), dtype=np.uint8)
+    errors = [""] * len(paths)
+    for i, got in enumerate(storage.fetch_many(paths)):
+        if isinstance(got, Exception):
+            errors[i] = "cannot read: " + storage.describe_error(got)
+            continue
+        try:
+            jpeg = jpeg_orientation(got, transform.max_pixels)
+            if jpeg is not None:
+                data[i], kind[i], orientation[i] = got, JPEG, jpeg
+            else:
+                data[i], kind[i] = transform(got).tobytes(), CROP
+        except ImageError as exc:
+            errors[i] = storage.redact(str(exc))
+        except Exception as exc:
+            errors[i] = "cannot decode: " + storage.describe_error(exc)
+    return {
+        "path": batch["path"],
+        "label": batch["label"],
+        "data": np.array(data, dtype=object),
+        "kind": kind,
+        "orientation": orientation,
+        "error": np.array(errors),
+    }
+
+
+def jpeg_orientation(data: bytes, max_pixels: int) -> int | None:
+    """The EXIF orientation (1..8) of an RGB or greyscale JPEG, read from its header; None for anything else.
+
+    Raises ImageError for a JPEG over max_pixels, as a full decode would."""
+    if not data.startswith(b"\xff\xd8\xff"):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            orientation = image.getexif().get(0x0112, 1)
+    except _DECODE_ERRORS + (UnidentifiedImageError,):
+        return None  # let the full decoder name the problem
+    if image.width * image.height > max_pixels:
+        raise ImageError(
+            f"image of {image.width}x{image.height} px exceeds --max-pixels {max_pixels} "
+            "(decompression bomb guard)"
+        )
+    if image.mode not in ("RGB", "L"):
+        return None  # CMYK / YCCK JPEGs: Pillow's conversion, as the CPU path
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1

@@ -2,7 +2,7 @@
 
 import pytest
 
-from raytl.config import ConfigError, ExtractConfig, Layer, Pool, Precision
+from raytl.config import ConfigError, Decode, ExtractConfig, Layer, Pool, Precision
 
 
 def test_defaults_are_the_vgg16_preset():
@@ -19,6 +19,7 @@ def test_defaults_are_the_vgg16_preset():
         ({"layer": "pool4"}, "--layer must be one of pool5, fc6, fc7, not 'pool4'."),
         ({"pool": "median"}, "--pool must be one of avg, max, flatten, not 'median'."),
         ({"precision": "int8"}, "--precision must be one of auto, fp32, bf16, fp16, not 'int8'."),
+        ({"decode": "tpu"}, "--decode must be one of cpu, gpu, not 'tpu'."),
         ({"image_size": 16}, "--image-size must be an integer between 32 and 2048, not 16."),
         ({"image_size": 64, "resize_size": 60}, "--resize-size must be at least --image-size (64), not 60."),
         ({"batch_size": 0}, "--batch-size must be an integer at least 1, not 0."),
@@ -49,6 +50,9 @@ def test_cli_options_reach_the_configs():
     )
     config = extract_config(parser.parse_args(["extract", "--manifest", "m.csv", "out"]))
     assert (config.source, config.manifest, config.output) == (None, "m.csv", "out")
+    assert (config.decode, config.compile) == (Decode.CPU, False)
+    config = extract_config(parser.parse_args(["extract", "a", "b", "--decode", "gpu", "--compile"]))
+    assert (config.decode, config.compile) == (Decode.GPU, True)
     with pytest.raises(ConfigError, match="extract takes OUTPUT with --manifest, not 2 paths"):
         extract_config(parser.parse_args(["extract", "--manifest", "m.csv", "a", "b"]))
     train = train_config(

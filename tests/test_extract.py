@@ -160,7 +160,8 @@ def test_secret_appears_nowhere(s3_run):
 
 
 def test_default_precision_and_224px_against_torchvision(ray_session, tmp_path):
-    """The 224 px path on a few photographs-sized JPEGs; default (auto) and bf16 precisions."""
+    """The 224 px path on a few photographs-sized JPEGs; default (auto) and bf16 precisions, and JPEGs
+    decoded in the model actors (--decode gpu; torchvision's decoder on a CPU-only cluster)."""
     (tmp_path / "src" / "x").mkdir(parents=True)
     files = [encode(picture(s, 500, 375), "JPEG", quality=90) for s in range(3)]
     for i, data in enumerate(files):
@@ -168,15 +169,21 @@ def test_default_precision_and_224px_against_torchvision(ray_session, tmp_path):
     state = random_state_dict(5)
     torch.save(state, tmp_path / "w.pt")
     expected = reference_embeddings(files, state, 224)
-    for precision in ("auto", "bf16"):
-        out = tmp_path / f"out-{precision}"
+    for precision, decode, least in (("auto", "cpu", 0.99), ("bf16", "cpu", 0.99), ("fp32", "gpu", 0.999)):
+        out = tmp_path / f"out-{precision}-{decode}"
         config = ExtractConfig.create(
-            source=str(tmp_path / "src"), output=str(out), weights=str(tmp_path / "w.pt"), precision=precision
+            source=str(tmp_path / "src"),
+            output=str(out),
+            weights=str(tmp_path / "w.pt"),
+            precision=precision,
+            decode=decode,
         )
         assert extract.run(config)["embedded"] == 3
-        rows = {r["path"]: r["embedding"] for r in pq.read_table(out).to_pylist()}
+        table = pq.read_table(out)
+        assert json.loads(table.schema.metadata[b"raytl"])["preprocessing"]["decode"] == decode
+        rows = {r["path"]: r["embedding"] for r in table.to_pylist()}
         got = np.array([rows[str(tmp_path / "src" / "x" / f"{i}.jpg")] for i in range(3)], np.float32)
-        assert cosine(got, expected).min() >= 0.99, precision
+        assert cosine(got, expected).min() >= least, (precision, decode)
 
 
 def test_manifest_and_flatten(ray_session, tmp_path, bucket):

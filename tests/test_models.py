@@ -138,3 +138,12 @@ def test_only_the_tensors_a_layer_needs_are_required(tmp_path, state):
     assert len(load_weights(str(tmp_path / "conv.pt"), Layer.POOL5).state_dict) == 26
     with pytest.raises(WeightsError, match="4 tensors are missing, the first is 'classifier.0.weight'"):
         load_weights(str(tmp_path / "conv.pt"), Layer.FC7)
+
+
+def test_compiled_embedder_matches_eager(state):
+    """--compile: torch.compile (inductor, a C++ build on CPU) computes the same embeddings."""
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    features = {k: v for k, v in state.items() if k.startswith("features.")}
+    eager = Embedder(features, precision=Precision.FP32, batch_size=4).embed(images)
+    compiled = Embedder(features, precision=Precision.FP32, batch_size=4, compile=True).embed(images)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)
