@@ -41,6 +41,7 @@ from raytl.models import resolve_precision
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "bench"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def main() -> None:
@@ -49,11 +50,11 @@ def main() -> None:
     # Random weights (no download): speed does not depend on their values.
     state = {f"features.{k}": v for k, v in torchvision.models.vgg16().features.state_dict().items()}
     workdir = Path(tempfile.mkdtemp(prefix="raytl-bench-"))
-    with S3Server() as endpoint:
-        if args.memory:
-            result = memory_run(args, workdir)
-        else:
-            result = speed_run(args, state, workdir, endpoint)
+    if args.stage:
+        result = stage_run(args, state, workdir)
+    else:
+        with S3Server() as endpoint:
+            result = memory_run(args, workdir) if args.memory else speed_run(args, state, workdir, endpoint)
     result["machine"] = machine()
     result["command"] = "python " + " ".join(sys.argv)
     print(json.dumps(result, indent=2))
@@ -75,6 +76,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--memory", action="store_true", help="measure peak memory at --memory-images")
     parser.add_argument("--memory-images", default="1000,10000")
     parser.add_argument("--memory-size", type=int, default=64)
+    parser.add_argument(
+        "--stage", action="store_true", help="the model actor's work alone, without Ray or S3 (GPU machines)"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()
 
@@ -83,7 +87,7 @@ def speed_run(args: argparse.Namespace, state: dict, workdir: Path, endpoint: st
     """(a), (b), (c) on the same photographs, then the ratios; (b) and (c) must agree on the embeddings."""
     files = write_photos(workdir / "photos", args.images)
     upload(files, workdir / "photos", "photos")
-    precision = resolve_precision(Precision(args.precision), torch.device("cpu"))
+    precision = resolve_precision(Precision(args.precision), DEVICE)
     ceiling = model_alone(state, args, precision)
     log(f"(a) model alone, {precision}: {ceiling['images_per_second']:.2f} img/s")
     torch.save(state, workdir / "weights.pt")
@@ -126,9 +130,44 @@ def memory_run(args: argparse.Namespace, workdir: Path) -> dict:
     }
 
 
+def stage_run(args: argparse.Namespace, state: dict, workdir: Path) -> dict:
+    """Without Ray or S3 (lent GPU machines have neither): (a), an actor's work under --decode gpu from
+    JPEG bytes, and what one CPU core decodes (how many cores keep a GPU busy with --decode cpu)."""
+    from raytl.preprocess import Transform, decode_batch, fetch_batch
+
+    files = write_photos(workdir / "photos", args.images)
+    precision = resolve_precision(Precision(args.precision), DEVICE)
+    ceiling = model_alone(state, args, precision)
+    log(f"(a) model alone, {precision}: {ceiling['images_per_second']:.2f} img/s")
+    transform = Transform(args.image_size, round(args.image_size * 256 / 224))
+    batch = {"path": np.array([str(f) for f in files]), "label": np.array([""] * len(files))}
+    started = time.perf_counter()
+    decode_batch(batch, transform)
+    cpu_decode = len(files) / (time.perf_counter() - started)
+    fetched = fetch_batch(batch, transform)
+    size = args.batch_size or (256 if DEVICE.type == "cuda" else 32)
+    embedder = Embedder(
+        state, Layer.POOL5, Pool.AVG, precision, size, os.cpu_count(), transform, args.compile
+    )
+    chunks = [{k: v[i : i + size] for k, v in fetched.items()} for i in range(0, len(files), size)]
+    embedder(chunks[0])
+    started = time.perf_counter()
+    for chunk in chunks:
+        embedder(chunk)
+    on_device = len(files) / (time.perf_counter() - started)
+    log(f"decode + model in the actor: {on_device:.2f} img/s; one core decodes {cpu_decode:.1f} img/s")
+    return {
+        "images": len(files),
+        "image_size": args.image_size,
+        "a_model_alone": ceiling,
+        "actor_with_device_decode_images_per_second": on_device,
+        "cpu_decode_images_per_second_per_core": cpu_decode,
+    }
+
+
 def model_alone(state: dict, args: argparse.Namespace, precision: Precision) -> dict:
     """The ceiling: the same Embedder the actors run, fed ready uint8 tensors, after one warm-up batch."""
-    batch = args.batch_size or 32
+    batch = args.batch_size or (256 if DEVICE.type == "cuda" else 32)  # raytl's defaults
     embedder = Embedder(state, Layer.POOL5, Pool.AVG, precision, batch, threads=os.cpu_count())
     size = args.image_size
     images = np.random.default_rng(0).integers(0, 256, (args.ceiling_images, size, size, 3), dtype=np.uint8)
