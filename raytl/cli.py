@@ -23,17 +23,21 @@ from raytl.config import (
     TrainConfig,
 )
 from raytl.embeddings import EmbeddingsError
+from raytl.extract import ExtractError
 from raytl.models import WeightsError
 
 # Errors whose message is already one sentence for the user; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, storage.StorageError, WeightsError, EmbeddingsError)
+USER_ERRORS = (ConfigError, storage.StorageError, WeightsError, EmbeddingsError, ExtractError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `raytl` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # force: each call (tests call main() many times) logs to the sys.stderr of the moment.
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s", force=True
+    )
     try:
         return args.run(args)
     except USER_ERRORS as exc:
@@ -82,6 +86,9 @@ def add_extract(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rows-per-file", type=int, default=8192, help="rows per Parquet part file")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="larger images go to _errors")
+    p.add_argument(
+        "--max-errors", help="stop when more files than this count (100) or share (0.01, 1%%) are broken"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random")
     p.add_argument("--overwrite", action="store_true", help="replace raytl results already in OUTPUT")
     p.set_defaults(run=run_extract)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -73,6 +74,7 @@ class ExtractConfig:
     compile: bool = False  # torch.compile the model in each actor (minutes of warm-up; pays on long GPU runs)
     rows_per_file: int = 8192  # rows per Parquet part file
     max_pixels: int = 89_478_485  # larger images are refused as decompression bombs (Pillow's default)
+    max_errors: int | float | None = None  # fail when more files than this (or this share) are broken
     seed: int = 0  # seeds --weights random
     overwrite: bool = False  # replace an OUTPUT that already holds raytl embeddings
 
@@ -84,6 +86,7 @@ class ExtractConfig:
         options["pool"] = Pool.parse(options.get("pool", Pool.AVG), "--pool")
         options["precision"] = Precision.parse(options.get("precision", Precision.AUTO), "--precision")
         options["decode"] = Decode.parse(options.get("decode", Decode.CPU), "--decode")
+        options["max_errors"] = parse_max_errors(options.get("max_errors"))
         config = cls(**options)
         config.validate()
         return config
@@ -110,6 +113,14 @@ class ExtractConfig:
         if not self.weights:
             raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
 
+    def error_limit(self, files: int) -> int | None:
+        """How many of `files` may fail before the run stops (None: no limit)."""
+        if self.max_errors is None:
+            return None
+        if isinstance(self.max_errors, float):
+            return math.floor(self.max_errors * files)
+        return self.max_errors
+
     @property
     def resize(self) -> int:
         """The shorter side before the centre crop."""
@@ -118,6 +129,27 @@ class ExtractConfig:
     def to_json(self) -> str:
         """The whole config as JSON, for logs and summaries."""
         return json.dumps({k: str(v) if isinstance(v, Choice) else v for k, v in asdict(self).items()})
+
+
+def parse_max_errors(value: str | int | float | None) -> int | float | None:
+    """--max-errors: a count (`100`), a share of the files (`0.01` or `1%`), or None."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool):
+        parsed = value
+    else:
+        text = str(value).strip()
+        try:
+            parsed = (
+                float(text[:-1]) / 100 if text.endswith("%") else float(text) if "." in text else int(text)
+            )
+        except ValueError:
+            parsed = -1
+    if parsed is None:
+        return None
+    if isinstance(parsed, int) and parsed >= 0 or isinstance(parsed, float) and 0 <= parsed < 1:
+        return parsed
+    raise ConfigError(
+        f"--max-errors must be a count of files (0, 1, ...) or a share below 1 (0.05 or 5%), not {value!r}."
+    )
 
 
 def _positive(option: str, value: int, low: int = 1, high: int | None = None) -> None:

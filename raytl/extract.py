@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 import raytl
-from raytl import storage, writer
+from raytl import output, storage, writer
 from raytl.config import Decode, ExtractConfig
 from raytl.embed import Embedder
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD, embedding_dim, load_weights
@@ -41,26 +45,42 @@ class Resources:
         return cls(gpus=int(total.get("GPU", 0)), cpus=max(1, int(total.get("CPU", 1))))
 
 
+class ExtractError(ValueError):
+    """The run stopped on purpose (too many broken files); the message says why and what to do."""
+
+
 def run(config: ExtractConfig) -> dict[str, Any]:
-    """Validate inputs, run the pipeline, write `_summary.json`; returns the summary."""
+    """Validate inputs, skip what OUTPUT already holds, run the pipeline, write `_summary.json`."""
     corpus = list_corpus(config.source, config.manifest)  # fails fast on a missing or empty SOURCE
     weights = load_weights(config.weights, config.layer, config.seed)  # fails fast on bad weights
-    prepare_output(config.output, config.overwrite)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
-    resources = Resources.of_cluster()
+    done = output.resume(config, output.run_record(config, weights.id))  # refuses other options' OUTPUT
+    todo = Corpus(
+        corpus.table.filter(pc.invert(pc.is_in(corpus.table["path"], value_set=done))), corpus.ignored
+    )
+    skipped = corpus.table.num_rows - todo.table.num_rows
+    if skipped:
+        log.warning(
+            "resuming: %d of %d images are already in %s", skipped, corpus.table.num_rows, config.output
+        )
     dim = embedding_dim(config.layer, config.pool, config.image_size)
     metadata = embeddings_metadata(config, weights.id, dim)
     log.info("extract config: %s", config.to_json())
     started = time.perf_counter()
-    counts = writer.sum_counts(build(config, corpus, ray.put(weights.state_dict), resources, metadata))
+    counts: dict[str, int] = {}
+    if todo.table.num_rows:
+        if not ray.is_initialized():
+            ray.init(logging_level=logging.WARNING)
+        stats = build(config, todo, ray.put(weights.state_dict), Resources.of_cluster(), metadata)
+        limit = config.error_limit(todo.table.num_rows)
+        with user_errors():
+            counts = writer.sum_counts(stats, check=lambda totals: _check_errors(totals, limit, config))
     embedded, failed = counts.get("embedded", 0), counts.get("failed", 0)
     wall = time.perf_counter() - started
     summary = {
         "seen": corpus.table.num_rows,
         "embedded": embedded,
         "failed": failed,
-        "skipped": 0,
+        "skipped": skipped,
         "ignored_non_images": corpus.ignored,
         "wall_seconds": round(wall, 3),
         "images_per_second": round(embedded / wall, 2) if wall else None,
@@ -69,6 +89,36 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     }
     writer.write_summary(config.output, summary)
     return summary
+
+
+def _check_errors(totals: dict[str, int], limit: int | None, config: ExtractConfig) -> None:
+    """--max-errors: stop as soon as more files than allowed have failed (a mis-pointed SOURCE)."""
+    failed = totals.get("failed", 0)
+    if limit is not None and failed > limit:
+        raise ExtractError(
+            f"{failed} files could not be read or decoded, more than --max-errors {config.max_errors} allows "
+            f"({limit}): is SOURCE the right one? Each file and its reason is in "
+            f"{storage.redact(storage.join(config.output, writer.ERRORS_DIR))}."
+        )
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A storage failure raised inside a Ray task reaches the driver wrapped by Ray: unwrap it."""
+    try:
+        yield
+    except (storage.StorageError, ExtractError):
+        raise
+    except Exception as exc:
+        # Ray Data re-raises a task's exception as RayTaskError(UserCodeException), keeping the original
+        # only as text in the remote traceback.
+        found = _STORAGE_ERROR.search(str(exc))
+        if found is None:
+            raise
+        raise storage.StorageError(found.group(1).strip()) from None
+
+
+_STORAGE_ERROR = re.compile(r"raytl\.storage\.StorageError: (.+)")
 
 
 def build(
@@ -156,30 +206,3 @@ def embeddings_metadata(config: ExtractConfig, weights_id: str, dim: int) -> dic
         },
         "raytl_version": raytl.__version__,
     }
-
-
-def prepare_output(output: str, overwrite: bool) -> None:
-    """Refuse an OUTPUT that already holds raytl results, unless --overwrite (then clear just those)."""
-    fs, root = storage.filesystem(output)
-    root = root.rstrip("/")
-    existing = _raytl_files(fs, root)
-    if existing and not overwrite:
-        raise storage.StorageError(
-            f"OUTPUT {storage.redact(output)} already holds raytl results ({len(existing)} files); "
-            "pass --overwrite to replace them or choose another OUTPUT."
-        )
-    for path in existing:
-        fs.rm(path)
-
-
-def _raytl_files(fs: Any, root: str) -> list[str]:
-    if not fs.exists(root):
-        return []
-    if fs.isfile(root):
-        raise storage.StorageError(f"OUTPUT {storage.redact(root)} is a file, not a folder.")
-    names = fs.ls(root, detail=False)
-    ours = [p for p in names if p.rsplit("/", 1)[-1].startswith("part-") or p.endswith(writer.SUMMARY_FILE)]
-    errors_dir = f"{root}/{writer.ERRORS_DIR}"
-    if fs.exists(errors_dir):
-        ours += [p for p in fs.find(errors_dir) if p.rsplit("/", 1)[-1].startswith("part-")]
-    return ours

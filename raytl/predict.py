@@ -16,6 +16,7 @@ from raytl.config import ExtractConfig
 from raytl.embeddings import check_same_backbone, is_embeddings, matrix, open_embeddings
 from raytl.head import Model
 from raytl.models import WeightsError, load_weights
+from raytl.output import prepare_output
 from raytl.reader import list_corpus
 
 
@@ -49,7 +50,7 @@ def run(
     if source and is_embeddings(source):
         data = open_embeddings(source, "INPUT")
         check_same_backbone(model.info["backbone"], data, "INPUT")
-        extract.prepare_output(output, overwrite)
+        prepare_output(output, overwrite)
         _init_ray()
         started, seen = time.perf_counter(), None
         rows = data.read().map_batches(
@@ -67,7 +68,7 @@ def run(
             raise WeightsError(
                 f"the backbone weights changed since the model was trained: {backbone.id} != {expected}."
             )
-        extract.prepare_output(output, overwrite)
+        prepare_output(output, overwrite)
         _init_ray()
         started, seen = time.perf_counter(), corpus.table.num_rows
         rows = extract.embedded(config, corpus, ray.put(backbone.state_dict), extract.Resources.of_cluster())
@@ -83,7 +84,8 @@ def run(
         batch_format="pyarrow",
         num_cpus=0.25,
     )
-    counts = writer.sum_counts(stats)
+    with extract.user_errors():
+        counts = writer.sum_counts(stats)
     wall = time.perf_counter() - started
     predicted = counts.get("embedded", 0)
     summary = {

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import posixpath
+import random
 import re
 import threading
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+T = TypeVar("T")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
 
@@ -66,17 +69,78 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+# Retries of transient storage errors: 6 attempts, back-off doubling from 0.25 s (with jitter) to at most
+# 8 s: about 15 s in all, enough to ride out S3 throttling (SlowDown) and a briefly overloaded endpoint.
+ATTEMPTS = 6
+_FIRST_WAIT = 0.25
+_MAX_WAIT = 8.0
+# What transient failures look like once botocore, aiohttp and s3fs have translated them.
+_TRANSIENT = re.compile(
+    r"slow ?down|reduce your request rate|throttl|service ?unavailable|internal ?error|request ?time ?out"
+    r"|timed? ?out|connection (reset|aborted|closed)|server ?disconnected|broken pipe|bad gateway"
+    r"|\b50[0234]\b|too many requests|\b429\b",
+    re.IGNORECASE,
+)
+_NO_BUCKET = re.compile(r"NoSuchBucket|specified bucket does not exist", re.IGNORECASE)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth another try: throttling, 5xx, timeouts, dropped connections."""
+    if isinstance(exc, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    return bool(_TRANSIENT.search(f"{type(exc).__name__}: {exc}"))
+
+
+def is_missing_file(exc: BaseException) -> bool:
+    """A single object that is not there (deleted after listing): the file's problem, not the store's."""
+    return isinstance(exc, FileNotFoundError) and not _NO_BUCKET.search(str(exc))
+
+
+def retrying(action: Callable[[], T], what: str) -> T:
+    """`action()`, retried with back-off while it fails transiently; a missing file's FileNotFoundError
+    passes through, anything else (403, a missing bucket, retries used up) becomes one StorageError."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return action()
+        except Exception as exc:
+            if is_missing_file(exc):
+                raise
+            if not is_transient(exc) or attempt == ATTEMPTS:
+                raise StorageError(failure(what, exc, attempt)) from None
+            time.sleep(_backoff(attempt))
+    raise AssertionError("unreachable")
+
+
+def failure(what: str, exc: BaseException, attempts: int = 1) -> str:
+    """One sentence for a storage operation that cannot succeed: what, why, and what to do."""
+    reason = describe_error(exc)
+    if isinstance(exc, PermissionError) or re.search(r"access ?denied|forbidden|\b403\b", reason, re.I):
+        return (
+            f"cannot {redact(what)}: access denied ({reason}); check the credentials and the bucket policy."
+        )
+    if isinstance(exc, FileNotFoundError):
+        return f"cannot {redact(what)}: {reason} (no such bucket or path)."
+    if is_transient(exc):
+        return (
+            f"cannot {redact(what)}: {reason}, still failing after {attempts} attempts; "
+            "the storage is overloaded or unreachable: rerun the same command later to continue."
+        )
+    return f"cannot {redact(what)}: {reason}."
+
+
 def read_bytes(uri: str) -> bytes:
-    """Read a whole object."""
+    """Read a whole object (transient errors retried)."""
     fs, path = filesystem(uri)
-    return fs.cat_file(path)
+    return retrying(lambda: fs.cat_file(path), f"read {uri}")
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object atomically: readers see the old object or the new one, never half of it."""
     fs, path = filesystem(uri)
     if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, data)  # an object-store PUT is atomic
+        retrying(lambda: fs.pipe_file(path, data), f"write {uri}")  # an object-store PUT is atomic
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
@@ -86,18 +150,34 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def fetch_many(uris: Sequence[str]) -> list[bytes | Exception]:
-    """Read many objects at once (concurrently on object stores); a failed read returns its exception."""
+    """Read many objects at once (concurrently on object stores). A missing file returns its
+    FileNotFoundError; transient errors are retried; other failures raise StorageError (the run stops)."""
     by_fs: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
     for i, uri in enumerate(uris):
         fs, path = filesystem(uri)
         by_fs.setdefault(id(fs), (fs, []))[1].append((i, path))
     out: list[bytes | Exception] = [b""] * len(uris)
     for fs, items in by_fs.values():
-        paths = [p for _, p in items]
-        got = _cat(fs, paths)
-        for i, path in items:
-            out[i] = got.get(path, FileNotFoundError(path))
+        pending = dict(items)  # index -> path, still to read
+        for attempt in range(1, ATTEMPTS + 1):
+            got = _cat(fs, list(pending.values()))
+            for i, path in list(pending.items()):
+                data = got.get(path, FileNotFoundError(path))
+                if isinstance(data, Exception) and not is_missing_file(data):
+                    if not is_transient(data) or attempt == ATTEMPTS:
+                        raise StorageError(failure(f"read {uris[i]}", data, attempt))
+                    continue  # read again, with the others that failed, after the back-off
+                out[i] = data
+                del pending[i]
+            if not pending:
+                break
+            time.sleep(_backoff(attempt))
     return out
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1, 2, ...): doubling, capped, with jitter."""
+    return min(_MAX_WAIT, _FIRST_WAIT * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
 def _cat(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | Exception]:

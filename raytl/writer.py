@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -50,12 +51,15 @@ def write_part(batch: pa.Table, output: str, schema: pa.Schema) -> pa.Table:
     return pa.table(counts)
 
 
-def sum_counts(stats: Any) -> dict[str, int]:
-    """Add up the count tables that write_part returned, as they stream in."""
+def sum_counts(stats: Any, check: Callable[[dict[str, int]], None] | None = None) -> dict[str, int]:
+    """Add up the count tables that write_part returned, as they stream in; `check` sees each new total
+    and may raise to stop the run."""
     totals: dict[str, int] = {}
     for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
         for name in batch.column_names:
             totals[name] = totals.get(name, 0) + (pc.sum(batch[name]).as_py() or 0)
+        if check is not None:
+            check(totals)
     return totals
 
 

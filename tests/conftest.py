@@ -14,6 +14,8 @@ AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "raytl-test-key-id",
     "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
     "AWS_DEFAULT_REGION": "us-east-1",
+    # botocore retries 5xx itself by default; off here, so that tests see raytl's own retries at work.
+    "AWS_MAX_ATTEMPTS": "1",
 }
 
 
@@ -28,14 +30,14 @@ def s3_endpoint():
     """A real S3 server on loopback; AWS_ENDPOINT_URL and fake credentials point every client at it."""
     import logging
 
-    from moto.server import ThreadedMotoServer
+    from s3faults import faulty_moto_server
 
     # werkzeug logs every request at INFO through a handler it creates on first use, bound to whatever
     # sys.stderr is then; under capsys that stream is later closed and every request logs a traceback.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = faulty_moto_server("127.0.0.1", port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in [*AWS_ENV, "AWS_ENDPOINT_URL"]}
@@ -66,6 +68,15 @@ def ray_session(s3_endpoint, tmp_path_factory):
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def s3_faults(s3_endpoint):
+    """Rules that make the loopback S3 server fail chosen requests (tests/s3faults.py); cleared after."""
+    from s3faults import FAULTS
+
+    yield FAULTS
+    FAULTS.clear()
 
 
 @pytest.fixture

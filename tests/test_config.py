@@ -13,6 +13,9 @@ def test_defaults_are_the_vgg16_preset():
     assert ExtractConfig.create(source="a", output="b", image_size=64, resize_size=64).resize == 64
 
 
+MAX_ERRORS = "--max-errors must be a count of files (0, 1, ...) or a share below 1 (0.05 or 5%), "
+
+
 @pytest.mark.parametrize(
     "options,message",
     [
@@ -20,6 +23,9 @@ def test_defaults_are_the_vgg16_preset():
         ({"pool": "median"}, "--pool must be one of avg, max, flatten, not 'median'."),
         ({"precision": "int8"}, "--precision must be one of auto, fp32, bf16, fp16, not 'int8'."),
         ({"decode": "tpu"}, "--decode must be one of cpu, gpu, not 'tpu'."),
+        ({"max_errors": "lots"}, MAX_ERRORS + "not 'lots'."),
+        ({"max_errors": "1.5"}, MAX_ERRORS + "not '1.5'."),
+        ({"max_errors": "-3"}, MAX_ERRORS + "not '-3'."),
         ({"image_size": 16}, "--image-size must be an integer between 32 and 2048, not 16."),
         ({"image_size": 64, "resize_size": 60}, "--resize-size must be at least --image-size (64), not 60."),
         ({"batch_size": 0}, "--batch-size must be an integer at least 1, not 0."),
@@ -32,6 +38,13 @@ def test_bad_values(options, message):
     with pytest.raises(ConfigError) as info:
         ExtractConfig.create(**{"source": "a", "output": "b", **options})
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "given,files,limit", [(None, 100, None), ("0", 100, 0), ("7", 100, 7), ("0.05", 1000, 50), ("5%", 30, 1)]
+)
+def test_max_errors_is_a_count_or_a_share(given, files, limit):
+    assert ExtractConfig.create(source="a", output="b", max_errors=given).error_limit(files) == limit
 
 
 def test_cli_options_reach_the_configs():

@@ -168,8 +168,9 @@ def test_default_precision_and_224px_against_torchvision(ray_session, tmp_path):
         (tmp_path / "src" / "x" / f"{i}.jpg").write_bytes(data)
     state = random_state_dict(5)
     torch.save(state, tmp_path / "w.pt")
-    expected = reference_embeddings(files, state, 224)
-    for precision, decode, least in (("auto", "cpu", 0.99), ("bf16", "cpu", 0.99), ("fp32", "gpu", 0.999)):
+    expected = {size: reference_embeddings(files, state, size) for size in (224, 64)}
+    runs = (("auto", "cpu", 224, 0.99), ("bf16", "cpu", 224, 0.99), ("fp32", "gpu", 64, 0.999))
+    for precision, decode, size, least in runs:
         out = tmp_path / f"out-{precision}-{decode}"
         config = ExtractConfig.create(
             source=str(tmp_path / "src"),
@@ -177,13 +178,14 @@ def test_default_precision_and_224px_against_torchvision(ray_session, tmp_path):
             weights=str(tmp_path / "w.pt"),
             precision=precision,
             decode=decode,
+            image_size=size,
         )
         assert extract.run(config)["embedded"] == 3
         table = pq.read_table(out)
         assert json.loads(table.schema.metadata[b"raytl"])["preprocessing"]["decode"] == decode
         rows = {r["path"]: r["embedding"] for r in table.to_pylist()}
         got = np.array([rows[str(tmp_path / "src" / "x" / f"{i}.jpg")] for i in range(3)], np.float32)
-        assert cosine(got, expected).min() >= least, (precision, decode)
+        assert cosine(got, expected[size]).min() >= least, (precision, decode)
 
 
 def test_manifest_and_flatten(ray_session, tmp_path, bucket):
@@ -258,12 +260,26 @@ def test_bad_input_errors(capsys, tmp_path, bucket, small_corpus, s3_endpoint):
     assert not os.path.exists(out)
 
 
-def test_existing_output_is_refused_unless_overwrite(capsys, ray_session, tmp_path, small_corpus):
+def test_rerun_continues_other_options_are_refused_unless_overwrite(
+    capsys, ray_session, tmp_path, small_corpus
+):
     out = tmp_path / "out"
     args = ["extract", small_corpus, str(out), "--weights", "random", "--image-size", "32"]
     assert main(args) == 0
+    parts = {p.name: p.read_bytes() for p in out.glob("part-*")}
+    assert main(args) == 0  # the same command again: everything is already there
+    summary = json.loads((out / "_summary.json").read_text())
+    assert (summary["seen"], summary["skipped"], summary["embedded"], summary["failed"]) == (13, 13, 0, 0)
+    assert {p.name: p.read_bytes() for p in out.glob("part-*")} == parts
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    assert_user_error(capsys, args, "already holds raytl results")
+    assert_user_error(capsys, [*args[:-1], "64"], "holds embeddings made with --image-size 32, not 64;")
+    assert_user_error(
+        capsys,
+        [*args, "--seed", "1"],
+        "holds embeddings made with --weights 'random:seed=0', not 'random:seed=1'",
+    )
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-    assert main([*args, "--overwrite"]) == 0
-    assert pq.read_table(out).num_rows == 13
+    assert main([*args[:-1], "64", "--overwrite"]) == 0
+    table = pq.read_table(out)
+    assert table.num_rows == 13 and str(table.schema.field("embedding").type).endswith("[512]")
+    assert json.loads(table.schema.metadata[b"raytl"])["image_size"] == 64

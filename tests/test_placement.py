@@ -17,9 +17,8 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # the head is the CPU-only node
 gpu_nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
-cpu_node = cluster.add_node(num_cpus=2)
 cluster.wait_for_nodes()
 ray.init(address=cluster.address, logging_level="ERROR")
 
@@ -39,7 +38,6 @@ decoders = [t for t in list_tasks(detail=True, limit=10000) if "decode_batch" in
 print(json.dumps({
     "embedded": summary["embedded"],
     "gpu_nodes": sorted(n.node_id for n in gpu_nodes),
-    "cpu_node": cpu_node.node_id,
     "embedder_nodes": sorted(a.node_id for a in embedders),
     "embedder_gpus": [a.required_resources.get("GPU", 0) for a in embedders],
     "decode_nodes": sorted({t.node_id for t in decoders}),

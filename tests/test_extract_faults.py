@@ -1,0 +1,194 @@
+"""Nothing lost: an embedding actor or the driver killed mid-run, flaky or forbidden S3, --max-errors.
+
+Every test counts rows exactly: each image in the output once, none missing, none twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+from conftest import assert_user_error
+from images import encode, picture, write_corpus
+from s3faults import Rule
+
+from raytl.cli import main
+
+IMAGES = 1000
+OPTIONS = ["--weights", "random", "--image-size", "32", "--precision", "fp32", "--decode-batch", "50"]
+OPTIONS += ["--rows-per-file", "100"]  # many small parts, so that a run can be stopped between them
+
+
+def upload_pictures(bucket: str, prefix: str, count: int) -> dict[str, str]:
+    """count small JPEGs in two classes under s3://bucket/prefix; returns {uri: label}."""
+    client = boto3.client("s3")
+    keys = {f"{prefix}/{'ab'[i % 2]}/{i:04d}.jpg": "ab"[i % 2] for i in range(count)}
+
+    def put(item: tuple[int, str]) -> None:
+        i, key = item
+        client.put_object(Bucket=bucket, Key=key, Body=encode(picture(i, 40, 32), "JPEG", quality=90))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, enumerate(keys)))
+    return {f"s3://{bucket}/{key}": label for key, label in keys.items()}
+
+
+@pytest.fixture(scope="module")
+def corpus(ray_session):
+    bucket = f"raytl-faults-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return bucket, upload_pictures(bucket, "corpus", IMAGES)
+
+
+def start_cli(ray_session, tmp_path, *args) -> subprocess.Popen:
+    """`raytl ARGS` as its own driver process on the session's Ray, as a user would start it."""
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    log = open(tmp_path / f"driver-{uuid.uuid4().hex[:6]}.log", "w")  # noqa: SIM115 (lives with the process)
+    return subprocess.Popen(
+        [sys.executable, "-m", "raytl.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def parts(output: str) -> list[str]:
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    if not fs.exists(output.removeprefix("s3://")):
+        return []
+    return [
+        p
+        for p in fs.ls(output.removeprefix("s3://"), refresh=True)
+        if p.rsplit("/", 1)[-1].startswith("part-")
+    ]
+
+
+def written_paths(output: str) -> list[str]:
+    """Every row's path over all part files, duplicates kept."""
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    paths: list[str] = []
+    for part in parts(output):
+        with fs.open(part, "rb") as f:
+            paths += pq.read_table(f, columns=["path"]).column("path").to_pylist()
+    return paths
+
+
+def summary(output: str) -> dict:
+    return json.loads(
+        s3fs.S3FileSystem(skip_instance_cache=True).cat_file(f"{output.removeprefix('s3://')}/_summary.json")
+    )
+
+
+def pipeline_processes(stage: bytes = b"MapBatches") -> set[int]:
+    """Ray worker processes now running a stage of an extract (their process title names it)."""
+    pids = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"{entry.path}/cmdline", "rb") as f:
+                    title = f.read()
+            except OSError:
+                continue
+            if title.startswith(b"ray::") and stage in title:
+                pids.add(int(entry.name))
+    return pids
+
+
+def wait_for(condition, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.25)  # polling S3 and /proc costs CPU the run under test needs
+
+
+def test_driver_killed_then_rerun_with_an_actor_killed(corpus, ray_session, tmp_path):
+    """SIGKILL the driver halfway; run the same command again, and SIGKILL the model actor's process during
+    that run: the rerun skips what was written, Ray restarts the actor and retries its batch, and every
+    image ends up in the output exactly once."""
+    bucket, expected = corpus
+    output = f"s3://{bucket}/out"
+    args = ["extract", f"s3://{bucket}/corpus", output, *OPTIONS]
+    driver = start_cli(ray_session, tmp_path, *args)
+    wait_for(lambda: len(parts(output)) >= 3, "three part files")
+    driver.kill()
+    driver.wait()
+    wait_for(lambda: not pipeline_processes(), "Ray to end the dead driver's tasks and actors", timeout=120)
+    before = written_paths(output)
+    assert 0 < len(before) < IMAGES and len(set(before)) == len(before)
+
+    rerun = start_cli(ray_session, tmp_path, *args)
+    wait_for(lambda: len(parts(output)) > len(before) / 100, "the rerun's first part file")
+    victims = pipeline_processes(b"MapBatches(Embedder)")
+    assert len(victims) == 1
+    os.kill(victims.pop(), signal.SIGKILL)
+    written_at_kill = len(written_paths(output))
+    actors = set()
+    while rerun.poll() is None:
+        actors |= pipeline_processes(b"MapBatches(Embedder)")
+        time.sleep(0.25)
+    assert rerun.returncode == 0
+    assert actors, "Ray started a new model actor after the kill"
+    assert written_at_kill < IMAGES  # the kill came with work left to do
+
+    done = summary(output)
+    assert (done["seen"], done["skipped"], done["embedded"], done["failed"]) == (
+        IMAGES,
+        len(before),
+        IMAGES - len(before),
+        0,
+    )
+    paths = written_paths(output)
+    assert len(paths) == IMAGES and set(paths) == set(expected)
+
+
+def test_flaky_storage_is_retried(ray_session, bucket, s3_faults):
+    """One read in three fails twice with a 500, one write in two once with a 503 SlowDown: all retried."""
+    expected = upload_pictures(bucket, "corpus", 48)
+    reads = s3_faults.add(Rule(bucket=bucket, prefix="corpus/", status=500, every=3, times=2))
+    writes = s3_faults.add(
+        Rule(bucket=bucket, prefix="out/", method="PUT", status=503, code="SlowDown", every=2, times=1)
+    )
+    output = f"s3://{bucket}/out"
+    assert main(["extract", f"s3://{bucket}/corpus", output, *OPTIONS]) == 0
+    assert reads.injected >= 10 and writes.injected >= 1
+    paths = written_paths(output)
+    assert len(paths) == 48 and set(paths) == set(expected)
+    assert summary(output)["failed"] == 0
+
+
+def test_access_denied_stops_the_run_with_one_sentence(capsys, ray_session, bucket, s3_faults):
+    upload_pictures(bucket, "corpus", 24)
+    rule = Rule(
+        bucket=bucket, prefix="corpus/b/0007", status=403, code="AccessDenied", message="Access Denied"
+    )
+    rule.times = None
+    s3_faults.add(rule)
+    output = f"s3://{bucket}/out"
+    assert_user_error(
+        capsys,
+        ["extract", f"s3://{bucket}/corpus", output, *OPTIONS],
+        f"cannot read s3://{bucket}/corpus/b/0007.jpg: access denied",
+    )
+    assert rule.attempts == {"corpus/b/0007.jpg": 1}  # permanent: never retried
+    assert not s3fs.S3FileSystem().exists(f"{bucket}/out/_summary.json")
+
+
+def test_max_errors_stops_a_run_over_broken_files(capsys, ray_session, tmp_path):
+    write_corpus(tmp_path / "src", {"cat": [1]}, broken=True, strays=False)  # 13 images, 4 broken files
+    src = str(tmp_path / "src")
+    message = assert_user_error(
+        capsys,
+        ["extract", src, str(tmp_path / "out1"), *OPTIONS, "--max-errors", "2"],
+        "more than --max-errors 2",
+    )
+    assert "files could not be read or decoded" in message and "_errors" in message
+    assert main(["extract", src, str(tmp_path / "out2"), *OPTIONS, "--max-errors", "25%"]) == 0  # 4 of 17
+    done = json.loads((tmp_path / "out2" / "_summary.json").read_text())
+    assert (done["embedded"], done["failed"]) == (13, 4)

@@ -1,0 +1,73 @@
+"""Storage faults against the loopback S3 server: transient errors retried, permanent ones one sentence."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+from s3faults import Rule
+
+from raytl import storage
+
+
+@pytest.fixture
+def objects(bucket, monkeypatch):
+    monkeypatch.setattr(storage, "_FIRST_WAIT", 0.01)  # the same back-off, faster
+    client = boto3.client("s3")
+    uris = []
+    for i in range(6):
+        client.put_object(Bucket=bucket, Key=f"in/{i}.jpg", Body=f"image {i}".encode())
+        uris.append(f"s3://{bucket}/in/{i}.jpg")
+    return uris
+
+
+def test_transient_errors_are_retried(objects, bucket, s3_faults):
+    rule = s3_faults.add(Rule(bucket=bucket, prefix="in/", status=500, times=2))
+    assert storage.fetch_many(objects) == [f"image {i}".encode() for i in range(6)]
+    assert rule.injected == 12 and set(rule.attempts.values()) == {3}  # two failures, then the read
+
+
+def test_writes_are_retried(bucket, s3_faults, monkeypatch):
+    monkeypatch.setattr(storage, "_FIRST_WAIT", 0.01)
+    rule = s3_faults.add(Rule(bucket=bucket, method="PUT", status=500, times=3))
+    storage.write_bytes(f"s3://{bucket}/out/part-1.parquet", b"rows")
+    assert storage.read_bytes(f"s3://{bucket}/out/part-1.parquet") == b"rows"
+    assert rule.injected == 3
+
+
+def test_retries_run_out_with_one_sentence(objects, bucket, s3_faults):
+    s3_faults.add(Rule(bucket=bucket, prefix="in/3", status=500, times=None))
+    with pytest.raises(storage.StorageError) as info:
+        storage.fetch_many(objects)
+    assert str(info.value).startswith(f"cannot read s3://{bucket}/in/3.jpg: ")
+    assert f"still failing after {storage.ATTEMPTS} attempts" in str(info.value)
+
+
+def test_access_denied_fails_at_once(objects, bucket, s3_faults):
+    rule = s3_faults.add(
+        Rule(
+            bucket=bucket, prefix="in/2", status=403, code="AccessDenied", message="Access Denied", times=None
+        )
+    )
+    with pytest.raises(storage.StorageError, match=f"cannot read s3://{bucket}/in/2.jpg: access denied"):
+        storage.fetch_many(objects)
+    assert rule.attempts == {"in/2.jpg": 1}  # permanent: not retried
+
+
+def test_a_missing_file_is_the_files_problem_a_missing_bucket_the_runs(objects, bucket):
+    got = storage.fetch_many([objects[0], f"s3://{bucket}/in/gone.jpg"])
+    assert got[0] == b"image 0" and isinstance(got[1], FileNotFoundError)
+    with pytest.raises(
+        storage.StorageError, match="cannot read s3://raytl-no-such-bucket/a.jpg: .*no such bucket"
+    ):
+        storage.fetch_many(["s3://raytl-no-such-bucket/a.jpg"])
+
+
+def test_transient_is_told_from_permanent():
+    assert storage.is_transient(TimeoutError("read timed out"))
+    assert storage.is_transient(
+        OSError("An error occurred (SlowDown) when calling GetObject: reduce your request rate")
+    )
+    assert storage.is_transient(OSError("Server disconnected"))
+    assert not storage.is_transient(PermissionError("Access Denied"))
+    assert not storage.is_transient(FileNotFoundError("/data/500/image.jpg"))
+    assert not storage.is_transient(OSError("[Errno 28] No space left on device"))
