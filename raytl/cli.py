@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune(sub.add_parser("finetune", help="fine-tune VGG16 with a new head on the images, Ray Train"))
     add_predict(sub.add_parser("predict", help="classify images or embeddings with a trained model"))
     add_quickstart(sub.add_parser("quickstart", help="run the main job on a small built-in corpus"))
+    add_pack(sub.add_parser("pack", help="pack loose image files into WebDataset tar shards"))
+    add_list(sub.add_parser("list", help="list a class-per-folder SOURCE once into a reusable manifest"))
     return parser
 
 
@@ -89,6 +91,7 @@ def add_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-errors", help="stop when more files than this count (100) or share (0.01, 1%%) are broken"
     )
+    p.add_argument("--label-field", help="tar shards: cls | txt | json:FIELD (default: KEY.cls when present)")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random")
     p.add_argument("--overwrite", action="store_true", help="replace raytl results already in OUTPUT")
     p.set_defaults(run=run_extract)
@@ -273,6 +276,41 @@ def run_quickstart(args: argparse.Namespace) -> int:
     from raytl import quickstart
 
     return quickstart.run(args.workdir)
+
+
+def add_pack(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="SOURCE OUTPUT_PREFIX, or OUTPUT_PREFIX with --manifest"
+    )
+    p.add_argument("--manifest", help="CSV or Parquet file with columns path and optional label")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already under OUTPUT_PREFIX")
+    p.set_defaults(run=run_pack)
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from raytl import pack
+
+    expected = 1 if args.manifest else 2
+    if len(args.paths) != expected:
+        usage = "OUTPUT_PREFIX with --manifest" if args.manifest else "SOURCE OUTPUT_PREFIX"
+        raise ConfigError(f"pack takes {usage}, not {len(args.paths)} paths: {' '.join(args.paths)}.")
+    source = None if args.manifest else args.paths[0]
+    print(json.dumps(pack.run(source, args.manifest, args.paths[-1], args.shard_size, args.overwrite)))
+    return 0
+
+
+def add_list(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="SOURCE", help="class-per-folder images (folder or URI)")
+    p.add_argument("manifest", metavar="MANIFEST", help="the manifest to write: .parquet or .csv")
+    p.set_defaults(run=run_list)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from raytl import pack
+
+    print(json.dumps(pack.write_manifest(args.source, args.manifest)))
+    return 0
 
 
 if __name__ == "__main__":

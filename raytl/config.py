@@ -75,6 +75,7 @@ class ExtractConfig:
     rows_per_file: int = 8192  # rows per Parquet part file
     max_pixels: int = 89_478_485  # larger images are refused as decompression bombs (Pillow's default)
     max_errors: int | float | None = None  # fail when more files than this (or this share) are broken
+    label_field: str | None = None  # tar shards: cls | txt | json:FIELD; None: KEY.cls when present
     seed: int = 0  # seeds --weights random
     overwrite: bool = False  # replace an OUTPUT that already holds raytl embeddings
 
@@ -112,6 +113,13 @@ class ExtractConfig:
             raise ConfigError(f"--pool {self.pool} applies to --layer pool5 only, not --layer {self.layer}.")
         if not self.weights:
             raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
+        label = self.label_field
+        if (
+            label is not None
+            and label not in ("cls", "txt")
+            and not (label.startswith("json:") and label[5:])
+        ):
+            raise ConfigError(f"--label-field must be cls, txt or json:FIELD, not {label!r}.")
 
     def error_limit(self, files: int) -> int | None:
         """How many of `files` may fail before the run stops (None: no limit)."""

@@ -17,11 +17,12 @@ import ray
 
 import raytl
 from raytl import output, storage, writer
-from raytl.config import Decode, ExtractConfig
+from raytl.config import ConfigError, Decode, ExtractConfig
 from raytl.embed import Embedder
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD, embedding_dim, load_weights
 from raytl.preprocess import Transform, decode_batch, fetch_batch
 from raytl.reader import Corpus, list_corpus
+from raytl.shards import read_shards
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +54,18 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     """Validate inputs, skip what OUTPUT already holds, run the pipeline, write `_summary.json`."""
     corpus = list_corpus(config.source, config.manifest)  # fails fast on a missing or empty SOURCE
     weights = load_weights(config.weights, config.layer, config.seed)  # fails fast on bad weights
-    done = output.resume(config, output.run_record(config, weights.id))  # refuses other options' OUTPUT
-    todo = Corpus(
-        corpus.table.filter(pc.invert(pc.is_in(corpus.table["path"], value_set=done))), corpus.ignored
-    )
-    skipped = corpus.table.num_rows - todo.table.num_rows
-    if skipped:
-        log.warning(
-            "resuming: %d of %d images are already in %s", skipped, corpus.table.num_rows, config.output
+    if corpus.shards and config.decode == Decode.GPU:
+        raise ConfigError(
+            "--decode gpu reads loose image files; tar shards are decoded on CPU (--decode cpu)."
         )
+    done = output.resume(config, output.run_record(config, weights.id))  # refuses other options' OUTPUT
+    if corpus.shards:  # samples are found inside the shards: their readers skip the done ones
+        todo, skipped = Corpus(corpus.table, 0, shards=True, skip=done), len(done)
+    else:
+        todo = Corpus(corpus.table.filter(pc.invert(pc.is_in(corpus.table["path"], value_set=done))), 0)
+        skipped = corpus.table.num_rows - todo.table.num_rows
+    if skipped:
+        log.warning("resuming: %d images are already in %s and are skipped", skipped, config.output)
     dim = embedding_dim(config.layer, config.pool, config.image_size)
     metadata = embeddings_metadata(config, weights.id, dim)
     log.info("extract config: %s", config.to_json())
@@ -77,7 +81,7 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     embedded, failed = counts.get("embedded", 0), counts.get("failed", 0)
     wall = time.perf_counter() - started
     summary = {
-        "seen": corpus.table.num_rows,
+        "seen": embedded + failed + skipped if corpus.shards else corpus.table.num_rows,
         "embedded": embedded,
         "failed": failed,
         "skipped": skipped,
@@ -132,7 +136,9 @@ def build(
         fn_kwargs={"output": config.output, "schema": writer.embeddings_schema(dim, metadata)},
         batch_size=rows_per_file,
         batch_format="pyarrow",
-        num_cpus=0.25,  # mostly waiting on storage
+        # Mostly waiting on storage. Reserving any CPU starves it on a small node: with decode tasks and
+        # the model actor holding every CPU, parts were only written once decoding had finished.
+        num_cpus=0,
     )
 
 
@@ -145,35 +151,51 @@ def embedded(
     batch_size = config.batch_size or (256 if gpu else 32)
     transform = Transform(config.image_size, config.resize, config.max_pixels)
     on_device = config.decode == Decode.GPU  # CPU tasks then only fetch and check headers
-    return (
-        ray.data.from_arrow(_blocks(corpus.table, config.decode_batch))
-        .map_batches(
-            fetch_batch if on_device else decode_batch,  # type: ignore[arg-type]
-            fn_kwargs={"transform": transform},
-            batch_size=config.decode_batch,
-            batch_format="numpy",
-            num_cpus=1,
-        )
-        .map_batches(
-            Embedder,
-            fn_constructor_kwargs={
-                "state_dict": weights_ref,
-                "layer": config.layer,
-                "pool": config.pool,
-                "precision": config.precision,
-                "batch_size": batch_size,
-                # On CPU-only clusters each actor's torch uses its share of the cores.
-                "threads": None if gpu else max(1, resources.cpus // actors),
-                "device_decode": transform if on_device else None,
-                "compile": config.compile,
+    return decoded(config, corpus, transform).map_batches(
+        Embedder,
+        fn_constructor_kwargs={
+            "state_dict": weights_ref,
+            "layer": config.layer,
+            "pool": config.pool,
+            "precision": config.precision,
+            "batch_size": batch_size,
+            # On CPU-only clusters each actor's torch uses its share of the cores.
+            "threads": None if gpu else max(1, resources.cpus // actors),
+            "device_decode": transform if on_device else None,
+            "compile": config.compile,
+        },
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_gpus=1 if gpu else 0,
+        num_cpus=1,
+        memory=_ACTOR_MEMORY,
+    )
+
+
+def decoded(config: ExtractConfig, corpus: Corpus, transform: Transform) -> ray.data.Dataset:
+    """Rows (path, label, image or JPEG data, error) from CPU tasks: loose files a batch a task, or a
+    whole tar shard a task, streamed out in batches."""
+    if corpus.shards:
+        skip = corpus.skip.to_pylist() if corpus.skip is not None else []
+        return ray.data.from_arrow(_blocks(corpus.table, 1)).map_batches(
+            read_shards,  # type: ignore[arg-type]
+            fn_kwargs={
+                "transform": transform,
+                "label_field": config.label_field,
+                "batch_size": config.decode_batch,
+                "skip": ray.put(set(skip)) if skip else None,
             },
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            batch_size=batch_size,
+            batch_size=1,
             batch_format="numpy",
-            num_gpus=1 if gpu else 0,
             num_cpus=1,
-            memory=_ACTOR_MEMORY,
         )
+    return ray.data.from_arrow(_blocks(corpus.table, config.decode_batch)).map_batches(
+        fetch_batch if config.decode == Decode.GPU else decode_batch,  # type: ignore[arg-type]
+        fn_kwargs={"transform": transform},
+        batch_size=config.decode_batch,
+        batch_format="numpy",
+        num_cpus=1,
     )
 
 

@@ -41,6 +41,7 @@ def run_record(config: ExtractConfig, weights_id: str) -> dict[str, Any]:
         "--precision": str(config.precision),
         "--decode": str(config.decode),
         "--max-pixels": config.max_pixels,
+        "--label-field": config.label_field or "",
     }
 
 

@@ -82,7 +82,7 @@ def run(
         fn_kwargs={"output": output, "schema": predictions_schema(model, model_dir)},
         batch_size=8192,
         batch_format="pyarrow",
-        num_cpus=0.25,
+        num_cpus=0,  # as extract's writer: never starved by decode tasks
     )
     with extract.user_errors():
         counts = writer.sum_counts(stats)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import posixpath
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from raytl import storage
+from raytl import shards, storage
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ class Corpus:
 
     table: pa.Table
     ignored: int  # files that were listed but are not images
+    shards: bool = False  # rows are WebDataset tar shards (path = shard URI), not images
+    skip: pa.Array | None = None  # shards: SHARD#KEY paths already in OUTPUT (resume)
 
 
 def is_image(path: str) -> bool:
@@ -34,7 +37,15 @@ def is_image(path: str) -> bool:
 
 def list_corpus(source: str | None, manifest: str | None = None) -> Corpus:
     """List SOURCE or read MANIFEST; raises StorageError on a missing or empty corpus."""
-    corpus = read_manifest(manifest) if manifest else list_folder(source or "")
+    if source and "{" in source:  # a brace pattern of WebDataset shards, never listed
+        shard_uris = shards.expand(source)
+        return Corpus(pa.table([shard_uris, [""] * len(shard_uris)], schema=CORPUS_SCHEMA), 0, shards=True)
+    if manifest:
+        corpus = read_manifest(manifest)
+    elif (source or "").lower().endswith(".zip"):
+        corpus = list_zip(source or "")
+    else:
+        corpus = list_folder(source or "")
     if corpus.table.num_rows == 0:
         where = f"manifest {manifest}" if manifest else f"SOURCE {source}"
         raise storage.StorageError(
@@ -63,6 +74,10 @@ def list_folder(source: str) -> Corpus:
         raise storage.StorageError(
             f"SOURCE {storage.redact(source)} cannot be listed: {storage.describe_error(exc)}."
         ) from None
+    tars = [storage.to_uri(fs, f) for f in files if shards.is_shard(f)]
+    if tars and not any(is_image(f) for f in files):
+        log.info("listed %d WebDataset shards under %s", len(tars), source)
+        return Corpus(pa.table([tars, [""] * len(tars)], schema=CORPUS_SCHEMA), len(files) - len(tars), True)
     paths, labels = [], []
     for file in files:
         if not is_image(file):
@@ -74,6 +89,28 @@ def list_folder(source: str) -> Corpus:
         "listed %d images under %s (%d other files ignored)", len(paths), source, len(files) - len(paths)
     )
     return Corpus(pa.table([paths, labels], schema=CORPUS_SCHEMA), ignored=len(files) - len(paths))
+
+
+def list_zip(source: str) -> Corpus:
+    """A zip of class-per-folder images, read in place: only its central directory is fetched here, and each
+    image becomes `zip://MEMBER::SOURCE`, a URI fsspec reads with range requests."""
+    target = source if "://" in source else "file://" + os.path.abspath(source)
+    try:
+        fs, _ = storage.filesystem(f"zip://::{target}")
+        members = sorted(fs.find("", withdirs=False))
+    except FileNotFoundError:
+        raise storage.StorageError(f"SOURCE {storage.redact(source)} does not exist.") from None
+    except Exception as exc:
+        raise storage.StorageError(
+            f"SOURCE {storage.redact(source)} is not a readable zip file: {storage.describe_error(exc)}."
+        ) from None
+    images = [m.lstrip("/") for m in members if is_image(m)]
+    tops = {m.split("/", 1)[0] for m in images}
+    # A zip of the corpus folder itself (corpus/<label>/<file>): labels are one level down.
+    depth = 1 if len(tops) == 1 and all(m.count("/") >= 2 for m in images) else 0
+    labels = [m.split("/")[depth] if m.count("/") > depth else "" for m in images]
+    paths = [f"zip://{m}::{target}" for m in images]
+    return Corpus(pa.table([paths, labels], schema=CORPUS_SCHEMA), ignored=len(members) - len(images))
 
 
 def read_manifest(manifest: str) -> Corpus:

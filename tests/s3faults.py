@@ -26,11 +26,14 @@ class Rule:
     message: str = "We encountered an internal error. Please try again."
     every: int = 1
     times: int | None = 2
+    listing: bool = False  # only bucket listings (GET on the bucket itself)
     attempts: dict[str, int] = field(default_factory=dict)
     injected: int = 0
 
     def fails(self, method: str, bucket: str, key: str) -> bool:
         if method != self.method or bucket != self.bucket or not key.startswith(self.prefix):
+            return False
+        if self.listing and key:
             return False
         if zlib.crc32(key.encode()) % self.every:
             return False

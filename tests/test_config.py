@@ -24,6 +24,8 @@ MAX_ERRORS = "--max-errors must be a count of files (0, 1, ...) or a share below
         ({"precision": "int8"}, "--precision must be one of auto, fp32, bf16, fp16, not 'int8'."),
         ({"decode": "tpu"}, "--decode must be one of cpu, gpu, not 'tpu'."),
         ({"max_errors": "lots"}, MAX_ERRORS + "not 'lots'."),
+        ({"label_field": "caption"}, "--label-field must be cls, txt or json:FIELD, not 'caption'."),
+        ({"label_field": "json:"}, "--label-field must be cls, txt or json:FIELD, not 'json:'."),
         ({"max_errors": "1.5"}, MAX_ERRORS + "not '1.5'."),
         ({"max_errors": "-3"}, MAX_ERRORS + "not '-3'."),
         ({"image_size": 16}, "--image-size must be an integer between 32 and 2048, not 16."),

@@ -1,0 +1,101 @@
+"""`raytl pack` (loose files -> WebDataset tar shards, a Ray task a shard) and `raytl list` (a manifest)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+import tarfile
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from raytl import storage
+from raytl.config import ConfigError
+from raytl.reader import Corpus, list_corpus
+
+log = logging.getLogger(__name__)
+
+
+def run(source: str | None, manifest: str | None, prefix: str, shard_size: int, overwrite: bool) -> dict:
+    """Pack the listed images into PREFIX/00000.tar, 00001.tar, ...: KEY.<ext> (the file's bytes as they
+    are), KEY.cls (the label) and KEY.json (label and source URI); returns counts and the brace pattern."""
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size must be an integer at least 1, not {shard_size!r}.")
+    corpus = _loose(source, manifest)
+    fs, root = storage.filesystem(prefix)
+    existing = [p for p in fs.ls(root, detail=False) if p.endswith(".tar")] if fs.exists(root) else []
+    if existing and not overwrite:
+        raise storage.StorageError(
+            f"{storage.redact(prefix)} already holds {len(existing)} tar shards; "
+            "pass --overwrite to replace them or choose another prefix."
+        )
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    rows = corpus.table.num_rows
+    shards = (rows + shard_size - 1) // shard_size
+    pending = [
+        _write_shard.remote(i, corpus.table.slice(i * shard_size, shard_size), prefix) for i in range(shards)
+    ]
+    written = sum(ray.get(pending))
+    pattern = storage.join(prefix, "{" + f"{0:05d}..{shards - 1:05d}" + "}.tar")
+    return {
+        "images": rows,
+        "packed": written,
+        "missing": rows - written,
+        "shards": shards,
+        "pattern": pattern,
+    }
+
+
+@ray.remote(num_cpus=1, max_retries=3)
+def _write_shard(index: int, rows: pa.Table, prefix: str) -> int:
+    """One shard, built in memory and written whole (so a retried task rewrites the same file)."""
+    paths, labels = rows["path"].to_pylist(), rows["label"].to_pylist()
+    buffer = io.BytesIO()
+    packed = 0
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for j, (path, label, data) in enumerate(zip(paths, labels, storage.fetch_many(paths), strict=True)):
+            if isinstance(data, Exception):
+                log.warning("not packed, cannot read %s: %s", path, storage.describe_error(data))
+                continue
+            key = f"{index:05d}{j:06d}"
+            extension = posixpath.splitext(path)[1].lower() or ".jpg"
+            meta = json.dumps({"label": label, "source": storage.redact(path)}).encode()
+            for name, member in (
+                (key + extension, data),
+                (key + ".cls", label.encode()),
+                (key + ".json", meta),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(member)
+                tar.addfile(info, io.BytesIO(member))
+            packed += 1
+    storage.write_bytes(storage.join(prefix, f"{index:05d}.tar"), buffer.getvalue())
+    return packed
+
+
+def write_manifest(source: str, manifest: str) -> dict[str, Any]:
+    """`raytl list`: list a class-per-folder SOURCE once and write (path, label) as Parquet or CSV."""
+    corpus = _loose(source, None)
+    sink = io.BytesIO()
+    if manifest.lower().endswith((".parquet", ".pq")):
+        pq.write_table(corpus.table, sink)
+    elif manifest.lower().endswith(".csv"):
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(corpus.table, sink)
+    else:
+        raise ConfigError(f"MANIFEST must end in .parquet or .csv, not {manifest!r}.")
+    storage.write_bytes(manifest, sink.getvalue())
+    return {"images": corpus.table.num_rows, "ignored_non_images": corpus.ignored, "manifest": manifest}
+
+
+def _loose(source: str | None, manifest: str | None) -> Corpus:
+    corpus = list_corpus(source, manifest)
+    if corpus.shards:
+        raise ConfigError(f"SOURCE {storage.redact(source or '')} is already tar shards.")
+    return corpus
