@@ -55,11 +55,17 @@ def sum_counts(stats: Any, check: Callable[[dict[str, int]], None] | None = None
     """Add up the count tables that write_part returned, as they stream in; `check` sees each new total
     and may raise to stop the run."""
     totals: dict[str, int] = {}
-    for batch in stats.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for name in batch.column_names:
-            totals[name] = totals.get(name, 0) + (pc.sum(batch[name]).as_py() or 0)
-        if check is not None:
-            check(totals)
+    batches = iter(stats.iter_batches(batch_size=None, batch_format="pyarrow"))
+    try:
+        for batch in batches:
+            for name in batch.column_names:
+                totals[name] = totals.get(name, 0) + (pc.sum(batch[name]).as_py() or 0)
+            if check is not None:
+                check(totals)
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # a run stopped early shuts its tasks and actors down now, not when collected
     return totals
 
 
