@@ -198,6 +198,7 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize-size", type=int, help="validation: shorter side before the crop")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no random crops and flips")
     p.add_argument("--min-crop-scale", type=float, default=0.08, help="smallest random crop, share of area")
+    p.add_argument("--label-field", help="tar shards: cls | txt | json:FIELD (default: KEY.cls when present)")
     p.add_argument("--precision", default="auto", help=f"{' | '.join(c.value for c in Precision)}")
     p.add_argument("--decode-batch", type=int, default=32, help="files per decode task call")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="larger images are skipped")

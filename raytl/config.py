@@ -113,13 +113,7 @@ class ExtractConfig:
             raise ConfigError(f"--pool {self.pool} applies to --layer pool5 only, not --layer {self.layer}.")
         if not self.weights:
             raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
-        label = self.label_field
-        if (
-            label is not None
-            and label not in ("cls", "txt")
-            and not (label.startswith("json:") and label[5:])
-        ):
-            raise ConfigError(f"--label-field must be cls, txt or json:FIELD, not {label!r}.")
+        _check_label_field(self.label_field)
 
     def error_limit(self, files: int) -> int | None:
         """How many of `files` may fail before the run stops (None: no limit)."""
@@ -263,6 +257,7 @@ class FinetuneConfig:
     backbone_lr: float | None = None  # the unfrozen VGG16 layers'; None: lr / 10
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
+    label_field: str | None = None  # tar shards: cls | txt | json:FIELD; None: KEY.cls when present
     epochs: int = 10
     warmup_epochs: float = 1.0  # linear warm-up from lr/100, then cosine decay to zero
     batch_size: int = 32  # images per step per worker; the global batch is workers x batch_size
@@ -330,6 +325,7 @@ class FinetuneConfig:
             raise ConfigError(f"--min-crop-scale must be in (0, 1], not {self.min_crop_scale!r}.")
         if not self.weights:
             raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
+        _check_label_field(self.label_field)
 
     @property
     def resize(self) -> int:
@@ -344,3 +340,8 @@ class FinetuneConfig:
     def to_json(self) -> str:
         """The whole config as JSON, for logs and for checking that a rerun resumes the same run."""
         return json.dumps({k: str(v) if isinstance(v, Choice) else v for k, v in asdict(self).items()})
+
+
+def _check_label_field(label: str | None) -> None:
+    if label is not None and label not in ("cls", "txt") and not (label.startswith("json:") and label[5:]):
+        raise ConfigError(f"--label-field must be cls, txt or json:FIELD, not {label!r}.")

@@ -16,12 +16,12 @@ import pyarrow.compute as pc
 import ray
 
 import raytl
-from raytl import output, storage, writer
+from raytl import doneset, output, storage, writer
 from raytl.config import ConfigError, Decode, ExtractConfig
 from raytl.embed import Embedder
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD, embedding_dim, load_weights
 from raytl.preprocess import Transform, decode_batch, fetch_batch
-from raytl.reader import Corpus, list_corpus
+from raytl.reader import Corpus, list_corpus, manifest_rows
 from raytl.shards import read_shards
 
 log = logging.getLogger(__name__)
@@ -52,18 +52,15 @@ class ExtractError(ValueError):
 
 def run(config: ExtractConfig) -> dict[str, Any]:
     """Validate inputs, skip what OUTPUT already holds, run the pipeline, write `_summary.json`."""
-    corpus = list_corpus(config.source, config.manifest)  # fails fast on a missing or empty SOURCE
+    # Fails fast on a missing or empty SOURCE; a manifest is only opened (Ray Data tasks read its rows).
+    corpus = list_corpus(config.source, config.manifest, stream=True)
     weights = load_weights(config.weights, config.layer, config.seed)  # fails fast on bad weights
     if corpus.shards and config.decode == Decode.GPU:
         raise ConfigError(
             "--decode gpu reads loose image files; tar shards are decoded on CPU (--decode cpu)."
         )
     done = output.resume(config, output.run_record(config, weights.id))  # refuses other options' OUTPUT
-    if corpus.shards:  # samples are found inside the shards: their readers skip the done ones
-        todo, skipped = Corpus(corpus.table, 0, shards=True, skip=done), len(done)
-    else:
-        todo = Corpus(corpus.table.filter(pc.invert(pc.is_in(corpus.table["path"], value_set=done))), 0)
-        skipped = corpus.table.num_rows - todo.table.num_rows
+    todo, total, skipped = pending(corpus, done)
     if skipped:
         log.warning("resuming: %d images are already in %s and are skipped", skipped, config.output)
     dim = embedding_dim(config.layer, config.pool, config.image_size)
@@ -71,17 +68,17 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     log.info("extract config: %s", config.to_json())
     started = time.perf_counter()
     counts: dict[str, int] = {}
-    if todo.table.num_rows:
+    if total != 0:
         if not ray.is_initialized():
             ray.init(logging_level=logging.WARNING)
-        stats = build(config, todo, ray.put(weights.state_dict), Resources.of_cluster(), metadata)
-        limit = config.error_limit(todo.table.num_rows)
+        stats = build(config, todo, ray.put(weights.state_dict), Resources.of_cluster(), metadata, done)
         with user_errors():
-            counts = writer.sum_counts(stats, check=lambda totals: _check_errors(totals, limit, config))
+            counts = writer.sum_counts(stats, check=lambda totals: _check_errors(totals, total, config))
+            _check_errors(counts, total, config, final=True)
     embedded, failed = counts.get("embedded", 0), counts.get("failed", 0)
     wall = time.perf_counter() - started
     summary = {
-        "seen": embedded + failed + skipped if corpus.shards else corpus.table.num_rows,
+        "seen": embedded + failed + skipped,
         "embedded": embedded,
         "failed": failed,
         "skipped": skipped,
@@ -95,9 +92,35 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     return summary
 
 
-def _check_errors(totals: dict[str, int], limit: int | None, config: ExtractConfig) -> None:
+def pending(corpus: Corpus, done: output.Done) -> tuple[Corpus, int | None, int]:
+    """The corpus less what OUTPUT holds, how many images that leaves (None: known only once read) and
+    how many it skips."""
+    if corpus.shards:  # samples are found inside the shards: their readers skip the done ones
+        skip = doneset.build(done.dataset()) if done.rows else None
+        return Corpus(corpus.table, 0, shards=True, skip=skip), None, done.rows
+    if corpus.manifest is not None:  # its rows are read by tasks, which drop the done ones (`listing`)
+        rows = corpus.manifest.rows
+        return corpus, None if rows is None else max(0, rows - done.rows), done.rows
+    table = corpus.table
+    if done.rows:
+        table = table.filter(pc.invert(pc.is_in(table["path"], value_set=done.paths())))
+    return Corpus(table, 0), table.num_rows, corpus.table.num_rows - table.num_rows
+
+
+# --max-errors as a share, when the number of images is unknown (CSV manifest, shards): judged on the
+# images seen so far once there are this many, and on all of them at the end.
+_ERROR_SHARE_AFTER = 1000
+
+
+def _check_errors(
+    totals: dict[str, int], total: int | None, config: ExtractConfig, final: bool = False
+) -> None:
     """--max-errors: stop as soon as more files than allowed have failed (a mis-pointed SOURCE)."""
     failed = totals.get("failed", 0)
+    seen = failed + totals.get("embedded", 0)
+    if total is None and isinstance(config.max_errors, float) and not final and seen < _ERROR_SHARE_AFTER:
+        return
+    limit = config.error_limit(seen if total is None else total)
     if limit is not None and failed > limit:
         raise ExtractError(
             f"{failed} files could not be read or decoded, more than --max-errors {config.max_errors} allows "
@@ -126,12 +149,17 @@ _STORAGE_ERROR = re.compile(r"raytl\.storage\.StorageError: (.+)")
 
 
 def build(
-    config: ExtractConfig, corpus: Corpus, weights_ref: Any, resources: Resources, metadata: dict
+    config: ExtractConfig,
+    corpus: Corpus,
+    weights_ref: Any,
+    resources: Resources,
+    metadata: dict,
+    done: output.Done = output.NOTHING,
 ) -> ray.data.Dataset:
     """The whole pipeline: listed paths -> decode (CPU tasks) -> embed (actors) -> write Parquet parts."""
     dim = metadata["dim"]
     rows_per_file = max(1, min(config.rows_per_file, _TARGET_FILE_BYTES // (4 * dim)))
-    return embedded(config, corpus, weights_ref, resources).map_batches(
+    return embedded(config, corpus, weights_ref, resources, done).map_batches(
         writer.write_part,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
         fn_kwargs={"output": config.output, "schema": writer.embeddings_schema(dim, metadata)},
         batch_size=rows_per_file,
@@ -143,7 +171,11 @@ def build(
 
 
 def embedded(
-    config: ExtractConfig, corpus: Corpus, weights_ref: Any, resources: Resources
+    config: ExtractConfig,
+    corpus: Corpus,
+    weights_ref: Any,
+    resources: Resources,
+    done: output.Done = output.NOTHING,
 ) -> ray.data.Dataset:
     """Rows (path, label, embedding, error): decoded by CPU tasks, embedded by the model actor pool."""
     gpu = resources.gpus > 0
@@ -151,7 +183,7 @@ def embedded(
     batch_size = config.batch_size or (256 if gpu else 32)
     transform = Transform(config.image_size, config.resize, config.max_pixels)
     on_device = config.decode == Decode.GPU  # CPU tasks then only fetch and check headers
-    return decoded(config, corpus, transform).map_batches(
+    return decoded(config, corpus, listing(config, corpus, done), transform).map_batches(
         Embedder,
         fn_constructor_kwargs={
             "state_dict": weights_ref,
@@ -173,24 +205,34 @@ def embedded(
     )
 
 
-def decoded(config: ExtractConfig, corpus: Corpus, transform: Transform) -> ray.data.Dataset:
+def listing(config: ExtractConfig, corpus: Corpus, done: output.Done) -> ray.data.Dataset:
+    """Rows (path, label) still to read, in blocks of --decode-batch rows (of one shard for shards)."""
+    if corpus.manifest is None:  # listed on the driver (loose files: done ones dropped by `pending`)
+        return ray.data.from_arrow(_blocks(corpus.table, 1 if corpus.shards else config.decode_batch))
+    skip = doneset.build(done.dataset()) if done.rows else None
+    return manifest_rows(corpus.manifest, config.decode_batch, skip)
+
+
+def decoded(
+    config: ExtractConfig, corpus: Corpus, rows: ray.data.Dataset, transform: Transform
+) -> ray.data.Dataset:
     """Rows (path, label, image or JPEG data, error) from CPU tasks: loose files a batch a task, or a
     whole tar shard a task, streamed out in batches."""
     if corpus.shards:
-        skip = corpus.skip.to_pylist() if corpus.skip is not None else []
-        return ray.data.from_arrow(_blocks(corpus.table, 1)).map_batches(
+        return rows.map_batches(
             read_shards,  # type: ignore[arg-type]
             fn_kwargs={
                 "transform": transform,
                 "label_field": config.label_field,
                 "batch_size": config.decode_batch,
-                "skip": ray.put(set(skip)) if skip else None,
+                "skip": corpus.skip,
+                "keep": ray.put(set(corpus.keep.to_pylist())) if corpus.keep is not None else None,
             },
             batch_size=1,
             batch_format="numpy",
             num_cpus=1,
         )
-    return ray.data.from_arrow(_blocks(corpus.table, config.decode_batch)).map_batches(
+    return rows.map_batches(
         fetch_batch if config.decode == Decode.GPU else decode_batch,  # type: ignore[arg-type]
         fn_kwargs={"transform": transform},
         batch_size=config.decode_batch,

@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import raytl
-from raytl import extract, predict, split, storage
+from raytl import extract, predict, shards, split, storage
 from raytl import metrics as classification
 from raytl.config import ConfigError, ExtractConfig, FinetuneConfig, Freeze, Head, Layer, Optimizer, Pool
 from raytl.head import METRICS_FILE, MODEL_FILE, MODEL_JSON, Model
@@ -31,9 +31,10 @@ from raytl.models import (
     load_weights,
     resolve_precision,
 )
-from raytl.preprocess import TrainTransform, Transform, decode_batch
+from raytl.output import NOTHING
+from raytl.preprocess import TrainTransform, Transform
 from raytl.probe import collective_backend, scaling
-from raytl.reader import Corpus, list_corpus
+from raytl.reader import CORPUS_SCHEMA, Corpus, list_corpus
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +56,11 @@ _CACHE_FRACTION = 0.25
 
 def run(config: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune, write MODEL_DIR (backbone.pt, model.pt, model.json, metrics.json); returns the metrics."""
-    train, val, classes = split_corpus(config)
+    train, val, classes = split_corpus(config)  # listing shards takes a Ray pass: it starts Ray
     layer = Layer.FC7 if config.head == Head.FC7 else Layer.POOL5
     weights = load_weights(config.weights, layer, config.seed)
     resuming = prepare_model_dir(config)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+    _init_ray()
     log.info("finetune config: %s (%s)", config.to_json(), "resuming" if resuming else "new run")
     weights_ref = ray.put(weights.state_dict)
     result = fit(config, train, val, classes, weights_ref)
@@ -72,8 +72,8 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
         head=str(config.head),
         kind="finetune",
         best_epoch=best["epoch"],
-        train_samples=_counts(train, classes),
-        val_samples=_counts(val, classes),
+        train_samples=_counts(train.table, classes),
+        val_samples=_counts(val.table, classes),
         history=latest["history"],
         resumed_at_epochs=latest["resumed"],
     )
@@ -84,19 +84,37 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
 # --- inputs: the corpus, its split, MODEL_DIR --------------------------------------------------------------
 
 
-def split_corpus(config: FinetuneConfig) -> tuple[pa.Table, pa.Table, list[str]]:
-    """Training and validation listings (path, label) and the sorted classes; refuses unlabelled images."""
-    corpus = list_corpus(config.source, config.manifest).table
+@dataclass(frozen=True)
+class Images:
+    """Labelled images: rows (path, label), and the WebDataset shards that hold them (None: loose files)."""
+
+    table: pa.Table
+    shards: pa.Table | None = None
+
+    def where(self, mask: np.ndarray) -> Images:
+        return Images(self.table.filter(pa.array(mask)), self.shards)
+
+    def corpus(self) -> Corpus:
+        """As extract's reader takes them (shards: read whole, only these samples kept)."""
+        if self.shards is None:
+            return Corpus(self.table, ignored=0)
+        return Corpus(self.shards, 0, shards=True, keep=self.table["path"].combine_chunks())
+
+
+def split_corpus(config: FinetuneConfig) -> tuple[Images, Images, list[str]]:
+    """Training and validation images and the sorted classes; refuses unlabelled images."""
+    images = _labelled(config.source, config.manifest, config.label_field)
+    corpus = images.table
     _require_labels(corpus, "SOURCE" if config.source else "--manifest")
     classes = sorted(set(corpus["label"].to_pylist()))
     if len(classes) < 2:
         raise ConfigError(f"the images have a single class ({classes[0]!r}); a classifier needs two.")
     if config.val:
-        val = _list_val(config.val)
-        unknown = sorted(set(val["label"].to_pylist()) - set(classes))
+        val = _list_val(config.val, config.label_field)
+        unknown = sorted(set(val.table["label"].to_pylist()) - set(classes))
         if unknown:
             raise ConfigError(f"--val has labels that SOURCE does not: {', '.join(map(repr, unknown[:5]))}.")
-        train = corpus
+        train = images
     else:
         labels = corpus["label"].to_pylist()
         row_bins = split.bins(corpus["path"].to_pylist(), config.seed)
@@ -104,25 +122,52 @@ def split_corpus(config: FinetuneConfig) -> tuple[pa.Table, pa.Table, list[str]]
             c: np.bincount(row_bins[[lab == c for lab in labels]], minlength=split.BINS) for c in classes
         }
         in_val = split.in_validation(labels, row_bins, split.thresholds(hists, config.val_fraction))
-        train, val = corpus.filter(pa.array(~in_val)), corpus.filter(pa.array(in_val))
-    empty = [c for c in classes if c not in set(train["label"].to_pylist())]
+        train, val = images.where(~in_val), images.where(in_val)
+    empty = [c for c in classes if c not in set(train.table["label"].to_pylist())]
     if empty:
         raise ConfigError(f"class {empty[0]!r} has no training images left after the validation split.")
-    if val.num_rows == 0:
+    if val.table.num_rows == 0:
         raise ConfigError("the validation split is empty: give --val or a larger --val-fraction.")
-    if train.num_rows < config.workers:
-        raise ConfigError(f"--workers {config.workers} is more than the {train.num_rows} training images.")
+    if train.table.num_rows < config.workers:
+        raise ConfigError(
+            f"--workers {config.workers} is more than the {train.table.num_rows} training images."
+        )
     return train, val, classes
 
 
-def _list_val(uri: str) -> pa.Table:
+def _labelled(source: str | None, manifest: str | None, label_field: str | None) -> Images:
+    """List SOURCE or read the manifest; tar shards are read once by Ray tasks for their samples' labels."""
+    corpus = list_corpus(source, manifest)
+    if not corpus.shards:
+        return Images(corpus.table)
+    _init_ray()
+    blocks = [corpus.table.slice(i, 1) for i in range(corpus.table.num_rows)]
+    labels = ray.data.from_arrow(blocks).map_batches(
+        shards.sample_labels,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+        fn_kwargs={"label_field": label_field},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=0.5,  # mostly reading
+    )
+    with extract.user_errors():
+        tables = ray.get(labels.to_arrow_refs())
+    table = (
+        pa.concat_tables([t.cast(CORPUS_SCHEMA) for t in tables]) if tables else CORPUS_SCHEMA.empty_table()
+    )
+    if table.num_rows == 0:
+        raise storage.StorageError(f"SOURCE {storage.redact(source or '')} holds no samples with an image.")
+    log.info("listed %d samples in %d shards", table.num_rows, corpus.table.num_rows)
+    return Images(table, corpus.table)
+
+
+def _list_val(uri: str, label_field: str | None) -> Images:
     is_manifest = uri.lower().endswith((".csv", ".csv.gz", ".tsv", ".parquet", ".pq"))
     try:
-        table = (list_corpus(None, uri) if is_manifest else list_corpus(uri)).table
+        images = _labelled(None, uri, None) if is_manifest else _labelled(uri, None, label_field)
     except storage.StorageError as exc:
         raise storage.StorageError(f"--val: {exc}") from None
-    _require_labels(table, "--val")
-    return table
+    _require_labels(images.table, "--val")
+    return images
 
 
 def _require_labels(table: pa.Table, what: str) -> None:
@@ -130,7 +175,8 @@ def _require_labels(table: pa.Table, what: str) -> None:
     if missing:
         raise ConfigError(
             f"{what} has images without a label ({missing} of {table.num_rows}); fine-tuning needs "
-            "SOURCE/<label>/<image> folders or a manifest with a `label` column."
+            "SOURCE/<label>/<image> folders, a manifest with a `label` column, or shards with labels "
+            "(--label-field)."
         )
 
 
@@ -186,35 +232,43 @@ def _option(field: str) -> str:
 # --- data: listings -> decoded uint8 images and class indices, streamed into the workers -------------------
 
 
-def labelled_images(batch: dict[str, np.ndarray], transform: Transform, classes: list[str]) -> dict:
-    """(path, label) rows -> image uint8 (N, H, W, 3), y int64, ok bool (False: the file did not decode;
-    its image is zeros and the loss ignores it, so that every worker still steps in lockstep)."""
-    decoded = decode_batch(batch, transform)
+def labelled(decoded: dict[str, np.ndarray], classes: list[str]) -> dict:
+    """Decoded rows (path, label, image, error) -> image uint8 (N, H, W, 3), y int64, ok bool (False: the
+    file did not decode; its image is zeros and the loss ignores it, so every worker steps in lockstep)."""
     index = {c: i for i, c in enumerate(classes)}
-    for path, error in zip(batch["path"], decoded["error"], strict=True):
+    for path, error in zip(decoded["path"], decoded["error"], strict=True):
         if error:
             log.warning("skipping %s: %s", storage.redact(str(path)), error)
     return {
         "image": decoded["image"],
-        "y": np.array([index[str(label)] for label in batch["label"]], dtype=np.int64),
+        "y": np.array([index[str(label)] for label in decoded["label"]], dtype=np.int64),
         "ok": decoded["error"] == "",
     }
 
 
-def image_dataset(table: pa.Table, transform: Transform, classes: list[str], decode: int) -> ray.data.Dataset:
-    """Decoding and augmentation as CPU tasks; re-executed, with new random crops, every epoch."""
-    blocks = [table.slice(i, decode) for i in range(0, table.num_rows, decode)]
-    return ray.data.from_arrow(blocks).map_batches(
-        labelled_images,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
-        fn_kwargs={"transform": transform, "classes": classes},
-        batch_size=decode,
+def image_dataset(
+    config: FinetuneConfig, images: Images, transform: Transform, classes: list[str]
+) -> ray.data.Dataset:
+    """Decoding and augmentation as CPU tasks (a batch of files, or a shard, a task); re-executed, with new
+    random crops, every epoch."""
+    # extract's reading stage, configured as this run reads: batch size, label member
+    reading = ExtractConfig.create(
+        source=config.source, manifest=config.manifest, output=config.model_dir,
+        decode_batch=config.decode_batch, label_field=config.label_field,
+    )  # fmt: skip
+    corpus = images.corpus()
+    rows = extract.listing(reading, corpus, NOTHING)
+    return extract.decoded(reading, corpus, rows, transform).map_batches(
+        labelled,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+        fn_kwargs={"classes": classes},
+        batch_size=None,
         batch_format="numpy",
-        num_cpus=1,
+        num_cpus=1,  # as the decoding task, so that Ray fuses the two
     )
 
 
 def datasets(
-    config: FinetuneConfig, train: pa.Table, val: pa.Table, classes: list[str]
+    config: FinetuneConfig, train: Images, val: Images, classes: list[str]
 ) -> dict[str, ray.data.Dataset]:
     """The train stream (shuffled listing, random block order each epoch, augmented) and the validation
     stream (DESIGN.md's eval transforms; kept in the object store when small)."""
@@ -224,12 +278,17 @@ def datasets(
         if config.augment
         else eval_transform
     )
-    # Listings come sorted by class: shuffle once (seeded), then the blocks' order changes every epoch.
-    order = np.random.default_rng(config.seed).permutation(train.num_rows)
-    train_ds = image_dataset(train.take(order), train_transform, classes, config.decode_batch)
-    val_ds = image_dataset(val, eval_transform, classes, config.decode_batch)
+    # Listings come sorted by class: shuffle once (seeded), then the blocks' order changes every epoch
+    # (shards: their order; the workers' shuffle buffer mixes the samples within).
+    rng = np.random.default_rng(config.seed)
+    if train.shards is None:
+        train = Images(train.table.take(rng.permutation(train.table.num_rows)))
+    else:
+        train = Images(train.table, train.shards.take(rng.permutation(train.shards.num_rows)))
+    train_ds = image_dataset(config, train, train_transform, classes)
+    val_ds = image_dataset(config, val, eval_transform, classes)
     budget = ray.cluster_resources().get("object_store_memory", 0) * _CACHE_FRACTION
-    if val.num_rows * config.image_size**2 * 3 <= budget:
+    if val.table.num_rows * config.image_size**2 * 3 <= budget:
         val_ds = val_ds.materialize()
     return {"train": train_ds.randomize_block_order(), "val": val_ds}
 
@@ -237,7 +296,7 @@ def datasets(
 # --- training ------------------------------------------------------------------------------------------
 
 
-def fit(config: FinetuneConfig, train: pa.Table, val: pa.Table, classes: list[str], weights_ref: Any) -> Any:
+def fit(config: FinetuneConfig, train: Images, val: Images, classes: list[str], weights_ref: Any) -> Any:
     """Ray Train DDP over --workers; a checkpoint every epoch; resumes from the latest one after a failure
     and when the same command runs again on the same MODEL_DIR."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
@@ -247,7 +306,7 @@ def fit(config: FinetuneConfig, train: pa.Table, val: pa.Table, classes: list[st
     use_gpu = total.get("GPU", 0) >= 1
     # On CPU clusters half the CPUs train and half decode: augmentation runs again every epoch.
     cpus = 1.0 if use_gpu else max(0.25, total.get("CPU", 1) / (2 * config.workers))
-    per_worker = train.num_rows // config.workers  # Ray Train splits the stream equally
+    per_worker = train.table.num_rows // config.workers  # Ray Train splits the stream equally
     fs, path = storage.pyarrow_filesystem(config.model_dir)
     trainer = TorchTrainer(
         train_loop,
@@ -571,6 +630,7 @@ def backbone_config(config: FinetuneConfig, backbone_uri: str, layer: Layer) -> 
         resize_size=config.resize,
         max_pixels=config.max_pixels,
         decode_batch=config.decode_batch,
+        label_field=config.label_field,
     )
 
 
@@ -588,11 +648,11 @@ def batch_confusion(batch: pa.Table, classes: list[str]) -> dict[str, np.ndarray
     return {"matrix": matrix, "failed": np.array([batch.num_rows - len(rows)])}
 
 
-def evaluate(model: Model, config: ExtractConfig, val: pa.Table) -> dict[str, Any]:
+def evaluate(model: Model, config: ExtractConfig, val: Images) -> dict[str, Any]:
     """Metrics of the saved model on every validation image, through predict's own image path."""
     weights = load_weights(config.weights, config.layer)
     rows = extract.embedded(
-        config, Corpus(val, ignored=0), ray.put(weights.state_dict), extract.Resources.of_cluster()
+        config, val.corpus(), ray.put(weights.state_dict), extract.Resources.of_cluster()
     ).map_batches(
         predict.classify,  # type: ignore[arg-type]
         fn_kwargs={"model": model, "dim": model.mean.size},
@@ -608,6 +668,11 @@ def evaluate(model: Model, config: ExtractConfig, val: pa.Table) -> dict[str, An
         total += part["matrix"].sum(0).reshape(k, k)
         failed += int(part["failed"].sum())
     return dict(classification.report(total, model.classes), failed_val_images=failed)
+
+
+def _init_ray() -> None:
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
 
 
 def _counts(table: pa.Table, classes: list[str]) -> dict[str, int]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from raytl import storage, writer
 from raytl.config import ExtractConfig
@@ -45,8 +47,36 @@ def run_record(config: ExtractConfig, weights_id: str) -> dict[str, Any]:
     }
 
 
-def resume(config: ExtractConfig, record: dict[str, Any]) -> pa.Array:
-    """The paths OUTPUT already holds (embedded or failed) from a run with the same options; starts a new
+@dataclass(frozen=True)
+class Done:
+    """What OUTPUT already holds from an interrupted run: part files (embedded and `_errors/`, each written
+    whole or not at all) and their row count, read from the footers."""
+
+    parts: list[str]  # full URIs
+    rows: int
+
+    def paths(self) -> pa.Array:
+        """Their `path` column, read here (on the driver)."""
+        if not self.parts:
+            return pa.array([], pa.string())
+        chunks = [
+            pq.read_table(path, filesystem=fs, columns=["path"])["path"]
+            for fs, path in map(storage.filesystem, self.parts)
+        ]
+        return pa.chunked_array([c for chunk in chunks for c in chunk.chunks], pa.string()).combine_chunks()
+
+    def dataset(self) -> ray.data.Dataset:
+        """Their `path` column as a Ray Dataset, read by tasks: for resuming runs too large for the driver."""
+        fs, _ = storage.pyarrow_filesystem(self.parts[0])
+        paths = [storage.filesystem(p)[1] for p in self.parts]
+        return ray.data.read_parquet(paths, filesystem=fs, columns=["path"], partitioning=None)
+
+
+NOTHING = Done([], 0)
+
+
+def resume(config: ExtractConfig, record: dict[str, Any]) -> Done:
+    """What OUTPUT already holds (embedded or failed) from a run with the same options; starts a new
     record otherwise. Refuses an OUTPUT from other options or an older raytl, unless --overwrite."""
     fs, root = storage.filesystem(config.output)
     root = root.rstrip("/")
@@ -66,14 +96,13 @@ def resume(config: ExtractConfig, record: dict[str, Any]) -> pa.Array:
                 )
         for leftover in [p for p in existing if _is_leftover(p)]:
             fs.rm(leftover)  # a local part half-written when the last run died
-        errors = [p for p in existing if _is_part(p) and f"/{writer.ERRORS_DIR}/" in p]
-        embedded = [p for p in existing if _is_part(p) and p not in errors]
-        chunks = _written_paths(fs, embedded).chunks + _written_paths(fs, errors).chunks
-        return pa.chunked_array(chunks, pa.string()).combine_chunks()
+        parts = [p for p in existing if _is_part(p)]
+        rows = sum(_footer_rows(fs, p) for p in parts)
+        return Done([storage.to_uri(fs, p) for p in parts], rows)
     for path in existing:
         fs.rm(path)
     storage.write_bytes(run_file, json.dumps(record, indent=2).encode())
-    return pa.array([], pa.string())
+    return NOTHING
 
 
 def raytl_files(fs: Any, root: str) -> list[str]:
@@ -105,8 +134,6 @@ def _read_record(uri: str) -> dict[str, Any]:
         raise storage.StorageError(f"{storage.redact(uri)} is not valid JSON; pass --overwrite.") from None
 
 
-def _written_paths(fs: Any, parts: list[str]) -> pa.ChunkedArray:
-    """The `path` column of parts of one schema: each part was written whole, or not at all."""
-    if not parts:
-        return pa.chunked_array([], pa.string())
-    return pq.read_table(parts, filesystem=fs, columns=["path"]).column("path")
+def _footer_rows(fs: Any, part: str) -> int:
+    with fs.open(part, "rb") as f:
+        return pq.read_metadata(f).num_rows

@@ -52,7 +52,7 @@ def run(
         check_same_backbone(model.info["backbone"], data, "INPUT")
         prepare_output(output, overwrite)
         _init_ray()
-        started, seen = time.perf_counter(), None
+        started = time.perf_counter()
         rows = data.read().map_batches(
             classify,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
             fn_kwargs={"model": model, "dim": data.dim},
@@ -61,7 +61,7 @@ def run(
     else:
         spec = weights or default_weights(model, model_dir)
         config = backbone_config(model, source, manifest, output, spec, batch_size, num_actors, overwrite)
-        corpus = list_corpus(config.source, config.manifest)
+        corpus = list_corpus(config.source, config.manifest, stream=True)
         backbone = load_weights(config.weights, config.layer, config.seed)
         expected = model.info["backbone"]["weights"]
         if _content(backbone.id) != _content(expected) and not weights:
@@ -70,7 +70,7 @@ def run(
             )
         prepare_output(output, overwrite)
         _init_ray()
-        started, seen = time.perf_counter(), corpus.table.num_rows
+        started = time.perf_counter()
         rows = extract.embedded(config, corpus, ray.put(backbone.state_dict), extract.Resources.of_cluster())
         rows = rows.map_batches(
             classify,  # type: ignore[arg-type]
@@ -87,11 +87,11 @@ def run(
     with extract.user_errors():
         counts = writer.sum_counts(stats)
     wall = time.perf_counter() - started
-    predicted = counts.get("embedded", 0)
+    predicted, failed = counts.get("embedded", 0), counts.get("failed", 0)
     summary = {
-        "seen": seen if seen is not None else predicted,
+        "seen": predicted + failed,
         "predicted": predicted,
-        "failed": counts.get("failed", 0),
+        "failed": failed,
         "labelled": counts.get("labelled", 0),
         "accuracy": counts["correct"] / counts["labelled"] if counts.get("labelled") else None,
         "wall_seconds": round(wall, 3),

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import logging
 import os
 import posixpath
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import ray
 
-from raytl import shards, storage
+from raytl import doneset, shards, storage
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,18 @@ class Corpus:
     table: pa.Table
     ignored: int  # files that were listed but are not images
     shards: bool = False  # rows are WebDataset tar shards (path = shard URI), not images
-    skip: pa.Array | None = None  # shards: SHARD#KEY paths already in OUTPUT (resume)
+    skip: Any = None  # shards: the SHARD#KEY paths already in OUTPUT (resume; from `doneset.build`)
+    keep: pa.Array | None = None  # shards: only these SHARD#KEY paths (a fine-tuning split)
+    manifest: Manifest | None = None  # a manifest streamed by Ray Data tasks (`table` is then empty)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest read by Ray Data tasks, never whole on the driver: only its header is read here."""
+
+    uri: str
+    rows: int | None  # Parquet: from its footer; CSV: unknown until it has been read
+    labels: bool  # it has a `label` column
 
 
 def is_image(path: str) -> bool:
@@ -35,11 +49,14 @@ def is_image(path: str) -> bool:
     return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_corpus(source: str | None, manifest: str | None = None) -> Corpus:
-    """List SOURCE or read MANIFEST; raises StorageError on a missing or empty corpus."""
+def list_corpus(source: str | None, manifest: str | None = None, stream: bool = False) -> Corpus:
+    """List SOURCE or read MANIFEST (stream: leave its rows to Ray Data tasks, for manifests of any size);
+    raises StorageError on a missing or empty corpus."""
     if source and "{" in source:  # a brace pattern of WebDataset shards, never listed
         shard_uris = shards.expand(source)
         return Corpus(pa.table([shard_uris, [""] * len(shard_uris)], schema=CORPUS_SCHEMA), 0, shards=True)
+    if manifest and stream:
+        return Corpus(CORPUS_SCHEMA.empty_table(), 0, manifest=open_manifest(manifest))
     if manifest:
         corpus = read_manifest(manifest)
     elif (source or "").lower().endswith(".zip"):
@@ -130,11 +147,82 @@ def read_manifest(manifest: str) -> Corpus:
             f"(columns: {', '.join(table.column_names)})."
         )
     base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
-    paths = [p if "://" in p or p.startswith("/") else storage.join(base, p) for p in _strings(table["path"])]
+    return Corpus(_manifest_block(table, base, manifest), ignored=0)
+
+
+def open_manifest(manifest: str) -> Manifest:
+    """Check a manifest from its header alone (Parquet footer, first CSV line): format, `path`, rows."""
+    name, where = manifest.lower(), f"--manifest {storage.redact(manifest)}"
+    fs, path = storage.filesystem(manifest)
+    try:
+        with fs.open(path, "rb") as f:
+            if name.endswith((".parquet", ".pq")):
+                footer = pq.read_metadata(f)
+                columns, rows = footer.schema.to_arrow_schema().names, footer.num_rows
+            elif name.endswith((".csv", ".csv.gz", ".tsv")):
+                head = (gzip.GzipFile(fileobj=f) if name.endswith(".gz") else f).read(1 << 16)
+                lines = head.decode("utf-8", "replace").splitlines()
+                delimiter = "\t" if name.endswith(".tsv") else ","
+                columns = [c.strip().strip('"') for c in lines[0].split(delimiter)] if lines else []
+                rows = None if any(line.strip() for line in lines[1:]) else 0
+            else:
+                raise storage.StorageError(f"{where} must end in .csv, .csv.gz, .tsv or .parquet.")
+    except FileNotFoundError:
+        raise storage.StorageError(f"{where}: no such file.") from None
+    except storage.StorageError:
+        raise
+    except Exception as exc:
+        raise storage.StorageError(f"{where} cannot be read: {storage.describe_error(exc)}.") from None
+    if "path" not in columns:
+        raise storage.StorageError(f"{where} has no `path` column (columns: {', '.join(columns)}).")
+    if rows == 0:
+        raise storage.StorageError(f"{where} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+    return Manifest(manifest, rows, "label" in columns)
+
+
+def manifest_rows(
+    manifest: Manifest, rows_per_block: int | None = None, skip: Any = None
+) -> ray.data.Dataset:
+    """The manifest as a stream of (path, label) rows read by Ray Data tasks, less `skip` (a done set from
+    `doneset.build`), in blocks of rows_per_block rows."""
+    fs, path = storage.pyarrow_filesystem(manifest.uri)
+    columns = ["path", "label"] if manifest.labels else ["path"]
+    name = manifest.uri.lower()
+    if name.endswith((".parquet", ".pq")):
+        rows = ray.data.read_parquet(path, filesystem=fs, columns=columns, partitioning=None)
+    else:
+        rows = ray.data.read_csv(
+            path,
+            filesystem=fs,
+            partitioning=None,  # type: ignore[arg-type]  # no key=value columns from the manifest's folders
+            arrow_open_stream_args={"compression": "gzip"} if name.endswith(".gz") else None,
+            parse_options=pacsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ","),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in columns}, include_columns=columns
+            ),
+        )
+    base = manifest.uri.rsplit("/", 1)[0] if "/" in manifest.uri else "."
+    rows = rows.map_batches(
+        _manifest_block,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+        fn_kwargs={"base": base, "uri": manifest.uri, "skip": skip},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=0.25,
+    )
+    # Small blocks, so that decoding spreads over the cluster from the first rows on (a streaming split).
+    return rows if rows_per_block is None else rows.repartition(target_num_rows_per_block=rows_per_block)
+
+
+def _manifest_block(block: pa.Table, base: str, uri: str, skip: Any = None) -> pa.Table:
+    """Manifest rows -> (path as a full URI, label "" when missing), less `skip`; an empty path stops the
+    run."""
+    paths = _strings(block["path"])
     if "" in paths:
-        raise storage.StorageError(f"--manifest {storage.redact(manifest)} has an empty `path`.")
-    labels = _strings(table["label"]) if "label" in table.column_names else [""] * len(paths)
-    return Corpus(pa.table([paths, labels], schema=CORPUS_SCHEMA), ignored=0)
+        raise storage.StorageError(f"--manifest {storage.redact(uri)} has an empty `path`.")
+    paths = [p if "://" in p or p.startswith("/") else storage.join(base, p) for p in paths]
+    labels = _strings(block["label"]) if "label" in block.column_names else [""] * len(paths)
+    table = pa.table([paths, labels], schema=CORPUS_SCHEMA)
+    return table if skip is None else table.filter(pa.array(~doneset.contains(skip, paths)))
 
 
 def _parse_manifest(manifest: str, data: bytes) -> pa.Table:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from raytl import storage
+from raytl import doneset, storage
 from raytl.preprocess import ImageError, Transform
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -44,20 +44,39 @@ def read_shards(
     label_field: str | None,
     batch_size: int,
     skip: Any = None,
+    keep: Any = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Rows of shard URIs -> batches of (path `SHARD#KEY`, label, image, error), streamed member by member."""
-    skip = set(_resolve(skip) or ())
+    """Rows of shard URIs -> batches of (path `SHARD#KEY`, label, image, error), streamed member by member;
+    samples in `skip` (a done set from `doneset.build`) are left out, and only those in `keep` (a set or a
+    reference to one) are read when it is given."""
+    keep = _resolve(keep)
     rows: list[tuple[str, str, np.ndarray | None, str]] = []
     for shard in (str(p) for p in batch["path"]):
         for key, members in samples(shard):
             path = f"{shard}#{key}"
-            if path not in skip:
+            if (keep is None or path in keep) and (skip is None or not doneset.contains(skip, [path])[0]):
                 rows.append(_row(path, members, transform, label_field))
             if len(rows) == batch_size:
                 yield _batch(rows, transform.image_size)
                 rows = []
     if rows:
         yield _batch(rows, transform.image_size)
+
+
+def sample_labels(batch: dict[str, np.ndarray], label_field: str | None) -> dict[str, np.ndarray]:
+    """Rows of shard URIs -> (path `SHARD#KEY`, label) of every sample with an image member, images left
+    undecoded: the listing fine-tuning splits ("" where the label member is missing)."""
+    paths, labels = [], []
+    for shard in (str(p) for p in batch["path"]):
+        for key, members in samples(shard):
+            if any(e in members for e in IMAGE_EXTENSIONS):
+                try:
+                    label = label_of(members, label_field)
+                except ImageError:
+                    label = ""
+                paths.append(f"{shard}#{key}")
+                labels.append(label)
+    return {"path": np.array(paths, dtype=object), "label": np.array(labels, dtype=object)}
 
 
 def samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:

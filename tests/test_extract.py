@@ -216,6 +216,45 @@ def test_manifest_and_flatten(ray_session, tmp_path, bucket):
     assert cosine(np.array([rows[f"{uri}/cat/plain-4.png"]["embedding"]]), expected).min() >= 0.999
 
 
+def test_a_manifest_streams_through_ray_and_resumes(ray_session, tmp_path, bucket, monkeypatch):
+    """A gzipped CSV manifest in S3 is never read on the driver (only its first line); a resumed run drops
+    the done rows in the tasks that read it."""
+    import gzip
+
+    good = write_corpus(tmp_path / "src", {"cat": [1, 2], "dog": [3]}, broken=False, strays=False)
+    uri = upload_dir(tmp_path / "src", bucket, "imgs")
+    lines = ["path,label", *(f"imgs/{name},{label}" for name, label in sorted(good.items()))]
+    fs = s3fs.S3FileSystem()
+    fs.pipe(f"{bucket}/m.csv.gz", gzip.compress("\n".join(lines).encode()))
+    manifest = f"s3://{bucket}/m.csv.gz"
+    monkeypatch.setattr("raytl.reader.read_manifest", None)  # the driver must not load it
+    out = f"s3://{bucket}/emb"
+    config = ExtractConfig.create(
+        source=None, manifest=manifest, output=out, weights="random", image_size=32, precision="fp32",
+        rows_per_file=len(good) // 3, decode_batch=4,
+    )  # fmt: skip
+    first = extract.run(config)
+    assert (first["seen"], first["embedded"], first["failed"], first["skipped"]) == (
+        len(good),
+        len(good),
+        0,
+        0,
+    )
+    rows, parts = read_dataset(fs, out)
+    assert {p: label for p, (label, _) in rows.items()} == {f"{uri}/{n}": lab for n, lab in good.items()}
+    assert len(parts) >= 3
+    lost = parts[-1]
+    lost_rows = _rows(fs, lost)
+    fs.rm(lost)
+    again = extract.run(config)  # the reading tasks drop the done rows (a done set built by Ray tasks)
+    assert again["skipped"] == len(good) - len(lost_rows)
+    assert (again["embedded"], again["failed"]) == (len(lost_rows), 0)
+    now, _ = read_dataset(fs, out)
+    assert sorted(now) == sorted(rows)
+    for path, (_, vector) in lost_rows.items():
+        np.testing.assert_allclose(now[path][1], vector, rtol=1e-5, atol=1e-6)
+
+
 # --- bad input: one sentence, exit 2, nothing written, before any heavy work ---------------------------
 
 

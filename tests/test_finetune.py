@@ -1,11 +1,13 @@
 """`raytl finetune`: learning, resuming after a killed worker and a killed driver, MODEL_DIR for predict."""
 
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 
@@ -94,7 +96,7 @@ def resumed_run(ray_session, tmp_path_factory, s3_endpoint):
     boto3.client("s3").upload_file(str(tmp / "w.pt"), "raytl-finetune", "weights/w.pt")
     model_dir = "s3://raytl-finetune/models/ft"
     options = dict(OPTIONS, weights="s3://raytl-finetune/weights/w.pt")
-    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, use_listings_cache=False)
 
     # 1. `raytl finetune` as its own driver on this Ray cluster, killed after its first checkpoint.
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
@@ -200,6 +202,39 @@ def test_backbone_matches_the_trained_network(resumed_run):
     assert torch.equal(backbone["features.0.weight"], initial["features.0.weight"])  # frozen
     assert not torch.equal(backbone["features.28.weight"], initial["features.28.weight"])  # trained
     assert "classifier.0.weight" not in backbone  # --head avg needs no fc layers
+
+
+def test_finetune_and_predict_read_tar_shards(resumed_run):
+    """The same images packed into WebDataset shards: fine-tuning lists their samples (labels from a
+    json field), splits and trains on them; predict on the shards agrees with predict on the loose files."""
+    from raytl.cli import main
+
+    tmp, fs, source = resumed_run["tmp"], resumed_run["fs"], resumed_run["source"]
+    assert main(["pack", source, "s3://raytl-finetune/shards", "--shard-size", "25"]) == 0
+    pattern = "s3://raytl-finetune/shards/{00000..00002}.tar"
+    options = dict(resumed_run["options"], workers=1, epochs=2, label_field="json:label")
+    metrics = finetune.run(FinetuneConfig.create(source=pattern, model_dir=str(tmp / "ft-tar"), **options))
+    train, val = metrics["train_samples"], metrics["val_samples"]
+    assert {c: train[c] + val[c] for c in train} == {"blue": 20, "green": 20, "red": 20}
+    assert all(n >= 1 for n in val.values()) and sum(val.values()) == 12  # round(0.2 * 20) per class
+    assert [h["epoch"] for h in metrics["history"]] == [0, 1] and metrics["failed_val_images"] == 0
+    assert np.sum(metrics["confusion_matrix"]) == 12
+
+    by_shard = predict.run(str(tmp / "ft-tar"), pattern, str(tmp / "p-tar"))
+    by_file = predict.run(str(tmp / "ft-tar"), source, str(tmp / "p-loose"))
+    assert by_shard["predicted"] == by_file["predicted"] == 60 and by_shard["failed"] == 0
+    assert by_shard["accuracy"] == pytest.approx(by_file["accuracy"])
+    source_of = {}  # SHARD#KEY -> its loose file, from the .json member raytl pack wrote
+    for shard in sorted(p for p in fs.ls("raytl-finetune/shards") if p.endswith(".tar")):
+        with tarfile.open(fileobj=io.BytesIO(fs.cat_file(shard))) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    source_of[f"s3://{shard}#{m.name[:-5]}"] = json.load(tar.extractfile(m))["source"]
+    loose = {r["path"]: r for r in pq.read_table(tmp / "p-loose").to_pylist()}
+    for row in pq.read_table(tmp / "p-tar").to_pylist():
+        twin = loose[source_of[row["path"]]]
+        assert (row["label"], row["predicted_label"]) == (twin["label"], twin["predicted_label"])
+        assert row["score"] == pytest.approx(twin["score"], rel=1e-4)
 
 
 def test_a_finished_model_dir_is_not_overwritten(resumed_run, capsys):

@@ -14,7 +14,7 @@ from conftest import upload_dir
 from images import encode, picture, write_corpus
 from s3faults import Rule
 
-from raytl import storage
+from raytl import doneset, storage
 from raytl.cli import main
 from raytl.preprocess import Transform
 from raytl.shards import expand, read_shards, split_name
@@ -75,7 +75,9 @@ def test_samples_labels_and_broken_members(tmp_path):
     assert (
         by_json["label"][1] == "dog" and by_json["error"][0] == "no .json member for --label-field json:label"
     )
-    by_txt = list(read_shards({"path": np.array([str(shard)])}, TRANSFORM, "txt", 10, skip={key + "k1"}))[0]
+    by_txt = list(
+        read_shards({"path": np.array([str(shard)])}, TRANSFORM, "txt", 10, skip=doneset.of([key + "k1"]))
+    )[0]
     assert list(by_txt["path"]) == [key + "k2", key + "k3", key + "k4"] and by_txt["label"][0] == "a dog"
 
 
