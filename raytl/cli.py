@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from raytl import storage
+from raytl import logs, storage
 from raytl.config import (
     ConfigError,
     ExtractConfig,
@@ -34,10 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `raytl` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # force: each call (tests call main() many times) logs to the sys.stderr of the moment.
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s", force=True
-    )
+    # Each call (tests call main() many times) logs to the sys.stderr of the moment.
+    logs.setup(args.log_level, json_lines=args.log_format == "json", quiet=args.quiet)
     try:
         return args.run(args)
     except USER_ERRORS as exc:
@@ -47,7 +44,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raytl", description="Transfer learning at cluster scale on Ray.")
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="debug also shows Ray's own logs and progress bars (default warning)",
+    )
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="json: one JSON object a log line"
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress line or summary table; errors and the result only"
+    )
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     add_extract(sub.add_parser("extract", help="embed an image corpus with VGG16 and write Parquet"))
     add_train(sub.add_parser("train", help="fit a linear probe on embeddings with Ray Train"))
@@ -56,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_quickstart(sub.add_parser("quickstart", help="run the main job on a small built-in corpus"))
     add_pack(sub.add_parser("pack", help="pack loose image files into WebDataset tar shards"))
     add_list(sub.add_parser("list", help="list a class-per-folder SOURCE once into a reusable manifest"))
+    add_report(sub.add_parser("report", help="draw a trained model's HTML report (and PNG figures)"))
+    add_inspect(sub.add_parser("inspect", help="describe any raytl output: embeddings, predictions, model"))
     return parser
 
 
@@ -111,13 +121,26 @@ def run_extract(args: argparse.Namespace) -> int:
     from raytl import extract
 
     summary = extract.run(extract_config(args))
+    logs.summary_table(
+        "raytl extract",
+        [
+            ("seen", summary["seen"]),
+            ("embedded", summary["embedded"]),
+            ("failed", summary["failed"]),
+            ("skipped (done before)", summary["skipped"]),
+            ("images/s", summary["images_per_second"] or 0.0),
+            ("wall time", logs.duration(summary["wall_seconds"])),
+            ("output", summary["output"]),
+        ],
+    )
     print(json.dumps({k: summary[k] for k in ("seen", "embedded", "failed", "images_per_second", "output")}))
     return 0
 
 
 def add_train(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Fit multinomial logistic regression on EMBEDDINGS; write the model and metrics to MODEL_DIR."
+        "Fit a linear probe on EMBEDDINGS (multinomial logistic regression, or a linear SVM with --head "
+        "svm); write the model, metrics and report to MODEL_DIR."
     )
     p.add_argument("embeddings", metavar="EMBEDDINGS", help="a raytl embeddings dataset (folder or URI)")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="where the model, metrics and checkpoints go")
@@ -125,6 +148,14 @@ def add_train(p: argparse.ArgumentParser) -> None:
     val.add_argument("--val", help="a separate validation embeddings dataset")
     val.add_argument("--val-fraction", type=float, default=0.2, help="stratified seeded split (default 0.2)")
     p.add_argument("--backend", default="ray", help="ray (Ray Train, data-parallel) | sklearn (one node)")
+    p.add_argument(
+        "--head", default="logreg", help="logreg (softmax) | svm (one-vs-rest squared hinge, as LinearSVC)"
+    )
+    p.add_argument(
+        "--kernel",
+        default="linear",
+        help="svm: linear | rbf (scikit-learn's SVC with --backend sklearn; small data, one node only)",
+    )
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers, one GPU each on GPU clusters")
     p.add_argument("--epochs", type=int, default=100, help="at most this many epochs")
     p.add_argument("--patience", type=int, default=10, help="early stopping on validation loss")
@@ -151,6 +182,7 @@ def run_train(args: argparse.Namespace) -> int:
     from raytl import probe
 
     metrics = probe.run(train_config(args))
+    _model_table("raytl train", metrics, args.model_dir)
     print(
         json.dumps(
             {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "model_dir": args.model_dir}
@@ -222,6 +254,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from raytl import finetune
 
     metrics = finetune.run(finetune_config(args))
+    _model_table("raytl finetune", metrics, args.paths[-1])
     summary = {k: metrics[k] for k in ("accuracy", "macro_f1", "best_epoch", "resumed_at_epochs")}
     print(json.dumps({**summary, "model_dir": args.paths[-1]}))
     return 0
@@ -261,8 +294,29 @@ def run_predict(args: argparse.Namespace) -> int:
         num_actors=args.num_actors,
         overwrite=args.overwrite,
     )
+    rows = [("seen", summary["seen"]), ("predicted", summary["predicted"]), ("failed", summary["failed"])]
+    if summary.get("accuracy") is not None:
+        rows.append((f"accuracy ({summary['labelled']:,} labelled)", summary["accuracy"]))
+    rows += [
+        ("rows/s", summary["rows_per_second"] or 0.0),
+        ("wall time", logs.duration(summary["wall_seconds"])),
+    ]
+    logs.summary_table("raytl predict", [*rows, ("output", summary["output"])])
     print(json.dumps({k: summary.get(k) for k in ("predicted", "failed", "accuracy", "output")}))
     return 0
+
+
+def _model_table(title: str, metrics: dict[str, Any], model_dir: str) -> None:
+    logs.summary_table(
+        title,
+        [
+            ("validation accuracy", metrics["accuracy"]),
+            ("macro F1", metrics["macro_f1"]),
+            ("validation images", metrics["samples"]),
+            ("model", storage.redact(model_dir)),
+            ("report", storage.redact(storage.join(model_dir, "report.html"))),
+        ],
+    )
 
 
 def add_quickstart(p: argparse.ArgumentParser) -> None:
@@ -285,6 +339,7 @@ def add_pack(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--manifest", help="CSV or Parquet file with columns path and optional label")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the shuffle of the images across shards")
     p.add_argument("--overwrite", action="store_true", help="replace shards already under OUTPUT_PREFIX")
     p.set_defaults(run=run_pack)
 
@@ -297,7 +352,11 @@ def run_pack(args: argparse.Namespace) -> int:
         usage = "OUTPUT_PREFIX with --manifest" if args.manifest else "SOURCE OUTPUT_PREFIX"
         raise ConfigError(f"pack takes {usage}, not {len(args.paths)} paths: {' '.join(args.paths)}.")
     source = None if args.manifest else args.paths[0]
-    print(json.dumps(pack.run(source, args.manifest, args.paths[-1], args.shard_size, args.overwrite)))
+    print(
+        json.dumps(
+            pack.run(source, args.manifest, args.paths[-1], args.shard_size, args.overwrite, args.seed)
+        )
+    )
     return 0
 
 
@@ -311,6 +370,41 @@ def run_list(args: argparse.Namespace) -> int:
     from raytl import pack
 
     print(json.dumps(pack.write_manifest(args.source, args.manifest)))
+    return 0
+
+
+def add_report(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Write MODEL_DIR/report.html (self-contained: confusion matrix, per-class precision and recall, "
+        "training curves, PCA of validation embeddings, misclassified images) and the figures as PNG "
+        "files in MODEL_DIR/report/. train and finetune write it too."
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a model written by raytl train or raytl finetune")
+    p.set_defaults(run=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from raytl import report
+
+    print(json.dumps({"report": storage.redact(report.write(args.model_dir))}))
+    return 0
+
+
+def add_inspect(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Describe a raytl output: an embeddings or predictions dataset (rows, dimension, model metadata, "
+        "label counts, errors) or a model directory."
+    )
+    p.add_argument("output", metavar="OUTPUT", help="an OUTPUT of extract or predict, or a MODEL_DIR")
+    p.add_argument("--json", action="store_true", help="the description as one JSON object")
+    p.set_defaults(run=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from raytl import describe
+
+    found = describe.describe(args.output)
+    print(json.dumps(found, indent=2) if args.json else describe.text(found))
     return 0
 
 

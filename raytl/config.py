@@ -165,6 +165,16 @@ class Backend(Choice):
     SKLEARN = "sklearn"  # scikit-learn on the driver: small data, and the reference
 
 
+class ProbeHead(Choice):
+    LOGREG = "logreg"  # multinomial logistic regression: `score` is the predicted class's probability
+    SVM = "svm"  # one-vs-rest linear SVM, squared hinge (scikit-learn's LinearSVC): `score` is the margin
+
+
+class Kernel(Choice):
+    LINEAR = "linear"
+    RBF = "rbf"  # scikit-learn's SVC on the driver: small data only, it does not scale past one node
+
+
 class ClassWeight(Choice):
     NONE = "none"
     BALANCED = "balanced"  # weight each class by n / (classes * n_class), as scikit-learn does
@@ -179,6 +189,8 @@ class TrainConfig:
     val: str | None = None  # a separate validation embeddings dataset
     val_fraction: float = 0.2  # stratified, seeded split of EMBEDDINGS when --val is not given
     backend: Backend = Backend.RAY
+    head: ProbeHead = ProbeHead.LOGREG
+    kernel: Kernel = Kernel.LINEAR  # rbf: --head svm --backend sklearn only
     workers: int = 2  # Ray Train workers; one GPU each where the cluster has GPUs
     epochs: int = 100
     patience: int = 10  # stop after this many epochs without a better validation loss
@@ -193,6 +205,8 @@ class TrainConfig:
     def create(cls, **options: Any) -> TrainConfig:
         """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
         options["backend"] = Backend.parse(options.get("backend", Backend.RAY), "--backend")
+        options["head"] = ProbeHead.parse(options.get("head", ProbeHead.LOGREG), "--head")
+        options["kernel"] = Kernel.parse(options.get("kernel", Kernel.LINEAR), "--kernel")
         options["class_weight"] = ClassWeight.parse(
             options.get("class_weight", ClassWeight.NONE), "--class-weight"
         )
@@ -219,6 +233,10 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, not {self.lr!r}.")
         if self.l2 is not None and self.l2 < 0:
             raise ConfigError(f"--l2 must be zero or positive, not {self.l2!r}.")
+        if self.kernel == Kernel.RBF and (self.head != ProbeHead.SVM or self.backend != Backend.SKLEARN):
+            raise ConfigError(
+                "--kernel rbf is scikit-learn's SVC on one node: give it with --head svm --backend sklearn."
+            )
 
 
 class Head(Choice):

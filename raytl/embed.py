@@ -37,9 +37,7 @@ class Embedder:
         device_decode: Transform | None = None,
         compile: bool = False,
     ) -> None:
-        if not isinstance(
-            state_dict, dict
-        ):  # a Ray ObjectRef: every actor fetches the same validated tensors
+        if not isinstance(state_dict, dict):  # an ObjectRef: every actor fetches the same validated tensors
             import ray
 
             state_dict = ray.get(state_dict)

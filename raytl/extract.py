@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import ray
 
 import raytl
-from raytl import doneset, output, storage, writer
+from raytl import doneset, logs, output, storage, writer
 from raytl.config import ConfigError, Decode, ExtractConfig
 from raytl.embed import Embedder
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD, embedding_dim, load_weights
@@ -69,11 +69,17 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     started = time.perf_counter()
     counts: dict[str, int] = {}
     if total != 0:
-        if not ray.is_initialized():
-            ray.init(logging_level=logging.WARNING)
+        logs.init_ray()
         stats = build(config, todo, ray.put(weights.state_dict), Resources.of_cluster(), metadata, done)
+        progress = logs.Progress("extract", total)
+
+        def check(totals: dict[str, int]) -> None:
+            progress.update(totals)
+            _check_errors(totals, total, config)
+
         with user_errors():
-            counts = writer.sum_counts(stats, check=lambda totals: _check_errors(totals, total, config))
+            counts = writer.sum_counts(stats, check=check)
+            progress.done(counts)
             _check_errors(counts, total, config, final=True)
     embedded, failed = counts.get("embedded", 0), counts.get("failed", 0)
     wall = time.perf_counter() - started

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 import raytl
-from raytl import extract, predict, shards, split, storage
+from raytl import extract, logs, predict, report, shards, split, storage
 from raytl import metrics as classification
 from raytl.config import ConfigError, ExtractConfig, FinetuneConfig, Freeze, Head, Layer, Optimizer, Pool
 from raytl.head import METRICS_FILE, MODEL_FILE, MODEL_JSON, Model
@@ -67,7 +68,8 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
     best, latest = best_and_latest(result)
     backbone_spec = save_model(config, classes, layer, weights.state_dict, weights.id, best)
     model = Model.load(config.model_dir)
-    metrics = evaluate(model, backbone_config(config, backbone_spec, layer), val)
+    metrics, sample = evaluate(model, backbone_config(config, backbone_spec, layer), val)
+    report.write_validation(config.model_dir, sample)
     metrics.update(
         head=str(config.head),
         kind="finetune",
@@ -78,6 +80,7 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
         resumed_at_epochs=latest["resumed"],
     )
     storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), _json(metrics))
+    report.write_quietly(config.model_dir)
     return metrics
 
 
@@ -316,6 +319,7 @@ def fit(config: FinetuneConfig, train: Images, val: Images, classes: list[str], 
             "weights_ref": weights_ref,
             "steps_per_epoch": max(1, math.ceil(per_worker / config.batch_size)),
             "trunk_lr": config.trunk_lr,
+            "show_epochs": logs.show_epochs(),
             "threads": max(1, int(cpus)),
         },
         scaling_config=scaling(config.workers, use_gpu, cpus),
@@ -417,6 +421,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
         runner.scaler.load_state_dict(state["scaler"])
         history, start = state["history"], state["epoch"] + 1
         resumed = [*state["resumed"], start]
+    started, first = time.monotonic(), start
     for epoch in range(start, cfg["epochs"]):
         train_loss, train_acc, failed = runner.train_epoch(
             optimizer, schedule, ray.train.get_dataset_shard("train")
@@ -433,6 +438,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 "lr": schedule.get_last_lr()[0],
             }
         )
+        if cfg["show_epochs"] and ray.train.get_context().get_world_rank() == 0:
+            print(logs.epoch_line("finetune", history[-1], cfg["epochs"], started, first), flush=True)
         state = {
             "trainable": trainable_state(network),
             "optimizer": optimizer.state_dict(),
@@ -442,9 +449,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
             "epoch": epoch,
             "resumed": resumed,
         }
-        report(history[-1], state)
+        report_epoch(history[-1], state)
     if start >= cfg["epochs"] and history:  # resumed after the last epoch: hand the driver its result again
-        report(history[-1], state)
+        report_epoch(history[-1], state)
 
 
 def trainable_state(network: Network) -> dict[str, torch.Tensor]:
@@ -453,7 +460,7 @@ def trainable_state(network: Network) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in network.state_dict().items() if k in trainable}
 
 
-def report(metrics: dict, state: dict) -> None:
+def report_epoch(metrics: dict, state: dict) -> None:
     """Every worker reports; rank 0 attaches the checkpoint (every rank holds the same weights)."""
     import ray.train
 
@@ -634,45 +641,51 @@ def backbone_config(config: FinetuneConfig, backbone_uri: str, layer: Layer) -> 
     )
 
 
-def batch_confusion(batch: pa.Table, classes: list[str]) -> dict[str, np.ndarray]:
-    """Predicted rows -> the flattened confusion matrix of those that decoded, and the failed count."""
-    index = {c: i for i, c in enumerate(classes)}
-    rows = [
-        (t, p)
-        for t, p in zip(batch["label"].to_pylist(), batch["predicted_label"].to_pylist(), strict=True)
-        if p is not None
-    ]
-    true = np.array([index[t] for t, _ in rows], dtype=np.int64)
-    predicted = np.array([index[p] for _, p in rows], dtype=np.int64)
-    matrix = classification.confusion(true, predicted, len(classes)).reshape(1, -1)
-    return {"matrix": matrix, "failed": np.array([batch.num_rows - len(rows)])}
-
-
-def evaluate(model: Model, config: ExtractConfig, val: Images) -> dict[str, Any]:
-    """Metrics of the saved model on every validation image, through predict's own image path."""
-    weights = load_weights(config.weights, config.layer)
-    rows = extract.embedded(
-        config, val.corpus(), ray.put(weights.state_dict), extract.Resources.of_cluster()
-    ).map_batches(
-        predict.classify,  # type: ignore[arg-type]
-        fn_kwargs={"model": model, "dim": model.mean.size},
-        batch_format="pyarrow",
+def batch_evaluation(batch: pa.Table, model: Model) -> dict[str, np.ndarray]:
+    """Embedded rows -> the flattened confusion matrix of those that decoded, the failed count, and the
+    rows for the report's sample (pickled)."""
+    predicted = predict.classify(batch, model, model.mean.size)
+    index = {c: i for i, c in enumerate(model.classes)}
+    ok = np.asarray(predicted["predicted_label"].is_valid())
+    labels = [str(v) for v in predicted["label"].filter(pa.array(ok)).to_pylist()]
+    names = [str(v) for v in predicted["predicted_label"].filter(pa.array(ok)).to_pylist()]
+    true = np.array([index[t] for t in labels], dtype=np.int64)
+    guess = np.array([index[p] for p in names], dtype=np.int64)
+    matrix = classification.confusion(true, guess, len(model.classes)).reshape(1, -1)
+    sample = report.batch_sample(
+        predicted["path"].filter(pa.array(ok)).to_pylist(),
+        labels,
+        names,
+        predicted["score"].filter(pa.array(ok)).to_numpy(),
+        batch["embedding"].filter(pa.array(ok)).to_pylist(),
     )
+    return {
+        "matrix": matrix,
+        "failed": np.array([batch.num_rows - int(ok.sum())]),
+        "sample": np.array([sample], dtype=object),
+    }
+
+
+def evaluate(model: Model, config: ExtractConfig, val: Images) -> tuple[dict[str, Any], pa.Table]:
+    """Metrics of the saved model on every validation image, through predict's own image path, and a
+    sample of the rows (misclassified ones first) for the report."""
+    weights = load_weights(config.weights, config.layer)
+    rows = extract.embedded(config, val.corpus(), ray.put(weights.state_dict), extract.Resources.of_cluster())
     k = len(model.classes)
-    total, failed = np.zeros((k, k), dtype=np.int64), 0
+    total, failed, sampler = np.zeros((k, k), dtype=np.int64), 0, report.Sampler()
     for part in rows.map_batches(
-        batch_confusion,  # type: ignore[arg-type]
-        fn_kwargs={"classes": model.classes},
+        batch_evaluation,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+        fn_kwargs={"model": model},
         batch_format="pyarrow",
     ).iter_batches(batch_size=None, batch_format="numpy"):
         total += part["matrix"].sum(0).reshape(k, k)
         failed += int(part["failed"].sum())
-    return dict(classification.report(total, model.classes), failed_val_images=failed)
+        sampler.add(part["sample"])
+    return dict(classification.report(total, model.classes), failed_val_images=failed), sampler.table()
 
 
 def _init_ray() -> None:
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+    logs.init_ray()
 
 
 def _counts(table: pa.Table, classes: list[str]) -> dict[str, int]:

@@ -1,9 +1,11 @@
-"""The classifier stored in MODEL_DIR: standardisation, a linear layer, its classes and its backbone."""
+"""The classifier stored in MODEL_DIR: standardisation, a linear layer (or scikit-learn's RBF SVC), its
+classes and its backbone."""
 
 from __future__ import annotations
 
 import io
 import json
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,7 @@ from raytl import storage
 MODEL_FILE = "model.pt"
 MODEL_JSON = "model.json"
 METRICS_FILE = "metrics.json"
+KERNEL_FILE = "kernel.pkl"  # --kernel rbf: the fitted scikit-learn pipeline, pickled (trust its MODEL_DIR)
 
 
 class LinearHead(nn.Module):
@@ -46,6 +49,7 @@ class Model:
     weight: np.ndarray  # (classes, D)
     bias: np.ndarray  # (classes,)
     info: dict[str, Any]  # model.json: kind, head, backend, backbone (embedding metadata), training data
+    kernel: Any = None  # --kernel rbf: a fitted scikit-learn Pipeline(StandardScaler, SVC); weight unused
 
     @classmethod
     def from_head(cls, head: LinearHead, classes: list[str], info: dict[str, Any]) -> Model:
@@ -53,12 +57,19 @@ class Model:
         return cls(classes, state["mean"], state["std"], state["linear.weight"], state["linear.bias"], info)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """float32 (N, D) embeddings -> (N, classes) logits, in numpy (no torch needed on the hot path)."""
+        """float32 (N, D) embeddings -> (N, classes) logits (SVM: decision margins), in numpy (no torch
+        needed on the hot path)."""
+        if self.kernel is not None:
+            margins = np.asarray(self.kernel.decision_function(x), np.float32)
+            return np.stack([-margins, margins], axis=1) if margins.ndim == 1 else margins
         return ((x - self.mean) / self.std) @ self.weight.T + self.bias
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """-> (class index, probability of that class) per row."""
+        """-> (class index, score) per row: logreg's probability of that class, or the SVM's margin."""
         logits = self.logits(x)
+        if self.info.get("head") == "svm":
+            index = logits.argmax(axis=1)
+            return index, logits[np.arange(len(index)), index]
         logits -= logits.max(axis=1, keepdims=True)
         prob = np.exp(logits)
         prob /= prob.sum(axis=1, keepdims=True)
@@ -75,6 +86,8 @@ class Model:
         buffer = io.BytesIO()
         torch.save(tensors, buffer)
         storage.write_bytes(storage.join(model_dir, MODEL_FILE), buffer.getvalue())
+        if self.kernel is not None:
+            storage.write_bytes(storage.join(model_dir, KERNEL_FILE), pickle.dumps(self.kernel))
         info = dict(self.info, classes=self.classes)
         storage.write_bytes(storage.join(model_dir, MODEL_JSON), json.dumps(info, indent=2).encode())
 
@@ -90,4 +103,9 @@ class Model:
                 f"MODEL_DIR {storage.redact(model_dir)} holds no raytl model ({MODEL_JSON} and {MODEL_FILE})."
             ) from None
         arrays = {k: v.numpy().astype(np.float32) for k, v in tensors.items()}
-        return cls(info["classes"], arrays["mean"], arrays["std"], arrays["weight"], arrays["bias"], info)
+        kernel = None
+        if info.get("kernel") == "rbf":
+            kernel = pickle.loads(storage.read_bytes(storage.join(model_dir, KERNEL_FILE)))
+        return cls(
+            info["classes"], arrays["mean"], arrays["std"], arrays["weight"], arrays["bias"], info, kernel
+        )

@@ -9,20 +9,25 @@ import posixpath
 import tarfile
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raytl import storage
+from raytl import logs, storage
 from raytl.config import ConfigError
 from raytl.reader import Corpus, list_corpus
 
 log = logging.getLogger(__name__)
 
 
-def run(source: str | None, manifest: str | None, prefix: str, shard_size: int, overwrite: bool) -> dict:
+def run(
+    source: str | None, manifest: str | None, prefix: str, shard_size: int, overwrite: bool, seed: int = 0
+) -> dict:
     """Pack the listed images into PREFIX/00000.tar, 00001.tar, ...: KEY.<ext> (the file's bytes as they
-    are), KEY.cls (the label) and KEY.json (label and source URI); returns counts and the brace pattern."""
+    are), KEY.cls (the label) and KEY.json (label and source URI); returns counts and the brace pattern.
+    The images are shuffled (seeded) first: a listing comes sorted by class, and a reader that streams a
+    few shards at a time (training) needs every shard to hold a mix."""
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be an integer at least 1, not {shard_size!r}.")
     corpus = _loose(source, manifest)
@@ -33,13 +38,11 @@ def run(source: str | None, manifest: str | None, prefix: str, shard_size: int, 
             f"{storage.redact(prefix)} already holds {len(existing)} tar shards; "
             "pass --overwrite to replace them or choose another prefix."
         )
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+    logs.init_ray()
     rows = corpus.table.num_rows
     shards = (rows + shard_size - 1) // shard_size
-    pending = [
-        _write_shard.remote(i, corpus.table.slice(i * shard_size, shard_size), prefix) for i in range(shards)
-    ]
+    table = corpus.table.take(np.random.default_rng(seed).permutation(rows))
+    pending = [_write_shard.remote(i, table.slice(i * shard_size, shard_size), prefix) for i in range(shards)]
     written = sum(ray.get(pending))
     pattern = storage.join(prefix, "{" + f"{0:05d}..{shards - 1:05d}" + "}.tar")
     return {

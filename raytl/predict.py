@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from typing import Any
 
@@ -11,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raytl import extract, storage, writer
+from raytl import extract, logs, storage, writer
 from raytl.config import ExtractConfig
 from raytl.embeddings import check_same_backbone, is_embeddings, matrix, open_embeddings
 from raytl.head import Model
@@ -85,7 +84,9 @@ def run(
         num_cpus=0,  # as extract's writer: never starved by decode tasks
     )
     with extract.user_errors():
-        counts = writer.sum_counts(stats)
+        progress = logs.Progress("predict", None)
+        counts = writer.sum_counts(stats, check=progress.update)
+        progress.done(counts)
     wall = time.perf_counter() - started
     predicted, failed = counts.get("embedded", 0), counts.get("failed", 0)
     summary = {
@@ -185,5 +186,4 @@ def weights_spec(weights_id: str) -> tuple[str, int]:
 
 
 def _init_ray() -> None:
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+    logs.init_ray()

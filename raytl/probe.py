@@ -1,4 +1,5 @@
-"""`raytl train`: a linear probe (multinomial logistic regression) on embeddings, with Ray Train."""
+"""`raytl train`: a linear probe on embeddings with Ray Train: multinomial logistic regression, or a
+one-vs-rest linear SVM (squared hinge, as scikit-learn's LinearSVC)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import pickle
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -19,11 +20,11 @@ import ray
 import torch
 
 import raytl
-from raytl import split, storage
-from raytl.config import Backend, ClassWeight, TrainConfig
+from raytl import logs, report, split, storage
+from raytl.config import Backend, ClassWeight, ConfigError, Kernel, ProbeHead, TrainConfig
 from raytl.embeddings import Embeddings, EmbeddingsError, check_same_backbone, matrix, open_embeddings
 from raytl.head import METRICS_FILE, MODEL_FILE, MODEL_JSON, LinearHead, Model
-from raytl.metrics import report
+from raytl.metrics import report as classification_report
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
     val = open_embeddings(config.val, "--val") if config.val else None
     if val is not None:
         check_same_backbone(train.metadata, val, "--val")
+    if config.kernel == Kernel.RBF and train.rows > _RBF_MAX_ROWS:
+        raise ConfigError(
+            f"--kernel rbf fits scikit-learn's SVC on one node and does not scale past it: EMBEDDINGS has "
+            f"{train.rows:,} rows, more than the {_RBF_MAX_ROWS:,} it takes; use --kernel linear (the Ray "
+            "Train SVM)."
+        )
     prepare_model_dir(config.model_dir, config.overwrite)
-    if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING)
+    logs.init_ray()
     plan = plan_split(config, train, val)
     train_rows = xy(train, plan, config.seed, side="all" if val else "train")
     val_rows = xy(val, plan, None, side="all") if val else xy(train, plan, config.seed, side="val")
@@ -61,30 +67,35 @@ def run(config: TrainConfig) -> dict[str, Any]:
     mean, std = moments(train_rows, train.dim)
     n_train = sum(plan.train_counts.values())
     l2 = config.l2 if config.l2 is not None else 1.0 / n_train  # scikit-learn's default C=1
-    if config.backend == Backend.SKLEARN:
-        head, history = fit_sklearn(train_rows, plan, config, l2)
-    else:
-        head, history = fit_ray(train_rows, val_rows, plan, config, mean, std, l2)
     info = {
         "kind": "probe",
-        "head": "logreg",
+        "head": str(config.head),
+        "kernel": str(config.kernel),
         "backend": str(config.backend),
         "backbone": train.metadata,
         "embeddings": storage.redact(config.embeddings),
         "l2": l2,
         "raytl_version": raytl.__version__,
     }
-    model = Model.from_head(head, plan.classes, info)
+    if config.backend == Backend.SKLEARN:
+        x, y = gather(train_rows)
+        model, history = fit_sklearn(x, y, plan.classes, config, l2, info)
+    else:
+        head, history = fit_ray(train_rows, val_rows, plan, config, mean, std, l2)
+        model = Model.from_head(head, plan.classes, info)
     model.save(config.model_dir)
-    metrics = evaluate(model, val_rows)
+    metrics, sample = evaluate(model, val_rows)
+    report.write_validation(config.model_dir, sample)
     metrics.update(
-        head="logreg",
+        head=str(config.head),
+        kernel=str(config.kernel),
         backend=str(config.backend),
         train_samples=plan.train_counts,
         val_samples=plan.val_counts,
         history=history,
     )
     storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), _json(metrics))
+    report.write_quietly(config.model_dir)
     return metrics
 
 
@@ -173,7 +184,8 @@ def plan_split(config: TrainConfig, train: Embeddings, val: Embeddings | None) -
 
 
 def to_xy(batch: pa.Table, classes: list[str], dim: int, seed: int | None, limits: Any, side: str) -> dict:
-    """Embeddings and class indices of the rows on `side` (train | val | all) of the split."""
+    """Embeddings, class indices and paths (for the report's sample) of the rows on `side` (train | val |
+    all) of the split."""
     labels = batch["label"].to_pylist()
     keep = np.ones(len(labels), bool)
     if side != "all":
@@ -183,7 +195,7 @@ def to_xy(batch: pa.Table, classes: list[str], dim: int, seed: int | None, limit
     index = {c: i for i, c in enumerate(classes)}
     x = matrix(batch["embedding"], dim)[keep]
     y = np.array([index[label] for label, k in zip(labels, keep, strict=True) if k], dtype=np.int64)
-    return {"x": x, "y": y}
+    return {"x": x, "y": y, "path": np.array(batch["path"].to_pylist(), dtype=object)[keep]}
 
 
 def xy(data: Embeddings, plan: Plan, seed: int | None, side: str) -> ray.data.Dataset:
@@ -207,7 +219,7 @@ def cache_if_small(
     re-splitting the Parquet. Larger datasets stream from storage each epoch."""
     rows = train.rows + (val.rows if val else 0)
     budget = ray.cluster_resources().get("object_store_memory", 0) * _CACHE_FRACTION
-    if rows * (train.dim * 4 + 8) > budget:
+    if rows * (train.dim * 4 + 80) > budget:  # x, y and the path
         return train_rows, val_rows
     return train_rows.materialize(), val_rows.materialize()
 
@@ -265,6 +277,8 @@ def fit_ray(
             "classes": len(plan.classes),
             "weights": class_weights(plan, config.class_weight),
             "l2": l2,
+            "svm": config.head == ProbeHead.SVM,
+            "show_epochs": logs.show_epochs(),
             "lr": config.lr,
             "epochs": config.epochs,
             "patience": config.patience,
@@ -284,7 +298,8 @@ def fit_ray(
             # Ray Train's per-report INFO lines drown the output unless raytl itself logs at INFO.
             logging_config=LoggingConfig(log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING"),
         ),
-        datasets={"train": train_rows, "val": val_rows},
+        # The workers take x and y; paths stay for the evaluation's sample.
+        datasets={"train": train_rows.select_columns(["x", "y"]), "val": val_rows.select_columns(["x", "y"])},
         torch_config=TorchConfig(backend=collective_backend(use_gpu)),
     )
     result = trainer.fit()
@@ -346,7 +361,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
         schedule.load_state_dict(state["schedule"])
         history, best, best_head, stale = state["history"], state["best"], state["best_head"], state["stale"]
         start = state["epoch"] + 1
-    last_report = time.monotonic()
+    last_report = started = time.monotonic()
+    first = start
     for epoch in range(start, cfg["epochs"]):
         train_loss, train_acc = run_epoch(model, head, optimizer, weights, cfg, train.batches(epoch), device)
         val_loss, val_acc = run_epoch(model, head, None, weights, cfg, val.batches(None), device)
@@ -360,6 +376,8 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 "val_accuracy": val_acc,
             }
         )
+        if cfg["show_epochs"] and ray.train.get_context().get_world_rank() == 0:
+            print(logs.epoch_line("train", history[-1], cfg["epochs"], started, first), flush=True)
         if val_loss < best - 1e-7:
             best, best_head, stale = val_loss, copy.deepcopy(head.state_dict()), 0
         else:
@@ -449,7 +467,7 @@ def run_epoch(model, head, optimizer, weights, cfg, batches, device) -> tuple[fl
     for x, y in batches:
         with torch.set_grad_enabled(optimizer is not None):
             logits = model(x)
-            per_row = torch.nn.functional.cross_entropy(logits, y, reduction="none") * weights[y]
+            per_row = (squared_hinge(logits, y) if cfg["svm"] else cross_entropy(logits, y)) * weights[y]
             if optimizer is not None:
                 loss = per_row.sum() / weights[y].sum() + 0.5 * cfg["l2"] * head.linear.weight.pow(2).sum()
                 optimizer.zero_grad(set_to_none=True)
@@ -466,31 +484,58 @@ def run_epoch(model, head, optimizer, weights, cfg, batches, device) -> tuple[fl
     return loss, (sums[2] / count).item() if count > 0 else math.nan
 
 
-def fit_sklearn(
-    train_rows: ray.data.Dataset, plan: Plan, config: TrainConfig, l2: float
-) -> tuple[LinearHead, list]:
-    """scikit-learn's LogisticRegression on the driver, standardised: the reference, for data that fits."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits, y, reduction="none")
 
-    x, y = gather(train_rows)
-    scaler = StandardScaler().fit(x)
+
+def squared_hinge(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One-vs-rest squared hinge per row: sum over classes k of max(0, 1 - t_k m_k)^2, t_k = +1 for the
+    row's class and -1 for the others (LinearSVC's loss, summed over its binary problems)."""
+    target = torch.full_like(margins, -1.0)
+    target[torch.arange(len(y), device=margins.device), y] = 1.0
+    return torch.clamp(1.0 - target * margins, min=0.0).pow(2).sum(dim=1)
+
+
+# --kernel rbf keeps every training row on the driver and costs O(n^2): refused beyond this many rows.
+_RBF_MAX_ROWS = 50_000
+
+
+def fit_sklearn(
+    x: np.ndarray, y: np.ndarray, classes: list[str], config: TrainConfig, l2: float, info: dict[str, Any]
+) -> tuple[Model, list]:
+    """scikit-learn on the driver, standardised: LogisticRegression, LinearSVC or an RBF SVC. The
+    reference, for data that fits on one node."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC, LinearSVC
+
     n = len(y)
-    clf = LogisticRegression(
-        C=1.0 / (l2 * n) if l2 > 0 else 1e12,
-        class_weight="balanced" if config.class_weight == ClassWeight.BALANCED else None,
-        max_iter=2000,
-        random_state=config.seed,
-    ).fit(scaler.transform(x), y)
-    weight, bias = clf.coef_, clf.intercept_
-    if len(plan.classes) == 2:  # binary: p(1) = sigmoid(w.x + b) equals a softmax over logits (0, w.x + b)
-        weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
+    scaler = StandardScaler().fit(x)
+    c = 1.0 / (l2 * n) if l2 > 0 else 1e12
+    balanced = "balanced" if config.class_weight == ClassWeight.BALANCED else None
     std = np.where(scaler.scale_ > 1e-12, scaler.scale_, 1.0)
-    head = LinearHead(torch.from_numpy(scaler.mean_), torch.from_numpy(std), len(plan.classes))
+    head = LinearHead(torch.from_numpy(scaler.mean_), torch.from_numpy(std), len(classes))
+    if config.kernel == Kernel.RBF:
+        log.warning("--kernel rbf: scikit-learn's SVC on this node only (%d rows); it does not scale out", n)
+        kernel = make_pipeline(StandardScaler(), SVC(C=c, kernel="rbf", class_weight=balanced)).fit(x, y)
+        return replace(Model.from_head(head, classes, info), kernel=kernel), []
+    if config.head == ProbeHead.SVM:
+        clf: Any = LinearSVC(C=c, class_weight=balanced, max_iter=10_000, random_state=config.seed)
+    else:
+        clf = LogisticRegression(C=c, class_weight=balanced, max_iter=2000, random_state=config.seed)
+    clf.fit(scaler.transform(x), y)
+    weight, bias = clf.coef_, clf.intercept_
+    if len(classes) == 2:
+        # One row w for class 1. logreg: p(1) = sigmoid(w.x + b), a softmax over (0, w.x + b); SVM: the
+        # margins (-(w.x + b), w.x + b) pick the same class, with |w.x + b| as the margin.
+        first = -weight if config.head == ProbeHead.SVM else np.zeros_like(weight)
+        weight = np.vstack([first, weight])
+        bias = np.concatenate([-bias if config.head == ProbeHead.SVM else [0.0], bias])
     with torch.no_grad():
         head.linear.weight.copy_(torch.from_numpy(weight))
         head.linear.bias.copy_(torch.from_numpy(bias))
-    return head, []
+    return Model.from_head(head, classes, info), []
 
 
 def gather(rows: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -506,16 +551,25 @@ def gather(rows: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 def batch_confusion(batch: dict[str, np.ndarray], model: Model) -> dict[str, np.ndarray]:
+    """The batch's confusion matrix (flattened) and its rows for the report's sample (pickled)."""
     from raytl.metrics import confusion
 
-    predicted, _ = model.predict(batch["x"])
-    return {"matrix": confusion(batch["y"], predicted, len(model.classes)).reshape(1, -1)}
+    predicted, score = model.predict(batch["x"])
+    names = [model.classes[i] for i in predicted]
+    truth = [model.classes[i] for i in batch["y"]]
+    sample = report.batch_sample(batch["path"], truth, names, score, batch["x"])
+    return {
+        "matrix": confusion(batch["y"], predicted, len(model.classes)).reshape(1, -1),
+        "sample": np.array([sample], dtype=object),
+    }
 
 
-def evaluate(model: Model, rows: ray.data.Dataset) -> dict[str, Any]:
-    """Metrics of `model` on the rows, summed from per-batch confusion matrices."""
+def evaluate(model: Model, rows: ray.data.Dataset) -> tuple[dict[str, Any], pa.Table]:
+    """Metrics of `model` on the rows, summed from per-batch confusion matrices, and a sample of the rows
+    (misclassified ones first) for the report."""
     k = len(model.classes)
     total = np.zeros((k, k), dtype=np.int64)
+    sampler = report.Sampler()
     matrices = rows.map_batches(
         batch_confusion,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
         fn_kwargs={"model": model},
@@ -523,7 +577,8 @@ def evaluate(model: Model, rows: ray.data.Dataset) -> dict[str, Any]:
     )
     for part in matrices.iter_batches(batch_size=None, batch_format="numpy"):
         total += part["matrix"].sum(0).reshape(k, k)
-    return report(total, model.classes)
+        sampler.add(part["sample"])
+    return classification_report(total, model.classes), sampler.table()
 
 
 def _json(data: dict) -> bytes:

@@ -49,6 +49,7 @@ def run(workdir: str) -> int:
                 f"  images       {paths['train']} (training), {paths['new']} (new)",
                 f"  embeddings   {paths['embeddings']}  (Parquet; _summary.json, _errors/)",
                 f"  model        {paths['model']}  (model.pt, model.json, metrics.json, train/ checkpoints)",
+                f"  report       {os.path.join(paths['model'], 'report.html')}  (open it in a browser)",
                 f"  predictions  {paths['predictions']}  (Parquet: path, predicted_label, score, label)",
             ]
         )

@@ -26,19 +26,26 @@ def trained(ray_session, tmp_path_factory):
             precision="fp32",
         )
     )
-    probe.run(
-        TrainConfig.create(
-            embeddings=str(tmp / "emb"), model_dir=str(tmp / "model"), backend="sklearn", val_fraction=0.25
+    for head in ("logreg", "svm"):
+        model_dir = "model" if head == "logreg" else f"model-{head}"
+        probe.run(
+            TrainConfig.create(
+                embeddings=str(tmp / "emb"),
+                model_dir=str(tmp / model_dir),
+                backend="sklearn",
+                head=head,
+                val_fraction=0.25,
+            )  # fmt: skip
         )
-    )
     return tmp
 
 
-def test_images_and_embeddings_give_the_same_predictions(trained):
-    from_emb = predict.run(str(trained / "model"), str(trained / "emb"), str(trained / "p-emb"))
-    from_img = predict.run(str(trained / "model"), str(trained / "corpus"), str(trained / "p-img"))
-    a = {r["path"]: r for r in pq.read_table(trained / "p-emb").to_pylist()}
-    b = {r["path"]: r for r in pq.read_table(trained / "p-img").to_pylist()}
+@pytest.mark.parametrize("model", ["model", "model-svm"])
+def test_images_and_embeddings_give_the_same_predictions(trained, model):
+    from_emb = predict.run(str(trained / model), str(trained / "emb"), str(trained / f"p-emb-{model}"))
+    from_img = predict.run(str(trained / model), str(trained / "corpus"), str(trained / f"p-img-{model}"))
+    a = {r["path"]: r for r in pq.read_table(trained / f"p-emb-{model}").to_pylist()}
+    b = {r["path"]: r for r in pq.read_table(trained / f"p-img-{model}").to_pylist()}
     assert set(a) == set(b) and len(a) == 52
     for path in a:
         assert a[path]["predicted_label"] == b[path]["predicted_label"]
@@ -46,7 +53,7 @@ def test_images_and_embeddings_give_the_same_predictions(trained):
         assert a[path]["label"] == b[path]["label"] == path.split("/")[-2]
     assert from_emb["accuracy"] == from_img["accuracy"]
     assert (from_img["seen"], from_img["predicted"], from_img["failed"]) == (56, 52, 4)
-    errors = pq.read_table(trained / "p-img" / "_errors").to_pylist()
+    errors = pq.read_table(trained / f"p-img-{model}" / "_errors").to_pylist()
     assert sorted(e["path"].rsplit("/", 1)[-1] for e in errors) == sorted(
         ["empty.jpg", "notes-as-image.jpg", "truncated.jpg", "bomb.png"]
     )

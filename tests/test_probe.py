@@ -1,18 +1,25 @@
 """`raytl train`: the Ray Train probe against scikit-learn, MODEL_DIR contents, bad input."""
 
 import json
+import os
+import re
+import shutil
+import subprocess
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 from conftest import SECRET_KEY, assert_user_error
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
 from synthetic import blobs, names, write
 
 from raytl import predict, probe, split
+from raytl.cli import main
 from raytl.config import TrainConfig
 from raytl.head import Model
 
@@ -93,6 +100,43 @@ def test_metrics_json_agrees_with_the_model(ray_run, data):
     assert {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= set(history[0])
 
 
+def test_report_page_draws_every_figure_in_chromium(ray_run, tmp_path):
+    """The report of the Ray Train run above, drawn again from its MODEL_DIR in S3 and shown as a browser
+    shows it: headless Chromium loads the page and every figure has pixels."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        message = "headless Chromium is needed: apt-get install -y chromium (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    fs = s3fs.S3FileSystem()
+    names_ = {p.rsplit("/", 1)[-1] for p in fs.ls("raytl-probe/models/probe/report")}
+    assert names_ == {f"{n}.png" for n in ("confusion", "per_class", "curves", "pca", "misclassified")}
+    fs.rm("raytl-probe/models/probe/report.html")
+    assert main(["report", "s3://raytl-probe/models/probe"]) == 0
+    page = tmp_path / "report.html"
+    page.write_bytes(fs.cat_file("raytl-probe/models/probe/report.html"))
+    text = page.read_text()
+    assert 'src="http' not in text and "<link" not in text  # self-contained
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000"]
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
+    body = re.search(r"<body[^>]*>", dom)
+    assert body is not None, dom[:500]
+    assert 'data-figures="5"' in body.group(0) and 'data-figures-drawn="5"' in body.group(0), body.group(0)
+    for title in ("Confusion matrix", "Per-class precision and recall", "Training curves", "Misclassified"):
+        assert title in dom
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [chromium, *flags, "--window-size=1000,3000", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    with Image.open(shot) as image:
+        assert image.size == (1000, 3000) and np.asarray(image.convert("L")).std() > 10
+
+
 def test_sklearn_backend_is_scikit_learn(ray_session, data, tmp_path):
     write(str(tmp_path / "train"), data["x"], names(data["y"]))
     write(str(tmp_path / "val"), data["x_test"], names(data["y_test"]), prefix="v")
@@ -121,6 +165,81 @@ def test_binary_sklearn_head_gives_sklearn_probabilities(ray_session, tmp_path):
     model = Model.load(str(tmp_path / "m"))
     _, score = model.predict(x)
     assert model.weight.shape == (2, 6) and score.min() >= 0.5
+
+
+def test_ray_train_svm_matches_linearsvc(ray_session, data, tmp_path):
+    """--head svm with Ray Train (2 workers, squared hinge) against scikit-learn's LinearSVC on the same
+    standardised embeddings: test accuracy within 1.5 points; score is the margin of the predicted class."""
+    write(str(tmp_path / "train"), data["x"], names(data["y"]))
+    write(str(tmp_path / "test"), data["x_test"], names(data["y_test"]), prefix="test")
+    config = TrainConfig.create(
+        embeddings=str(tmp_path / "train"), model_dir=str(tmp_path / "svm"), head="svm", workers=2
+    )
+    metrics = probe.run(config)
+    assert (metrics["head"], metrics["backend"], metrics["kernel"]) == ("svm", "ray", "linear")
+    summary = predict.run(str(tmp_path / "svm"), str(tmp_path / "test"), str(tmp_path / "pred"))
+    reference = make_pipeline(StandardScaler(), LinearSVC(max_iter=10_000)).fit(data["x"], data["y"])
+    sk_accuracy = reference.score(data["x_test"], data["y_test"])
+    assert 0.6 < sk_accuracy < 0.98
+    assert abs(summary["accuracy"] - sk_accuracy) <= 0.015, (summary["accuracy"], sk_accuracy)
+    model = Model.load(str(tmp_path / "svm"))
+    margins = model.logits(data["x_test"])
+    rows = {r["path"]: r for r in pq.read_table(tmp_path / "pred").to_pylist()}
+    first = rows["s3://corpus/test-00000.jpg"]
+    assert first["score"] == pytest.approx(float(margins[0].max()), rel=1e-5)
+    assert first["predicted_label"] == model.classes[int(margins[0].argmax())]
+    assert json.loads((tmp_path / "svm" / "model.json").read_text())["head"] == "svm"
+
+
+def test_sklearn_svm_heads_are_linearsvc_and_svc(data, tmp_path):
+    """--backend sklearn --head svm [--kernel rbf]: the stored model's class and score are LinearSVC's and
+    SVC's own (predict, decision margin), multi-class and binary."""
+    x, y, x_test = data["x"][:600], data["y"][:600], data["x_test"]
+    classes = ["class-0", "class-1", "class-2", "class-3"]
+
+    def fit(kernel, xs=x, ys=y, labels=classes):
+        config = TrainConfig.create(
+            embeddings="e", model_dir="m", backend="sklearn", head="svm", kernel=kernel
+        )
+        return probe.fit_sklearn(xs, ys, labels, config, 1.0 / len(ys), {"head": "svm", "kernel": kernel})[0]
+
+    linear = make_pipeline(StandardScaler(), LinearSVC(max_iter=10_000)).fit(x, y)
+    index, score = fit("linear").predict(x_test)
+    expected = linear.decision_function(x_test)
+    np.testing.assert_allclose(score, expected.max(1), rtol=1e-4, atol=1e-4)
+    assert np.mean(index == expected.argmax(1)) >= 0.995
+
+    rbf = make_pipeline(StandardScaler(), SVC(kernel="rbf")).fit(x, y)
+    model = fit("rbf")
+    index, score = model.predict(x_test)
+    np.testing.assert_allclose(score, rbf.decision_function(x_test).max(1), rtol=1e-4, atol=1e-4)
+    assert np.mean(index == rbf.predict(x_test)) >= 0.995
+    model.save(str(tmp_path / "rbf"))  # kernel.pkl beside model.pt
+    assert np.array_equal(Model.load(str(tmp_path / "rbf")).predict(x_test)[0], index)
+
+    xb, yb = blobs(200, 2, 6, seed=4)  # binary: margins (-f, f) of LinearSVC's single f
+    binary = make_pipeline(StandardScaler(), LinearSVC(max_iter=10_000)).fit(xb, yb)
+    index, score = fit("linear", xb, yb, ["a", "b"]).predict(xb)
+    f = binary.decision_function(xb)
+    np.testing.assert_allclose(score, np.abs(f), rtol=1e-4, atol=1e-4)
+    assert np.array_equal(index, (f > 0).astype(int))
+
+
+def test_svm_options_are_checked(data, capsys, tmp_path, monkeypatch):
+    write(str(tmp_path / "e"), data["x"][:300], names(data["y"][:300]))
+    base = ["train", str(tmp_path / "e"), str(tmp_path / "m")]
+    assert_user_error(capsys, [*base, "--head", "tree"], "--head must be one of logreg, svm")
+    assert_user_error(
+        capsys, [*base, "--head", "svm", "--kernel", "rbf"], "--kernel rbf is scikit-learn's SVC on one node"
+    )
+    monkeypatch.setattr(probe, "_RBF_MAX_ROWS", 100)
+    line = assert_user_error(
+        capsys,
+        [*base, "--head", "svm", "--kernel", "rbf", "--backend", "sklearn"],
+        "does not scale past it: ",
+    )
+    assert line.endswith("has 300 rows, more than the 100 it takes; use --kernel linear (the Ray Train SVM).")
+    assert not (tmp_path / "m").exists()  # refused before any work
 
 
 def test_bad_training_data(ray_session, capsys, tmp_path):

@@ -1,0 +1,185 @@
+"""What a raytl run tells its user: log setup (text or JSON lines), Ray started without its own chatter,
+one live progress line per stage, and the summary table at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+
+@dataclass
+class Settings:
+    level: int = logging.WARNING
+    json: bool = False  # JSON lines on stderr, for clusters' log collectors
+    quiet: bool = False  # no progress line and no summary table (errors and the JSON result only)
+
+
+SETTINGS = Settings()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message (and the traceback when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup(level: str = "warning", json_lines: bool = False, quiet: bool = False) -> None:
+    """Configure logging for a `raytl` command (each call replaces the last: tests call main() often)."""
+    SETTINGS.level = getattr(logging, level.upper())
+    SETTINGS.json, SETTINGS.quiet = json_lines, quiet
+    if SETTINGS.level > logging.DEBUG:
+        # Ray Data's own lines (execution plans, each dataset's start and finish, the progress-bar notice),
+        # in this process and in the workers of a Ray it starts: read when its loggers are configured.
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=SETTINGS.level, handlers=[handler], force=True)
+    quiet_ray()
+
+
+def quiet_ray() -> None:
+    """Ray's internal INFO lines (execution plans, per-dataset start and finish, progress-bar notices) are
+    off unless --log-level debug."""
+    chatter = logging.DEBUG if SETTINGS.level <= logging.DEBUG else logging.ERROR
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(chatter)
+
+
+def init_ray() -> None:
+    """Start or join Ray (RAY_ADDRESS, else a local instance) with raytl's log settings."""
+    import ray
+
+    if ray.is_initialized():
+        quiet_ray()
+        return
+    debug = SETTINGS.level <= logging.DEBUG
+    if not debug:
+        # Ray's deprecation notices about its own internals are off too.
+        warnings.filterwarnings("ignore", module=r"ray\.")
+    if SETTINGS.level > logging.INFO:
+        logging.getLogger("ray").setLevel(logging.ERROR)  # before init: its first lines come early
+    ray.init(
+        # Ray's own warnings (e.g. that a local instance uses token authentication) from --log-level info.
+        logging_level=SETTINGS.level if SETTINGS.level <= logging.INFO else logging.ERROR,
+        # Workers log at WARNING (Ray Data's and Ray Train's INFO lines off); raytl's own progress comes
+        # from the driver.
+        logging_config=ray.LoggingConfig(
+            encoding="JSON" if SETTINGS.json else "TEXT", log_level="DEBUG" if debug else "WARNING"
+        ),
+    )
+    quiet_ray()
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = debug
+    ray.data.DataContext.get_current().print_on_execution_start = debug
+
+
+class Progress:
+    """One live line for a stage: images done (of how many, when known), images per second, ETA. On a
+    terminal it rewrites itself; elsewhere (a Ray job's log) it is printed every `every` seconds."""
+
+    def __init__(self, stage: str, total: int | None, stream: TextIO | None = None, every: float = 30.0):
+        self.stage, self.total = stage, total
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self.every = 0.5 if self.live else every
+        self.started = self.last = time.monotonic()
+        self.shown = ""
+        self.enabled = not SETTINGS.quiet and not SETTINGS.json
+
+    def update(self, totals: dict[str, int]) -> None:
+        """The running counts (embedded/predicted and failed) after each written part."""
+        now = time.monotonic()
+        if not self.enabled or now - self.last < self.every:
+            return
+        self.last = now
+        self._show(self.line(totals, now - self.started))
+
+    def done(self, totals: dict[str, int]) -> None:
+        if self.enabled and self.live and self.shown:
+            self._show(self.line(totals, time.monotonic() - self.started))
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def line(self, totals: dict[str, int], seconds: float) -> str:
+        done = totals.get("embedded", 0)
+        failed = totals.get("failed", 0)
+        rate = done / seconds if seconds > 0 else 0.0
+        count = f"{done + failed:,}" + (f"/{self.total:,}" if self.total else "")
+        eta = ""
+        if self.total and rate > 0:
+            eta = f" · ETA {duration(max(0.0, (self.total - done - failed) / rate))}"
+        return (
+            f"{self.stage}: {count} images · {failed:,} failed · {rate:,.1f} img/s{eta} · {duration(seconds)}"
+        )
+
+    def _show(self, text: str) -> None:
+        if self.live:
+            self.stream.write("\r" + text.ljust(len(self.shown)))
+        else:
+            self.stream.write(text + "\n")
+        self.shown = text
+        self.stream.flush()
+
+
+def epoch_line(stage: str, entry: dict[str, Any], epochs: int, started: float, first_epoch: int) -> str:
+    """A training epoch's line: losses, validation accuracy, time per epoch and the ETA of the run."""
+    done = entry["epoch"] + 1 - first_epoch
+    each = (time.monotonic() - started) / max(done, 1)
+    return (
+        f"{stage}: epoch {entry['epoch'] + 1}/{epochs} · train loss {entry['train_loss']:.4f} · "
+        f"val loss {entry['val_loss']:.4f} · val accuracy {entry['val_accuracy']:.4f} · "
+        f"{duration(each)}/epoch · ETA {duration(each * (epochs - entry['epoch'] - 1))}"
+    )
+
+
+def show_epochs() -> bool:
+    """Training workers print their epoch lines (Ray forwards them to the driver) unless quiet."""
+    return not SETTINGS.quiet and not SETTINGS.json
+
+
+def duration(seconds: float) -> str:
+    """3.2 s, 4m05s, 2h03m."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def summary_table(title: str, rows: list[tuple[str, Any]], stream: TextIO | None = None) -> None:
+    """The final table of a run, on stderr (stdout keeps the one JSON line scripts read)."""
+    if SETTINGS.quiet or SETTINGS.json:
+        return
+    stream = stream or sys.stderr
+    width = max(len(name) for name, _ in rows)
+    lines = [title] + [f"  {name.ljust(width)}  {_cell(value)}" for name, value in rows]
+    stream.write("\n".join(lines) + "\n")
+    stream.flush()
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}" if abs(value) < 1 else f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
