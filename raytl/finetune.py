@@ -320,6 +320,7 @@ def fit(config: FinetuneConfig, train: Images, val: Images, classes: list[str], 
             "steps_per_epoch": max(1, math.ceil(per_worker / config.batch_size)),
             "trunk_lr": config.trunk_lr,
             "show_epochs": logs.show_epochs(),
+            "ray_debug": logs.ray_debug(),
             "threads": max(1, int(cpus)),
         },
         scaling_config=scaling(config.workers, use_gpu, cpus),
@@ -397,6 +398,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    logs.quiet_train_worker(cfg["ray_debug"])
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(cfg["threads"])  # Ray's OMP_NUM_THREADS follows the (fractional) CPU request
@@ -439,7 +441,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             }
         )
         if cfg["show_epochs"] and ray.train.get_context().get_world_rank() == 0:
-            print(logs.epoch_line("finetune", history[-1], cfg["epochs"], started, first), flush=True)
+            logs.show_epoch(logs.epoch_line("finetune", history[-1], cfg["epochs"], started, first))
         state = {
             "trainable": trainable_state(network),
             "optimizer": optimizer.state_dict(),

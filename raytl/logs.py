@@ -71,10 +71,14 @@ def init_ray() -> None:
         return
     debug = SETTINGS.level <= logging.DEBUG
     if not debug:
-        # Ray's deprecation notices about its own internals are off too.
+        # Ray's deprecation notices about its own internals are off too (here, and in the workers of a
+        # Ray started here).
         warnings.filterwarnings("ignore", module=r"ray\.")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     if SETTINGS.level > logging.INFO:
-        logging.getLogger("ray").setLevel(logging.ERROR)  # before init: its first lines come early
+        # Before init: its first lines come early (e.g. that a local Ray uses token authentication).
+        for name in ("ray", "ray._private.authentication"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     ray.init(
         # Ray's own warnings (e.g. that a local instance uses token authentication) from --log-level info.
         logging_level=SETTINGS.level if SETTINGS.level <= logging.INFO else logging.ERROR,
@@ -137,6 +141,30 @@ class Progress:
             self.stream.write(text + "\n")
         self.shown = text
         self.stream.flush()
+
+
+def quiet_train_worker(debug: bool) -> None:
+    """In a Ray Train worker: Ray Train's per-report INFO line (logged under its file's path, outside the
+    `ray` logger tree) and Ray's deprecation notices about its own internals are off unless debugging."""
+    if debug:
+        return
+    warnings.filterwarnings("ignore", module=r"ray\.")
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def show_epoch(line: str) -> None:
+    """From rank 0 of a training run: straight to the worker's stderr (Ray forwards it to the driver;
+    Ray Train's own capture of stdout would print it twice)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def ray_debug() -> bool:
+    return SETTINGS.level <= logging.DEBUG
 
 
 def epoch_line(stage: str, entry: dict[str, Any], epochs: int, started: float, first_epoch: int) -> str:

@@ -279,6 +279,7 @@ def fit_ray(
             "l2": l2,
             "svm": config.head == ProbeHead.SVM,
             "show_epochs": logs.show_epochs(),
+            "ray_debug": logs.ray_debug(),
             "lr": config.lr,
             "epochs": config.epochs,
             "patience": config.patience,
@@ -341,6 +342,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    logs.quiet_train_worker(cfg["ray_debug"])
     torch.manual_seed(cfg["seed"])
     # A worker holding a GPU whose CUDA does not work trains on its CPU (collective_backend chose gloo).
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
@@ -377,7 +379,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             }
         )
         if cfg["show_epochs"] and ray.train.get_context().get_world_rank() == 0:
-            print(logs.epoch_line("train", history[-1], cfg["epochs"], started, first), flush=True)
+            logs.show_epoch(logs.epoch_line("train", history[-1], cfg["epochs"], started, first))
         if val_loss < best - 1e-7:
             best, best_head, stale = val_loss, copy.deepcopy(head.state_dict()), 0
         else:

@@ -27,10 +27,21 @@ from raytl.config import ExtractConfig
 
 summary = extract.run(ExtractConfig.create(
     source=sys.argv[1], output=sys.argv[2], weights="random", image_size=32, decode_batch=4))
+# Ray Train's placement, with the probe's own fit_ray and scaling, on the embeddings just written (the
+# label pass, evaluation and report of probe.run add nothing here but time).
+import numpy as np
+import pyarrow.parquet as pq
 from raytl import probe
 from raytl.config import TrainConfig
 
-metrics = probe.run(TrainConfig.create(embeddings=sys.argv[2], model_dir=sys.argv[3], workers=2, epochs=3))
+table = pq.read_table(sys.argv[2])
+x = np.stack([np.asarray(e, np.float32) for e in table["embedding"].to_pylist()])
+y = np.array([["a", "b"].index(label) for label in table["label"].to_pylist()])
+rows = ray.data.from_items([{"x": xi, "y": int(yi)} for xi, yi in zip(x, y)])
+plan = probe.Plan(["a", "b"], None, {"a": int((y == 0).sum()), "b": int((y == 1).sum())}, {"a": 1, "b": 1})
+config = TrainConfig.create(embeddings=sys.argv[2], model_dir=sys.argv[3], workers=2, epochs=3)
+_, history = probe.fit_ray(rows, rows, plan, config, x.mean(0), x.std(0) + 1e-6, 0.01)
+metrics = {"history": history}
 actors = list_actors(detail=True, limit=10000)
 embedders = [a for a in actors if "Embedder" in a.class_name]
 trainers = [a for a in actors if a.class_name == "RayTrainWorker"]

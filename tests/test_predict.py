@@ -9,6 +9,7 @@ from images import random_state_dict, write_corpus
 
 from raytl import extract, predict, probe
 from raytl.config import ExtractConfig, TrainConfig
+from raytl.head import Model
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +43,25 @@ def trained(ray_session, tmp_path_factory):
 
 @pytest.mark.parametrize("model", ["model", "model-svm"])
 def test_images_and_embeddings_give_the_same_predictions(trained, model):
-    from_emb = predict.run(str(trained / model), str(trained / "emb"), str(trained / f"p-emb-{model}"))
+    """Predicting straight from the images (decode, embed, classify in one pipeline) gives what the model
+    gives on the stored embeddings of the same images (logreg: probability; SVM: margin)."""
     from_img = predict.run(str(trained / model), str(trained / "corpus"), str(trained / f"p-img-{model}"))
-    a = {r["path"]: r for r in pq.read_table(trained / f"p-emb-{model}").to_pylist()}
+    classifier = Model.load(str(trained / model))
+    embedded = pq.read_table(trained / "emb").to_pylist()
+    index, score = classifier.predict(np.array([r["embedding"] for r in embedded], np.float32))
+    a = {
+        r["path"]: {"predicted_label": classifier.classes[i], "score": s, "label": r["label"]}
+        for r, i, s in zip(embedded, index, score, strict=True)
+    }
     b = {r["path"]: r for r in pq.read_table(trained / f"p-img-{model}").to_pylist()}
     assert set(a) == set(b) and len(a) == 52
     for path in a:
         assert a[path]["predicted_label"] == b[path]["predicted_label"]
         assert a[path]["score"] == pytest.approx(b[path]["score"], abs=1e-4)
         assert a[path]["label"] == b[path]["label"] == path.split("/")[-2]
-    assert from_emb["accuracy"] == from_img["accuracy"]
+    correct = np.mean([a[p]["predicted_label"] == a[p]["label"] for p in a])
+    assert from_img["accuracy"] == pytest.approx(correct)
+    assert classifier.info["head"] == ("svm" if model == "model-svm" else "logreg")
     assert (from_img["seen"], from_img["predicted"], from_img["failed"]) == (56, 52, 4)
     errors = pq.read_table(trained / f"p-img-{model}" / "_errors").to_pylist()
     assert sorted(e["path"].rsplit("/", 1)[-1] for e in errors) == sorted(

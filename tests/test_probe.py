@@ -156,15 +156,15 @@ def test_sklearn_backend_is_scikit_learn(ray_session, data, tmp_path):
     assert json.loads((tmp_path / "model" / "model.json").read_text())["backend"] == "sklearn"
 
 
-def test_binary_sklearn_head_gives_sklearn_probabilities(ray_session, tmp_path):
+def test_binary_sklearn_head_gives_sklearn_probabilities():
     x, y = blobs(300, 2, 6, seed=3)
-    write(str(tmp_path / "e"), x, names(y))
-    probe.run(
-        TrainConfig.create(embeddings=str(tmp_path / "e"), model_dir=str(tmp_path / "m"), backend="sklearn")
-    )
-    model = Model.load(str(tmp_path / "m"))
-    _, score = model.predict(x)
+    config = TrainConfig.create(embeddings="e", model_dir="m", backend="sklearn")
+    model, _ = probe.fit_sklearn(x, y, ["a", "b"], config, 1.0 / len(y), {"head": "logreg"})
+    reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x, y)
+    index, score = model.predict(x)
     assert model.weight.shape == (2, 6) and score.min() >= 0.5
+    np.testing.assert_allclose(score, reference.predict_proba(x).max(1), atol=1e-3)
+    assert np.mean(index == reference.predict(x)) >= 0.99
 
 
 def test_ray_train_svm_matches_linearsvc(ray_session, data, tmp_path):
