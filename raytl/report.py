@@ -28,7 +28,7 @@ FIGURES_DIR = "report"  # MODEL_DIR/report/<figure>.png beside the page
 # finetune: the PCA and the misclassified images come from it.
 VALIDATION_FILE = "validation.parquet"
 SAMPLE_ROWS = 2000
-_PER_BATCH = (64, 32)  # at most this many misclassified and correct rows from each evaluated batch
+_PER_BATCH = (256, 256)  # at most this many misclassified and correct rows from each evaluated batch
 _GRID = 24  # misclassified images shown
 _THUMB = 112  # their size in pixels
 
@@ -55,7 +55,9 @@ def batch_sample(
 ) -> bytes:
     """Misclassified rows first, then some correct ones, of one evaluated batch (pickled for Ray Data)."""
     wrong = [i for i, (t, p) in enumerate(zip(labels, predicted, strict=True)) if t != p][: _PER_BATCH[0]]
-    right = [i for i, (t, p) in enumerate(zip(labels, predicted, strict=True)) if t == p][: _PER_BATCH[1]]
+    right = [i for i, (t, p) in enumerate(zip(labels, predicted, strict=True)) if t == p]
+    if len(right) > _PER_BATCH[1]:  # evenly spread: batches often come sorted by class
+        right = [right[int(k)] for k in np.linspace(0, len(right) - 1, _PER_BATCH[1])]
     rows = wrong + right
     table = pa.table(
         [
