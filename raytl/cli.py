@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import raytl
 from raytl import logs, storage
 from raytl.config import (
     ConfigError,
@@ -44,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raytl", description="Transfer learning at cluster scale on Ray.")
+    parser.add_argument("--version", action="version", version=f"raytl {raytl.__version__}")
     parser.add_argument(
         "--log-level",
         default="warning",

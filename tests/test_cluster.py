@@ -37,6 +37,12 @@ def test_node_types(config):
     assert config["idle_timeout_minutes"] > 0 and config["max_workers"] >= types["gpu"]["max_workers"]
 
 
-def test_image_matches_the_installed_ray(config):
-    assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
-    assert any("pip install" in c and "raytl" in c for c in config["setup_commands"])
+def test_nodes_run_the_locked_versions(config):
+    """The image's Ray is the lock's (and so the driver's), and setup_commands install from the lock."""
+    with open(os.path.join(ROOT, "requirements", "lock.txt")) as f:
+        locked_ray = next(line.split("==")[1].strip() for line in f if line.startswith("ray=="))
+    assert locked_ray == ray.__version__
+    assert config["docker"]["image"] == f"rayproject/ray:{locked_ray}-py311-gpu"
+    assert config["setup_commands"] == [
+        "pip install -q -c /home/ray/raytl/requirements/lock.txt -e /home/ray/raytl"
+    ]
