@@ -21,6 +21,7 @@ from raytl.config import (
     Pool,
     Precision,
     TrainConfig,
+    parse_schemes,
 )
 from raytl.embeddings import EmbeddingsError
 from raytl.extract import ExtractError
@@ -41,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"raytl: error: {storage.redact(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # What is written stays written (parts are whole, checkpoints too): the same command continues.
+        print("raytl: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ALLOW_HELP = (
+    "schemes a manifest may name besides its own filesystem's, e.g. file,https (default: none; an S3 "
+    "manifest names S3 objects only)"
+)
+
+
 def add_extract(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Embed every image under SOURCE (class-per-folder) or in --manifest, write Parquet to OUTPUT."
@@ -98,12 +109,17 @@ def add_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the model (slow start, faster on GPUs)"
     )
-    p.add_argument("--rows-per-file", type=int, default=8192, help="rows per Parquet part file")
+    p.add_argument(
+        "--rows-per-file",
+        type=int,
+        help="rows per Parquet part file (default: about a minute of work on CPU, 8192 on GPU clusters)",
+    )
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="larger images go to _errors")
     p.add_argument(
         "--max-errors", help="stop when more files than this count (100) or share (0.01, 1%%) are broken"
     )
     p.add_argument("--label-field", help="tar shards: cls | txt | json:FIELD (default: KEY.cls when present)")
+    p.add_argument("--allow-schemes", help=ALLOW_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random")
     p.add_argument("--overwrite", action="store_true", help="replace raytl results already in OUTPUT")
     p.set_defaults(run=run_extract)
@@ -225,7 +241,11 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up, then cosine decay")
+    p.add_argument(
+        "--warmup-epochs",
+        type=float,
+        help="linear warm-up, then cosine decay (default 1; half the run when --epochs is 1)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per step per worker")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers, one GPU each on GPU clusters")
     p.add_argument("--image-size", type=int, default=224, help="crop in pixels (default 224)")
@@ -233,6 +253,7 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-augment", dest="augment", action="store_false", help="no random crops and flips")
     p.add_argument("--min-crop-scale", type=float, default=0.08, help="smallest random crop, share of area")
     p.add_argument("--label-field", help="tar shards: cls | txt | json:FIELD (default: KEY.cls when present)")
+    p.add_argument("--allow-schemes", help=ALLOW_HELP)
     p.add_argument("--precision", default="auto", help=f"{' | '.join(c.value for c in Precision)}")
     p.add_argument("--decode-batch", type=int, default=32, help="files per decode task call")
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="larger images are skipped")
@@ -273,6 +294,7 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="the backbone weights, if they moved since the embeddings were made")
     p.add_argument("--batch-size", type=int, help="images per forward pass")
     p.add_argument("--num-actors", type=int, help="model actors")
+    p.add_argument("--allow-schemes", help=ALLOW_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace predictions already in OUTPUT")
     p.set_defaults(run=run_predict)
 
@@ -295,6 +317,7 @@ def run_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         num_actors=args.num_actors,
         overwrite=args.overwrite,
+        allow_schemes=parse_schemes(args.allow_schemes),
     )
     rows = [("seen", summary["seen"]), ("predicted", summary["predicted"]), ("failed", summary["failed"])]
     if summary.get("accuracy") is not None:
@@ -309,6 +332,9 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _model_table(title: str, metrics: dict[str, Any], model_dir: str) -> None:
+    page = storage.join(model_dir, "report.html")
+    fs, path = storage.filesystem(page)
+    shown = storage.redact(page) if fs.exists(path) else "not written (see the warning above)"
     logs.summary_table(
         title,
         [
@@ -316,7 +342,7 @@ def _model_table(title: str, metrics: dict[str, Any], model_dir: str) -> None:
             ("macro F1", metrics["macro_f1"]),
             ("validation images", metrics["samples"]),
             ("model", storage.redact(model_dir)),
-            ("report", storage.redact(storage.join(model_dir, "report.html"))),
+            ("report", shown),
         ],
     )
 
@@ -342,6 +368,7 @@ def add_pack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manifest", help="CSV or Parquet file with columns path and optional label")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seeds the shuffle of the images across shards")
+    p.add_argument("--allow-schemes", help=ALLOW_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace shards already under OUTPUT_PREFIX")
     p.set_defaults(run=run_pack)
 
@@ -356,7 +383,15 @@ def run_pack(args: argparse.Namespace) -> int:
     source = None if args.manifest else args.paths[0]
     print(
         json.dumps(
-            pack.run(source, args.manifest, args.paths[-1], args.shard_size, args.overwrite, args.seed)
+            pack.run(
+                source,
+                args.manifest,
+                args.paths[-1],
+                args.shard_size,
+                args.overwrite,
+                args.seed,
+                parse_schemes(args.allow_schemes),
+            )
         )
     )
     return 0

@@ -5,6 +5,9 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -72,10 +75,11 @@ class ExtractConfig:
         Decode.CPU
     )  # gpu: when CPU JPEG decoding cannot keep GPUs busy (H100: ~10x a core's rate)
     compile: bool = False  # torch.compile the model in each actor (minutes of warm-up; pays on long GPU runs)
-    rows_per_file: int = 8192  # rows per Parquet part file
+    rows_per_file: int | None = None  # rows per Parquet part; None: ~a minute of work (8192 on GPU clusters)
     max_pixels: int = 89_478_485  # larger images are refused as decompression bombs (Pillow's default)
     max_errors: int | float | None = None  # fail when more files than this (or this share) are broken
     label_field: str | None = None  # tar shards: cls | txt | json:FIELD; None: KEY.cls when present
+    allow_schemes: tuple[str, ...] = ()  # filesystems a manifest may name besides its own (file, https, ...)
     seed: int = 0  # seeds --weights random
     overwrite: bool = False  # replace an OUTPUT that already holds raytl embeddings
 
@@ -88,7 +92,8 @@ class ExtractConfig:
         options["precision"] = Precision.parse(options.get("precision", Precision.AUTO), "--precision")
         options["decode"] = Decode.parse(options.get("decode", Decode.CPU), "--decode")
         options["max_errors"] = parse_max_errors(options.get("max_errors"))
-        config = cls(**options)
+        options["allow_schemes"] = parse_schemes(options.get("allow_schemes"))
+        config = cls(**absolute(options, "source", "output", "manifest"))
         config.validate()
         return config
 
@@ -107,7 +112,8 @@ class ExtractConfig:
             if value is not None:
                 _positive(option, value)
         _positive("--decode-batch", self.decode_batch)
-        _positive("--rows-per-file", self.rows_per_file)
+        if self.rows_per_file is not None:
+            _positive("--rows-per-file", self.rows_per_file)
         _positive("--max-pixels", self.max_pixels)
         if self.pool != Pool.AVG and self.layer != Layer.POOL5:
             raise ConfigError(f"--pool {self.pool} applies to --layer pool5 only, not --layer {self.layer}.")
@@ -129,8 +135,8 @@ class ExtractConfig:
         return self.resize_size or round(self.image_size * 256 / 224)
 
     def to_json(self) -> str:
-        """The whole config as JSON, for logs and summaries."""
-        return json.dumps({k: str(v) if isinstance(v, Choice) else v for k, v in asdict(self).items()})
+        """The whole config as JSON (passwords in URIs and secret keys redacted), for logs and summaries."""
+        return _json(self)
 
 
 def parse_max_errors(value: str | int | float | None) -> int | float | None:
@@ -152,6 +158,29 @@ def parse_max_errors(value: str | int | float | None) -> int | float | None:
     raise ConfigError(
         f"--max-errors must be a count of files (0, 1, ...) or a share below 1 (0.05 or 5%), not {value!r}."
     )
+
+
+def absolute(options: dict[str, Any], *names: str) -> dict[str, Any]:
+    """Local paths among options made absolute: Ray's workers run in other working directories, and the
+    outputs record full URIs (a relative OUTPUT was written in each worker's own directory)."""
+    return {k: absolute_path(v) if k in names else v for k, v in options.items()}
+
+
+def absolute_path(path: str | None) -> str | None:
+    """A local path, absolute; URIs (`s3://…`, `zip://…::…`) and empty values as they are."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(path)
+
+
+def parse_schemes(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """--allow-schemes: URI schemes a manifest may name besides its own filesystem's (`file,https`)."""
+    names = value.split(",") if isinstance(value, str) else list(value or ())
+    schemes = tuple(sorted({n.strip().lower().removesuffix("://") for n in names if n.strip()}))
+    for scheme in schemes:
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+            raise ConfigError(f"--allow-schemes takes scheme names such as file,https, not {scheme!r}.")
+    return schemes
 
 
 def _positive(option: str, value: int, low: int = 1, high: int | None = None) -> None:
@@ -210,7 +239,7 @@ class TrainConfig:
         options["class_weight"] = ClassWeight.parse(
             options.get("class_weight", ClassWeight.NONE), "--class-weight"
         )
-        config = cls(**options)
+        config = cls(**absolute(options, "embeddings", "model_dir", "val"))
         config.validate()
         return config
 
@@ -277,7 +306,9 @@ class FinetuneConfig:
     label_smoothing: float = 0.0
     label_field: str | None = None  # tar shards: cls | txt | json:FIELD; None: KEY.cls when present
     epochs: int = 10
-    warmup_epochs: float = 1.0  # linear warm-up from lr/100, then cosine decay to zero
+    warmup_epochs: float | None = (
+        None  # linear warm-up from lr/100, then cosine; None: 1 (half of a 1-epoch run)
+    )
     batch_size: int = 32  # images per step per worker; the global batch is workers x batch_size
     workers: int = 2  # Ray Train workers; one GPU each where the cluster has GPUs
     image_size: int = 224  # training crop and validation centre crop
@@ -287,6 +318,7 @@ class FinetuneConfig:
     precision: Precision = Precision.AUTO  # autocast: bf16 on CUDA and on AMX / AVX-512-BF16 CPUs
     decode_batch: int = 32  # files fetched and decoded per CPU task call
     max_pixels: int = 89_478_485
+    allow_schemes: tuple[str, ...] = ()  # filesystems a manifest may name besides its own (file, https, ...)
     max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
     seed: int = 0  # seeds the split, the head's initial weights and --weights random
     overwrite: bool = False  # discard a model or an unfinished run already in MODEL_DIR
@@ -299,7 +331,8 @@ class FinetuneConfig:
         options["freeze"] = Freeze.parse(options.get("freeze", Freeze.BLOCK4), "--freeze")
         options["optimizer"] = Optimizer.parse(options.get("optimizer", Optimizer.ADAMW), "--optimizer")
         options["precision"] = Precision.parse(options.get("precision", Precision.AUTO), "--precision")
-        config = cls(**options)
+        options["allow_schemes"] = parse_schemes(options.get("allow_schemes"))
+        config = cls(**absolute(options, "source", "model_dir", "manifest", "val"))
         config.validate()
         return config
 
@@ -334,7 +367,7 @@ class FinetuneConfig:
             raise ConfigError(f"--weight-decay must be zero or positive, not {self.weight_decay!r}.")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"--label-smoothing must be in [0, 1), not {self.label_smoothing!r}.")
-        if not 0.0 <= self.warmup_epochs < self.epochs:
+        if not 0.0 <= self.warmup < self.epochs:
             raise ConfigError(
                 f"--warmup-epochs must be at least 0 and less than --epochs ({self.epochs}), "
                 f"not {self.warmup_epochs!r}."
@@ -351,13 +384,27 @@ class FinetuneConfig:
         return self.resize_size or round(self.image_size * 256 / 224)
 
     @property
+    def warmup(self) -> float:
+        """Epochs of linear warm-up: --warmup-epochs, else one (half the run when it has one epoch)."""
+        if self.warmup_epochs is not None:
+            return self.warmup_epochs
+        return min(1.0, self.epochs / 2)
+
+    @property
     def trunk_lr(self) -> float:
         """The learning rate of the unfrozen VGG16 layers."""
         return self.backbone_lr if self.backbone_lr is not None else self.lr / 10
 
     def to_json(self) -> str:
-        """The whole config as JSON, for logs and for checking that a rerun resumes the same run."""
-        return json.dumps({k: str(v) if isinstance(v, Choice) else v for k, v in asdict(self).items()})
+        """The whole config as JSON (passwords in URIs and secret keys redacted), for logs and for checking
+        that a rerun resumes the same run."""
+        return _json(self)
+
+
+def _json(config: Any) -> str:
+    from raytl.storage import redact  # light at import time: the CLI builds configs before anything heavy
+
+    return redact(json.dumps({k: str(v) if isinstance(v, Choice) else v for k, v in asdict(config).items()}))
 
 
 def _check_label_field(label: str | None) -> None:

@@ -17,6 +17,11 @@ _TOP = 20  # label counts and error reasons listed
 
 def describe(uri: str) -> dict[str, Any]:
     """A JSON-ready description of OUTPUT; raises StorageError when it holds no raytl output."""
+    with storage.guarded(f"read {uri}"):
+        return _describe(uri)
+
+
+def _describe(uri: str) -> dict[str, Any]:
     fs, root = storage.filesystem(uri)
     root = root.rstrip("/")
     if not fs.exists(root):
@@ -60,10 +65,10 @@ def describe(uri: str) -> dict[str, Any]:
 
 
 def _model(uri: str) -> dict[str, Any]:
-    info = json.loads(storage.read_bytes(storage.join(uri, MODEL_JSON)))
+    info = storage.read_json(storage.join(uri, MODEL_JSON))
     found: dict[str, Any] = {"kind": "model", "model_dir": storage.redact(uri), "model": info}
     try:
-        metrics = json.loads(storage.read_bytes(storage.join(uri, METRICS_FILE)))
+        metrics = storage.read_json(storage.join(uri, METRICS_FILE))
     except FileNotFoundError:
         return found
     found["metrics"] = {

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from raytl import storage
+
 
 def build(paths: ray.data.Dataset) -> Any:
     """A reference to the sorted hashes of a Dataset's `path` column; the driver only holds references."""
@@ -39,7 +41,9 @@ def contains(done: Any, paths: Sequence[str]) -> np.ndarray:
 
 def hashes(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """blake2b-128 of each path as two uint64 arrays (collision odds ~1e-22 at 100M paths)."""
-    digests = b"".join(hashlib.blake2b(p.encode(), digest_size=16).digest() for p in paths)
+    # Compared as written: OUTPUT holds paths without passwords (storage.public_uri).
+    public = [storage.public_uri(p) if "@" in p else p for p in paths]
+    digests = b"".join(hashlib.blake2b(p.encode(), digest_size=16).digest() for p in public)
     pairs = np.frombuffer(digests, dtype=">u8").reshape(-1, 2).astype(np.uint64)
     return pairs[:, 0].copy(), pairs[:, 1].copy()
 

@@ -51,7 +51,13 @@ def is_embeddings(uri: str) -> bool:
 
 
 def open_embeddings(uri: str, option: str = "EMBEDDINGS") -> Embeddings:
-    """Find and check every part file's schema (footers only); raises EmbeddingsError."""
+    """Find and check every part file's schema (footers only); raises EmbeddingsError, or StorageError when
+    the storage fails."""
+    with storage.guarded(f"read {option} {uri}"):
+        return _open(uri, option)
+
+
+def _open(uri: str, option: str) -> Embeddings:
     files = _part_files(uri)
     if not files:
         raise EmbeddingsError(f"{option} {storage.redact(uri)} holds no raytl embeddings (part-*.parquet).")

@@ -53,7 +53,8 @@ class ExtractError(ValueError):
 def run(config: ExtractConfig) -> dict[str, Any]:
     """Validate inputs, skip what OUTPUT already holds, run the pipeline, write `_summary.json`."""
     # Fails fast on a missing or empty SOURCE; a manifest is only opened (Ray Data tasks read its rows).
-    corpus = list_corpus(config.source, config.manifest, stream=True)
+    output.check_apart(config.output, {"SOURCE": config.source})
+    corpus = list_corpus(config.source, config.manifest, stream=True, allow_schemes=config.allow_schemes)
     weights = load_weights(config.weights, config.layer, config.seed)  # fails fast on bad weights
     if corpus.shards and config.decode == Decode.GPU:
         raise ConfigError(
@@ -82,6 +83,11 @@ def run(config: ExtractConfig) -> dict[str, Any]:
             progress.done(counts)
             _check_errors(counts, total, config, final=True)
     embedded, failed = counts.get("embedded", 0), counts.get("failed", 0)
+    if corpus.shards and embedded + failed + skipped == 0:  # as for an empty folder, found only once read
+        raise storage.StorageError(
+            f"SOURCE {storage.redact(config.source or '')} holds no samples "
+            f"({corpus.table.num_rows} shards read)."
+        )
     wall = time.perf_counter() - started
     summary = {
         "seen": embedded + failed + skipped,
@@ -109,7 +115,8 @@ def pending(corpus: Corpus, done: output.Done) -> tuple[Corpus, int | None, int]
         return corpus, None if rows is None else max(0, rows - done.rows), done.rows
     table = corpus.table
     if done.rows:
-        table = table.filter(pc.invert(pc.is_in(table["path"], value_set=done.paths())))
+        written = storage.public_uris(table["path"])  # as OUTPUT holds them
+        table = table.filter(pc.invert(pc.is_in(written, value_set=done.paths())))
     return Corpus(table, 0), table.num_rows, corpus.table.num_rows - table.num_rows
 
 
@@ -140,18 +147,21 @@ def user_errors() -> Iterator[None]:
     """A storage failure raised inside a Ray task reaches the driver wrapped by Ray: unwrap it."""
     try:
         yield
-    except (storage.StorageError, ExtractError):
-        raise
     except Exception as exc:
-        # Ray Data re-raises a task's exception as RayTaskError(UserCodeException), keeping the original
-        # only as text in the remote traceback.
-        found = _STORAGE_ERROR.search(str(exc))
-        if found is None:
+        remote = isinstance(exc, ray.exceptions.RayError)
+        if isinstance(exc, (storage.StorageError, ExtractError)) and not remote:
             raise
-        raise storage.StorageError(found.group(1).strip()) from None
+        # Ray Data re-raises a task's exception as RayTaskError(UserCodeException), keeping the original
+        # only as text in the remote traceback (and a RayTaskError(StorageError) *is* a StorageError,
+        # whose message is that whole traceback): its last StorageError line is the sentence.
+        found = _STORAGE_ERROR.findall(_ANSI.sub("", str(exc)))
+        if not found:
+            raise
+        raise storage.StorageError(found[-1].strip()) from None
 
 
 _STORAGE_ERROR = re.compile(r"raytl\.storage\.StorageError: (.+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def build(
@@ -164,7 +174,7 @@ def build(
 ) -> ray.data.Dataset:
     """The whole pipeline: listed paths -> decode (CPU tasks) -> embed (actors) -> write Parquet parts."""
     dim = metadata["dim"]
-    rows_per_file = max(1, min(config.rows_per_file, _TARGET_FILE_BYTES // (4 * dim)))
+    rows_per_file = max(1, min(rows_per_part(config, resources), _TARGET_FILE_BYTES // (4 * dim)))
     return embedded(config, corpus, weights_ref, resources, done).map_batches(
         writer.write_part,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
         fn_kwargs={"output": config.output, "schema": writer.embeddings_schema(dim, metadata)},
@@ -174,6 +184,26 @@ def build(
         # the model actor holding every CPU, parts were only written once decoding had finished.
         num_cpus=0,
     )
+
+
+# The work a killed driver can lose is what the writers hold, up to a part each: without --rows-per-file,
+# parts are sized to come about this often. Ray Data's writers are stateless tasks fed fixed-size batches, so
+# the size is planned from the expected rate rather than timed.
+_PART_SECONDS = 60.0
+# VGG16 images a second on one CPU model actor at 224 px: 2 AVX2 cores in fp32 (bench/extract.py; AMX bf16 is
+# ~7x, so parts come sooner there). GPU clusters keep the largest parts: a GPU fills one in seconds.
+_CPU_RATE_224 = 5.0
+_ROWS_PER_PART = 8192
+
+
+def rows_per_part(config: ExtractConfig, resources: Resources) -> int:
+    """--rows-per-file, else about _PART_SECONDS of the expected embedding rate (at most 8192 rows)."""
+    if config.rows_per_file:
+        return config.rows_per_file
+    if resources.gpus:
+        return _ROWS_PER_PART
+    rate = _CPU_RATE_224 * (224 / config.image_size) ** 2 * (config.num_actors or 1)
+    return int(min(_ROWS_PER_PART, max(64, rate * _PART_SECONDS)))
 
 
 def embedded(

@@ -60,7 +60,8 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
     train, val, classes = split_corpus(config)  # listing shards takes a Ray pass: it starts Ray
     layer = Layer.FC7 if config.head == Head.FC7 else Layer.POOL5
     weights = load_weights(config.weights, layer, config.seed)
-    resuming = prepare_model_dir(config)
+    with storage.guarded(f"prepare MODEL_DIR {config.model_dir}"):
+        resuming = prepare_model_dir(config)
     _init_ray()
     log.info("finetune config: %s (%s)", config.to_json(), "resuming" if resuming else "new run")
     weights_ref = ray.put(weights.state_dict)
@@ -106,14 +107,14 @@ class Images:
 
 def split_corpus(config: FinetuneConfig) -> tuple[Images, Images, list[str]]:
     """Training and validation images and the sorted classes; refuses unlabelled images."""
-    images = _labelled(config.source, config.manifest, config.label_field)
+    images = _labelled(config.source, config.manifest, config.label_field, config.allow_schemes)
     corpus = images.table
     _require_labels(corpus, "SOURCE" if config.source else "--manifest")
     classes = sorted(set(corpus["label"].to_pylist()))
     if len(classes) < 2:
         raise ConfigError(f"the images have a single class ({classes[0]!r}); a classifier needs two.")
     if config.val:
-        val = _list_val(config.val, config.label_field)
+        val = _list_val(config.val, config.label_field, config.allow_schemes)
         unknown = sorted(set(val.table["label"].to_pylist()) - set(classes))
         if unknown:
             raise ConfigError(f"--val has labels that SOURCE does not: {', '.join(map(repr, unknown[:5]))}.")
@@ -138,9 +139,11 @@ def split_corpus(config: FinetuneConfig) -> tuple[Images, Images, list[str]]:
     return train, val, classes
 
 
-def _labelled(source: str | None, manifest: str | None, label_field: str | None) -> Images:
+def _labelled(
+    source: str | None, manifest: str | None, label_field: str | None, allow_schemes: tuple[str, ...] = ()
+) -> Images:
     """List SOURCE or read the manifest; tar shards are read once by Ray tasks for their samples' labels."""
-    corpus = list_corpus(source, manifest)
+    corpus = list_corpus(source, manifest, allow_schemes=allow_schemes)
     if not corpus.shards:
         return Images(corpus.table)
     _init_ray()
@@ -163,10 +166,13 @@ def _labelled(source: str | None, manifest: str | None, label_field: str | None)
     return Images(table, corpus.table)
 
 
-def _list_val(uri: str, label_field: str | None) -> Images:
+def _list_val(uri: str, label_field: str | None, allow_schemes: tuple[str, ...] = ()) -> Images:
     is_manifest = uri.lower().endswith((".csv", ".csv.gz", ".tsv", ".parquet", ".pq"))
     try:
-        images = _labelled(None, uri, None) if is_manifest else _labelled(uri, None, label_field)
+        if is_manifest:
+            images = _labelled(None, uri, None, allow_schemes)
+        else:
+            images = _labelled(uri, None, label_field)
     except storage.StorageError as exc:
         raise storage.StorageError(f"--val: {exc}") from None
     _require_labels(images.table, "--val")
@@ -319,6 +325,7 @@ def fit(config: FinetuneConfig, train: Images, val: Images, classes: list[str], 
             "weights_ref": weights_ref,
             "steps_per_epoch": max(1, math.ceil(per_worker / config.batch_size)),
             "trunk_lr": config.trunk_lr,
+            "warmup_epochs": config.warmup,
             "show_epochs": logs.show_epochs(),
             "ray_debug": logs.ray_debug(),
             "threads": max(1, int(cpus)),

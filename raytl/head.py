@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import skops.io
 import torch
 from torch import nn
 
@@ -18,7 +18,9 @@ from raytl import storage
 MODEL_FILE = "model.pt"
 MODEL_JSON = "model.json"
 METRICS_FILE = "metrics.json"
-KERNEL_FILE = "kernel.pkl"  # --kernel rbf: the fitted scikit-learn pipeline, pickled (trust its MODEL_DIR)
+# --kernel rbf: the fitted scikit-learn pipeline in skops' format, which loads only the types it names (no
+# pickle: a MODEL_DIR from elsewhere, or a `kernel` flipped in model.json, cannot run code in predict).
+KERNEL_FILE = "kernel.skops"
 
 
 class LinearHead(nn.Module):
@@ -87,25 +89,79 @@ class Model:
         torch.save(tensors, buffer)
         storage.write_bytes(storage.join(model_dir, MODEL_FILE), buffer.getvalue())
         if self.kernel is not None:
-            storage.write_bytes(storage.join(model_dir, KERNEL_FILE), pickle.dumps(self.kernel))
+            storage.write_bytes(storage.join(model_dir, KERNEL_FILE), skops.io.dumps(self.kernel))
         info = dict(self.info, classes=self.classes)
         storage.write_bytes(storage.join(model_dir, MODEL_JSON), json.dumps(info, indent=2).encode())
 
     @classmethod
     def load(cls, model_dir: str) -> Model:
         try:
-            info = json.loads(storage.read_bytes(storage.join(model_dir, MODEL_JSON)))
-            tensors = torch.load(
-                io.BytesIO(storage.read_bytes(storage.join(model_dir, MODEL_FILE))), weights_only=True
-            )
+            info = storage.read_json(storage.join(model_dir, MODEL_JSON))
+            data = storage.read_bytes(storage.join(model_dir, MODEL_FILE))
         except FileNotFoundError:
             raise storage.StorageError(
                 f"MODEL_DIR {storage.redact(model_dir)} holds no raytl model ({MODEL_JSON} and {MODEL_FILE})."
             ) from None
-        arrays = {k: v.numpy().astype(np.float32) for k, v in tensors.items()}
+        arrays = _tensors(data, storage.join(model_dir, MODEL_FILE))
+        _check(info, arrays, model_dir)
         kernel = None
         if info.get("kernel") == "rbf":
-            kernel = pickle.loads(storage.read_bytes(storage.join(model_dir, KERNEL_FILE)))
+            kernel = _kernel(model_dir)
         return cls(
             info["classes"], arrays["mean"], arrays["std"], arrays["weight"], arrays["bias"], info, kernel
         )
+
+
+def _tensors(data: bytes, uri: str) -> dict[str, np.ndarray]:
+    """model.pt's four arrays; a damaged file is one StorageError sentence."""
+    try:
+        tensors = torch.load(io.BytesIO(data), weights_only=True)
+        arrays = {k: tensors[k].numpy().astype(np.float32) for k in ("mean", "std", "weight", "bias")}
+    except Exception as exc:
+        raise storage.StorageError(
+            f"{storage.redact(uri)} is not a raytl model file ({storage.describe_error(exc)}): it was "
+            "damaged; restore it or train again."
+        ) from None
+    return arrays
+
+
+def _check(info: Any, arrays: dict[str, np.ndarray], model_dir: str) -> None:
+    """model.json and model.pt agree: classes, dimension and shapes."""
+    where = f"MODEL_DIR {storage.redact(model_dir)}"
+    classes = info.get("classes") if isinstance(info, dict) else None
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise storage.StorageError(f"{where} has a damaged {MODEL_JSON} (no list of classes); train again.")
+    dim = arrays["mean"].size
+    if arrays["weight"].shape != (len(classes), dim) or arrays["bias"].shape != (len(classes),):
+        raise storage.StorageError(
+            f"{where}: {MODEL_FILE} has weights of shape {arrays['weight'].shape} but {MODEL_JSON} names "
+            f"{len(classes)} classes of {dim}-d embeddings; the two files come from different models."
+        )
+
+
+def _kernel(model_dir: str) -> Any:
+    """The RBF SVC pipeline, loaded by skops with only the types scikit-learn's and numpy's own estimators
+    need; anything else in the file is refused, never run."""
+    uri = storage.join(model_dir, KERNEL_FILE)
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise storage.StorageError(
+            f"MODEL_DIR {storage.redact(model_dir)} names an RBF kernel in {MODEL_JSON} but has no "
+            f"{KERNEL_FILE}; train it again."
+        ) from None
+    try:
+        untrusted = skops.io.get_untrusted_types(data=data)
+        if untrusted:
+            raise storage.StorageError(
+                f"{storage.redact(uri)} holds types raytl does not load ({', '.join(untrusted[:3])}); it "
+                "was not written by raytl train."
+            )
+        return skops.io.loads(data)
+    except storage.StorageError:
+        raise
+    except Exception as exc:
+        raise storage.StorageError(
+            f"{storage.redact(uri)} is not a scikit-learn model raytl can load "
+            f"({storage.describe_error(exc)})."
+        ) from None

@@ -47,11 +47,26 @@ def setup(level: str = "warning", json_lines: bool = False, quiet: bool = False)
         # in this process and in the workers of a Ray it starts: read when its loggers are configured.
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_redact_record)
     handler.setFormatter(
         JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=SETTINGS.level, handlers=[handler], force=True)
+    from raytl.storage import quiet_wire_logs
+
+    quiet_wire_logs()
     quiet_ray()
+
+
+def _redact_record(record: logging.LogRecord) -> bool:
+    """No secret key, session token or URI password in any line raytl's handler writes."""
+    from raytl.storage import redact
+
+    message = record.getMessage()
+    cleaned = redact(message)
+    if cleaned != message:
+        record.msg, record.args = cleaned, ()
+    return True
 
 
 def quiet_ray() -> None:

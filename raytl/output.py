@@ -17,17 +17,56 @@ from raytl.config import ExtractConfig
 RUN_FILE = "_run.json"
 
 
-def prepare_output(output: str, overwrite: bool) -> None:
-    """Refuse an OUTPUT that already holds raytl results, unless --overwrite (then clear just those)."""
+# What an OUTPUT holds: the columns that tell a command's results apart.
+EMBEDDINGS, PREDICTIONS = "embeddings", "predictions"
+_KIND_COLUMN = {EMBEDDINGS: "embedding", PREDICTIONS: "predicted_label"}
+
+
+def check_apart(output: str, inputs: dict[str, str | None]) -> None:
+    """Refuse an OUTPUT that is one of the inputs or inside one (its results would land among, or replace,
+    what the run reads). `inputs`: option name -> URI (None: not given)."""
+    for name, uri in inputs.items():
+        if uri and storage.is_within(output, uri):
+            where = "is" if storage.location(output) == storage.location(uri) else "is inside"
+            raise storage.StorageError(
+                f"OUTPUT {storage.redact(output)} {where} {name} {storage.redact(uri)}: raytl would write "
+                f"its results among the files it reads; choose an OUTPUT outside {name}."
+            )
+
+
+def prepare_output(output: str, overwrite: bool, kind: str = PREDICTIONS) -> None:
+    """Refuse an OUTPUT that already holds raytl results, unless --overwrite (then clear just those); results
+    of another kind (embeddings where predictions go) are refused even with --overwrite."""
     fs, root = storage.filesystem(output)
     existing = raytl_files(fs, root.rstrip("/"))
+    check_kind(fs, existing, kind, output)
     if existing and not overwrite:
         raise storage.StorageError(
             f"OUTPUT {storage.redact(output)} already holds raytl results ({len(existing)} files); "
             "pass --overwrite to replace them or choose another OUTPUT."
         )
-    for path in existing:
-        fs.rm(path)
+    _remove(fs, existing, output)
+
+
+def _remove(fs: Any, paths: list[str], output: str) -> None:
+    with storage.guarded(f"replace the raytl results in OUTPUT {output}"):
+        for path in paths:
+            fs.rm(path)
+
+
+def check_kind(fs: Any, existing: list[str], kind: str, output: str) -> None:
+    """Refuse to touch an OUTPUT whose part files are another command's results (never removed)."""
+    parts = [p for p in existing if _is_part(p) and f"/{writer.ERRORS_DIR}/" not in p]
+    if not parts:
+        return
+    with storage.guarded(f"read {storage.to_uri(fs, parts[0])}"), fs.open(parts[0], "rb") as f:
+        columns = set(pq.read_schema(f).names)
+    found = next((k for k, column in _KIND_COLUMN.items() if column in columns), "other Parquet data")
+    if found != kind:
+        raise storage.StorageError(
+            f"OUTPUT {storage.redact(output)} holds {found}, not {kind}, and --overwrite only replaces "
+            f"{kind}; choose another OUTPUT."
+        )
 
 
 def run_record(config: ExtractConfig, weights_id: str) -> dict[str, Any]:
@@ -83,7 +122,9 @@ def resume(config: ExtractConfig, record: dict[str, Any]) -> Done:
     existing = raytl_files(fs, root)
     run_file = storage.join(config.output, RUN_FILE)
     if existing and not config.overwrite:
-        previous = _read_record(run_file) if fs.exists(f"{root}/{RUN_FILE}") else None
+        check_kind(fs, existing, EMBEDDINGS, config.output)
+        with storage.guarded(f"read {run_file}"):
+            previous = _read_record(run_file) if fs.exists(f"{root}/{RUN_FILE}") else None
         if previous is None:
             prepare_output(config.output, overwrite=False)  # raises: results of unknown options
         assert previous is not None
@@ -94,19 +135,24 @@ def resume(config: ExtractConfig, record: dict[str, Any]) -> Done:
                     f"{previous.get(option)!r}, not {value!r}; rerun with the same options to continue it, "
                     "or pass --overwrite to replace it."
                 )
-        for leftover in [p for p in existing if _is_leftover(p)]:
-            fs.rm(leftover)  # a local part half-written when the last run died
+        _remove(fs, [p for p in existing if _is_leftover(p)], config.output)  # half-written when a run died
         parts = [p for p in existing if _is_part(p)]
-        rows = sum(_footer_rows(fs, p) for p in parts)
+        with storage.guarded(f"read the part files in OUTPUT {config.output}"):
+            rows = sum(_footer_rows(fs, p) for p in parts)
         return Done([storage.to_uri(fs, p) for p in parts], rows)
-    for path in existing:
-        fs.rm(path)
+    check_kind(fs, existing, EMBEDDINGS, config.output)
+    _remove(fs, existing, config.output)
     storage.write_bytes(run_file, json.dumps(record, indent=2).encode())
     return NOTHING
 
 
 def raytl_files(fs: Any, root: str) -> list[str]:
     """Part files, `_errors/` parts, `_summary.json` and `_run.json` under root (nothing else is touched)."""
+    with storage.guarded(f"list OUTPUT {storage.to_uri(fs, root)}"):
+        return _raytl_files(fs, root)
+
+
+def _raytl_files(fs: Any, root: str) -> list[str]:
     if not fs.exists(root):
         return []
     if fs.isfile(root):

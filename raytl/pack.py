@@ -15,14 +15,20 @@ import pyarrow.parquet as pq
 import ray
 
 from raytl import logs, storage
-from raytl.config import ConfigError
+from raytl.config import ConfigError, absolute_path
 from raytl.reader import Corpus, list_corpus
 
 log = logging.getLogger(__name__)
 
 
 def run(
-    source: str | None, manifest: str | None, prefix: str, shard_size: int, overwrite: bool, seed: int = 0
+    source: str | None,
+    manifest: str | None,
+    prefix: str,
+    shard_size: int,
+    overwrite: bool,
+    seed: int = 0,
+    allow_schemes: tuple[str, ...] = (),
 ) -> dict:
     """Pack the listed images into PREFIX/00000.tar, 00001.tar, ...: KEY.<ext> (the file's bytes as they
     are), KEY.cls (the label) and KEY.json (label and source URI); returns counts and the brace pattern.
@@ -30,7 +36,8 @@ def run(
     few shards at a time (training) needs every shard to hold a mix."""
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be an integer at least 1, not {shard_size!r}.")
-    corpus = _loose(source, manifest)
+    source, manifest, prefix = absolute_path(source), absolute_path(manifest), absolute_path(prefix) or ""
+    corpus = _loose(source, manifest, allow_schemes)
     fs, root = storage.filesystem(prefix)
     existing = [p for p in fs.ls(root, detail=False) if p.endswith(".tar")] if fs.exists(root) else []
     if existing and not overwrite:
@@ -97,8 +104,8 @@ def write_manifest(source: str, manifest: str) -> dict[str, Any]:
     return {"images": corpus.table.num_rows, "ignored_non_images": corpus.ignored, "manifest": manifest}
 
 
-def _loose(source: str | None, manifest: str | None) -> Corpus:
-    corpus = list_corpus(source, manifest)
+def _loose(source: str | None, manifest: str | None, allow_schemes: tuple[str, ...] = ()) -> Corpus:
+    corpus = list_corpus(source, manifest, allow_schemes=allow_schemes)
     if corpus.shards:
         raise ConfigError(f"SOURCE {storage.redact(source or '')} is already tar shards.")
     return corpus

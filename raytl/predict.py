@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -11,12 +13,14 @@ import pyarrow as pa
 import ray
 
 from raytl import extract, logs, storage, writer
-from raytl.config import ExtractConfig
+from raytl.config import Decode, ExtractConfig, absolute_path, parse_schemes
 from raytl.embeddings import check_same_backbone, is_embeddings, matrix, open_embeddings
 from raytl.head import Model
 from raytl.models import WeightsError, load_weights
-from raytl.output import prepare_output
+from raytl.output import check_apart, prepare_output
 from raytl.reader import list_corpus
+
+log = logging.getLogger(__name__)
 
 
 def predictions_schema(model: Model, model_dir: str) -> pa.Schema:
@@ -43,9 +47,13 @@ def run(
     batch_size: int | None = None,
     num_actors: int | None = None,
     overwrite: bool = False,
+    allow_schemes: tuple[str, ...] | str = (),
 ) -> dict[str, Any]:
     """Classify INPUT into OUTPUT Parquet; returns the summary (also OUTPUT/_summary.json)."""
+    model_dir, output = absolute_path(model_dir) or "", absolute_path(output) or ""
+    source, manifest = absolute_path(source), absolute_path(manifest)
     model = Model.load(model_dir)
+    check_apart(output, {"INPUT": source})
     if source and is_embeddings(source):
         data = open_embeddings(source, "INPUT")
         check_same_backbone(model.info["backbone"], data, "INPUT")
@@ -60,7 +68,13 @@ def run(
     else:
         spec = weights or default_weights(model, model_dir)
         config = backbone_config(model, source, manifest, output, spec, batch_size, num_actors, overwrite)
-        corpus = list_corpus(config.source, config.manifest, stream=True)
+        config = replace(config, allow_schemes=parse_schemes(allow_schemes))
+        corpus = list_corpus(config.source, config.manifest, stream=True, allow_schemes=config.allow_schemes)
+        if corpus.shards and config.decode == Decode.GPU:
+            # Shards are decoded by CPU tasks (read_shards); the model's GPU-decoded crops differ from
+            # Pillow's by at most 2 grey levels.
+            log.warning("the model's embeddings were decoded on GPU; tar shards are decoded on CPU")
+            config = replace(config, decode=Decode.CPU)
         backbone = load_weights(config.weights, config.layer, config.seed)
         expected = model.info["backbone"]["weights"]
         if _content(backbone.id) != _content(expected) and not weights:

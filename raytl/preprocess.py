@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+import posixpath
 import struct
 import warnings
 from dataclasses import dataclass
@@ -13,6 +15,25 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from raytl import storage
+
+# The files raytl reads as images, by extension in any case; anything else in a SOURCE is ignored and counted,
+# and a manifest row naming anything else is an `_errors` row (the file is never read).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def is_image(path: str) -> bool:
+    """True for an image file name (for `zip://MEMBER::ARCHIVE`, the member's; URLs without their query)."""
+    if path.startswith("zip://"):
+        path = path[len("zip://") :].split("::", 1)[0]
+    elif path.startswith(("http://", "https://")):
+        path = path.split("?", 1)[0].split("#", 1)[0]
+    return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def not_an_image(path: str) -> str:
+    """The `_errors` reason for a listed path raytl does not read."""
+    return f"not read: not an image file name ({' '.join(sorted(IMAGE_EXTENSIONS))})"
+
 
 # Pillow's own bomb check fires at 2x its limit; raytl checks the header against its own limit instead.
 Image.MAX_IMAGE_PIXELS = None
@@ -52,12 +73,7 @@ class Transform:
             raise ImageError("not a recognised image format") from None
         except _DECODE_ERRORS as exc:
             raise ImageError(f"cannot decode: {exc}") from None
-        width, height = image.size
-        if width * height > self.max_pixels:
-            raise ImageError(
-                f"image of {width}x{height} px exceeds --max-pixels {self.max_pixels} "
-                "(decompression bomb guard)"
-            )
+        check_size(image.size, self.resize_size, self.max_pixels)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # palette-transparency and EXIF warnings are not errors
@@ -66,6 +82,35 @@ class Transform:
                 return to_rgb(image)
         except _DECODE_ERRORS as exc:
             raise ImageError(f"cannot decode: {exc}") from None
+
+
+# Longest side / shortest side beyond which an image is refused: its centre crop would show under 1% of it,
+# and resizing its shorter side would make a strip as long as a decompression bomb (a 1x100000 PNG of 92
+# bytes asks for a 256x25,600,000 px resize, ~20 GB).
+MAX_ASPECT = 100
+
+
+def check_size(size: tuple[int, int], resize_size: int, max_pixels: int) -> None:
+    """Refuse, from the header's size alone, an image that is too large to decode (--max-pixels), too large
+    once its shorter side is resized to resize_size, or of an absurd aspect ratio (decompression bombs)."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageError(f"image of {width}x{height} px has no pixels")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image of {width}x{height} px exceeds --max-pixels {max_pixels} (decompression bomb guard)"
+        )
+    short, long = min(width, height), max(width, height)
+    if long > MAX_ASPECT * short:
+        raise ImageError(
+            f"image of {width}x{height} px has an aspect ratio over {MAX_ASPECT}:1 (decompression bomb guard)"
+        )
+    resized_long = math.ceil(long * resize_size / short)
+    if resize_size * resized_long > max_pixels:
+        raise ImageError(
+            f"image of {width}x{height} px would be {resize_size * resized_long:,} px once its shorter side "
+            f"is resized to {resize_size}, over --max-pixels {max_pixels} (decompression bomb guard)"
+        )
 
 
 @dataclass(frozen=True)
@@ -142,7 +187,10 @@ def decode_batch(batch: dict[str, np.ndarray], transform: Transform) -> dict[str
     size = transform.image_size
     images = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     errors = [""] * len(paths)
-    for i, data in enumerate(storage.fetch_many(paths)):
+    readable = [i for i, p in enumerate(paths) if is_image(p)]
+    for i in set(range(len(paths))) - set(readable):
+        errors[i] = not_an_image(paths[i])
+    for i, data in zip(readable, storage.fetch_many([paths[i] for i in readable]), strict=True):
         if isinstance(data, Exception):
             errors[i] = "cannot read: " + storage.describe_error(data)
             continue
@@ -167,12 +215,15 @@ def fetch_batch(batch: dict[str, np.ndarray], transform: Transform) -> dict[str,
     kind = np.full(len(paths), FAILED, dtype=np.uint8)
     orientation = np.ones(len(paths), dtype=np.uint8)
     errors = [""] * len(paths)
-    for i, got in enumerate(storage.fetch_many(paths)):
+    readable = [i for i, p in enumerate(paths) if is_image(p)]
+    for i in set(range(len(paths))) - set(readable):
+        errors[i] = not_an_image(paths[i])
+    for i, got in zip(readable, storage.fetch_many([paths[i] for i in readable]), strict=True):
         if isinstance(got, Exception):
             errors[i] = "cannot read: " + storage.describe_error(got)
             continue
         try:
-            jpeg = jpeg_orientation(got, transform.max_pixels)
+            jpeg = jpeg_orientation(got, transform.max_pixels, transform.resize_size)
             if jpeg is not None:
                 data[i], kind[i], orientation[i] = got, JPEG, jpeg
             else:
@@ -191,7 +242,7 @@ def fetch_batch(batch: dict[str, np.ndarray], transform: Transform) -> dict[str,
     }
 
 
-def jpeg_orientation(data: bytes, max_pixels: int) -> int | None:
+def jpeg_orientation(data: bytes, max_pixels: int, resize_size: int = 256) -> int | None:
     """The EXIF orientation (1..8) of an RGB or greyscale JPEG, read from its header; None for anything else.
 
     Raises ImageError for a JPEG over max_pixels, as a full decode would."""
@@ -204,11 +255,7 @@ def jpeg_orientation(data: bytes, max_pixels: int) -> int | None:
             orientation = image.getexif().get(0x0112, 1)
     except _DECODE_ERRORS + (UnidentifiedImageError,):
         return None  # let the full decoder name the problem
-    if image.width * image.height > max_pixels:
-        raise ImageError(
-            f"image of {image.width}x{image.height} px exceeds --max-pixels {max_pixels} "
-            "(decompression bomb guard)"
-        )
+    check_size(image.size, resize_size, max_pixels)
     if image.mode not in ("RGB", "L"):
         return None  # CMYK / YCCK JPEGs: Pillow's conversion, as the CPU path
     return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import ray
 
 from raytl import doneset, shards, storage
+from raytl.preprocess import IMAGE_EXTENSIONS, is_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CORPUS_SCHEMA = pa.schema([("path", pa.string()), ("label", pa.string())])
 
 
@@ -39,26 +39,28 @@ class Corpus:
 class Manifest:
     """A manifest read by Ray Data tasks, never whole on the driver: only its header is read here."""
 
-    uri: str
+    uri: str  # a full URI, or an absolute local path
     rows: int | None  # Parquet: from its footer; CSV: unknown until it has been read
     labels: bool  # it has a `label` column
+    allow_schemes: tuple[str, ...] = ()  # other filesystems its paths may name (--allow-schemes)
 
 
-def is_image(path: str) -> bool:
-    """True for the image extensions raytl reads, in any case."""
-    return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
-
-
-def list_corpus(source: str | None, manifest: str | None = None, stream: bool = False) -> Corpus:
+def list_corpus(
+    source: str | None,
+    manifest: str | None = None,
+    stream: bool = False,
+    allow_schemes: tuple[str, ...] = (),
+) -> Corpus:
     """List SOURCE or read MANIFEST (stream: leave its rows to Ray Data tasks, for manifests of any size);
-    raises StorageError on a missing or empty corpus."""
+    raises StorageError on a missing or empty corpus. A manifest's paths must be on its own filesystem
+    unless their scheme is in allow_schemes (see `resolve_manifest_paths`)."""
     if source and "{" in source:  # a brace pattern of WebDataset shards, never listed
-        shard_uris = shards.expand(source)
+        shard_uris = [storage.to_uri(*storage.filesystem(uri)) for uri in shards.expand(source)]
         return Corpus(pa.table([shard_uris, [""] * len(shard_uris)], schema=CORPUS_SCHEMA), 0, shards=True)
     if manifest and stream:
-        return Corpus(CORPUS_SCHEMA.empty_table(), 0, manifest=open_manifest(manifest))
+        return Corpus(CORPUS_SCHEMA.empty_table(), 0, manifest=open_manifest(manifest, allow_schemes))
     if manifest:
-        corpus = read_manifest(manifest)
+        corpus = read_manifest(manifest, allow_schemes)
     elif (source or "").lower().endswith(".zip"):
         corpus = list_zip(source or "")
     else:
@@ -84,7 +86,7 @@ def list_folder(source: str) -> Corpus:
             raise storage.StorageError(
                 f"SOURCE {storage.redact(source)} is a file; give the folder that holds the images."
             )
-        files = sorted(fs.find(root, withdirs=False))
+        files, unreadable = _utf8_names(sorted(fs.find(root, withdirs=False)), source)
     except storage.StorageError:
         raise
     except Exception as exc:
@@ -94,7 +96,8 @@ def list_folder(source: str) -> Corpus:
     tars = [storage.to_uri(fs, f) for f in files if shards.is_shard(f)]
     if tars and not any(is_image(f) for f in files):
         log.info("listed %d WebDataset shards under %s", len(tars), source)
-        return Corpus(pa.table([tars, [""] * len(tars)], schema=CORPUS_SCHEMA), len(files) - len(tars), True)
+        ignored = len(files) - len(tars) + unreadable
+        return Corpus(pa.table([tars, [""] * len(tars)], schema=CORPUS_SCHEMA), ignored, True)
     paths, labels = [], []
     for file in files:
         if not is_image(file):
@@ -102,10 +105,33 @@ def list_folder(source: str) -> Corpus:
         relative = file[len(root) :].lstrip("/")
         paths.append(storage.to_uri(fs, file))
         labels.append(relative.split("/", 1)[0] if "/" in relative else "")
-    log.info(
-        "listed %d images under %s (%d other files ignored)", len(paths), source, len(files) - len(paths)
-    )
-    return Corpus(pa.table([paths, labels], schema=CORPUS_SCHEMA), ignored=len(files) - len(paths))
+    ignored = len(files) - len(paths) + unreadable
+    log.info("listed %d images under %s (%d other files ignored)", len(paths), source, ignored)
+    return Corpus(pa.table([paths, labels], schema=CORPUS_SCHEMA), ignored=ignored)
+
+
+def _utf8_names(files: list[str], source: str) -> tuple[list[str], int]:
+    """Files whose names are not valid UTF-8 (a local disk can hold any bytes) cannot be written to Parquet:
+    they are left out with a warning naming them (escaped), and counted among the ignored files."""
+    good = [f for f in files if _is_utf8(f)]
+    if len(good) < len(files):
+        bad = [os.fsencode(f).decode("utf-8", "backslashreplace") for f in files if not _is_utf8(f)]
+        log.warning(
+            "%d files under %s are not read: their names are not valid UTF-8 (%s%s)",
+            len(bad),
+            storage.redact(source),
+            ", ".join(bad[:5]),
+            ", ..." if len(bad) > 5 else "",
+        )
+    return good, len(files) - len(good)
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def list_zip(source: str) -> Corpus:
@@ -130,7 +156,7 @@ def list_zip(source: str) -> Corpus:
     return Corpus(pa.table([paths, labels], schema=CORPUS_SCHEMA), ignored=len(members) - len(images))
 
 
-def read_manifest(manifest: str) -> Corpus:
+def read_manifest(manifest: str, allow_schemes: tuple[str, ...] = ()) -> Corpus:
     """A CSV or Parquet file with `path` and optional `label`; relative paths are taken from its folder."""
     try:
         data = storage.read_bytes(manifest)
@@ -146,11 +172,10 @@ def read_manifest(manifest: str) -> Corpus:
             f"--manifest {storage.redact(manifest)} has no `path` column "
             f"(columns: {', '.join(table.column_names)})."
         )
-    base = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
-    return Corpus(_manifest_block(table, base, manifest), ignored=0)
+    return Corpus(_manifest_block(table, manifest, allow_schemes), ignored=0)
 
 
-def open_manifest(manifest: str) -> Manifest:
+def open_manifest(manifest: str, allow_schemes: tuple[str, ...] = ()) -> Manifest:
     """Check a manifest from its header alone (Parquet footer, first CSV line): format, `path`, rows."""
     name, where = manifest.lower(), f"--manifest {storage.redact(manifest)}"
     fs, path = storage.filesystem(manifest)
@@ -177,7 +202,7 @@ def open_manifest(manifest: str) -> Manifest:
         raise storage.StorageError(f"{where} has no `path` column (columns: {', '.join(columns)}).")
     if rows == 0:
         raise storage.StorageError(f"{where} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-    return Manifest(manifest, rows, "label" in columns)
+    return Manifest(storage.to_uri(fs, path), rows, "label" in columns, allow_schemes)
 
 
 def manifest_rows(
@@ -201,10 +226,9 @@ def manifest_rows(
                 column_types={c: pa.string() for c in columns}, include_columns=columns
             ),
         )
-    base = manifest.uri.rsplit("/", 1)[0] if "/" in manifest.uri else "."
     rows = rows.map_batches(
         _manifest_block,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
-        fn_kwargs={"base": base, "uri": manifest.uri, "skip": skip},
+        fn_kwargs={"uri": manifest.uri, "allow_schemes": manifest.allow_schemes, "skip": skip},
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=0.25,
@@ -213,16 +237,41 @@ def manifest_rows(
     return rows if rows_per_block is None else rows.repartition(target_num_rows_per_block=rows_per_block)
 
 
-def _manifest_block(block: pa.Table, base: str, uri: str, skip: Any = None) -> pa.Table:
-    """Manifest rows -> (path as a full URI, label "" when missing), less `skip`; an empty path stops the
-    run."""
+def _manifest_block(block: pa.Table, uri: str, allow_schemes: tuple[str, ...], skip: Any = None) -> pa.Table:
+    """Manifest rows -> (path as a full URI, label "" when missing), less `skip`; an empty path, or one on
+    a filesystem the manifest may not name, stops the run."""
     paths = _strings(block["path"])
     if "" in paths:
         raise storage.StorageError(f"--manifest {storage.redact(uri)} has an empty `path`.")
-    paths = [p if "://" in p or p.startswith("/") else storage.join(base, p) for p in paths]
+    paths = resolve_manifest_paths(paths, uri, allow_schemes)
     labels = _strings(block["label"]) if "label" in block.column_names else [""] * len(paths)
     table = pa.table([paths, labels], schema=CORPUS_SCHEMA)
     return table if skip is None else table.filter(pa.array(~doneset.contains(skip, paths)))
+
+
+def resolve_manifest_paths(paths: list[str], manifest: str, allow_schemes: tuple[str, ...] = ()) -> list[str]:
+    """A manifest's paths as full URIs on the manifest's own filesystem: relative ones are taken from its
+    folder; absolute paths and URIs must be on the same filesystem (an S3 manifest names S3 objects, a
+    local one local files), unless their scheme is in allow_schemes (`file` for worker-local paths, `http`,
+    `https`, `gs`, ...). Otherwise a manifest from elsewhere could make the workers read their own disks
+    or fetch internal URLs, and write what they found to OUTPUT."""
+    fs, manifest_path = storage.filesystem(manifest)
+    own = storage.scheme_of(manifest)
+    folder = posixpath.dirname(manifest_path)
+    resolved = []
+    for path in paths:
+        scheme = storage.scheme_of(path)
+        if "://" not in path and not path.startswith("/"):  # relative: beside the manifest
+            path = storage.to_uri(fs, posixpath.normpath(posixpath.join(folder, path)))
+        elif scheme != own and scheme not in allow_schemes:
+            raise storage.StorageError(
+                f"--manifest {storage.redact(manifest)} lists {storage.redact(path)}, which is on another "
+                f"filesystem ({scheme}) than the manifest ({own}); pass --allow-schemes {scheme} to read it."
+            )
+        elif scheme == "file" and path.startswith("/"):
+            path = os.path.abspath(path)
+        resolved.append(path)
+    return resolved
 
 
 def _parse_manifest(manifest: str, data: bytes) -> pa.Table:

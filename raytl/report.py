@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import pickle
 from collections.abc import Sequence
@@ -102,21 +101,25 @@ def write_validation(model_dir: str, sample: pa.Table) -> None:
 def write(model_dir: str) -> str:
     """Draw the figures from MODEL_DIR's metrics and validation sample; write the page and the PNG files."""
     try:
-        metrics = json.loads(storage.read_bytes(storage.join(model_dir, METRICS_FILE)))
-        info = json.loads(storage.read_bytes(storage.join(model_dir, MODEL_JSON)))
+        metrics = storage.read_json(storage.join(model_dir, METRICS_FILE))
+        info = storage.read_json(storage.join(model_dir, MODEL_JSON))
     except FileNotFoundError:
         raise storage.StorageError(
             f"MODEL_DIR {storage.redact(model_dir)} holds no finished raytl model "
             f"({MODEL_JSON} and {METRICS_FILE})."
         ) from None
     sample = _read_sample(model_dir)
-    figures = {
-        "confusion": ("Confusion matrix", confusion_figure(metrics)),
-        "per_class": ("Per-class precision and recall", per_class_figure(metrics)),
-        "curves": ("Training curves", curves_figure(metrics.get("history") or [])),
-        "pca": ("Validation embeddings, first two principal components", pca_figure(sample)),
-        "misclassified": ("Misclassified validation images", misclassified_figure(sample)),
-    }
+    import matplotlib
+
+    # Class names are text, never maths: `$\\foo$` or `price_$10_$20` must not reach mathtext's parser.
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        figures = {
+            "confusion": ("Confusion matrix", confusion_figure(metrics)),
+            "per_class": ("Per-class precision and recall", per_class_figure(metrics)),
+            "curves": ("Training curves", curves_figure(metrics.get("history") or [])),
+            "pca": ("Validation embeddings, first two principal components", pca_figure(sample)),
+            "misclassified": ("Misclassified validation images", misclassified_figure(sample)),
+        }
     for name, (_, png) in figures.items():
         storage.write_bytes(storage.join(model_dir, FIGURES_DIR, f"{name}.png"), png)
     page = storage.join(model_dir, REPORT_FILE)
@@ -342,7 +345,7 @@ def thumbnails(paths: list[str]) -> list[np.ndarray | None]:
     from PIL import Image, ImageOps
 
     data: dict[str, bytes] = {}
-    loose = [p for p in paths if "#" not in p]
+    loose = [p for p in paths if shards.sample_of(p) is None]
     try:
         fetched = storage.fetch_many(loose)
     except storage.StorageError as exc:  # no access to the images: the grid says so
@@ -352,14 +355,12 @@ def thumbnails(paths: list[str]) -> list[np.ndarray | None]:
         if isinstance(got, bytes):
             data[path] = got
     wanted: dict[str, set[str]] = {}
-    for path in paths:
-        if "#" in path:
-            shard, key = path.rsplit("#", 1)
-            wanted.setdefault(shard, set()).add(key)
+    for shard, key in filter(None, map(shards.sample_of, paths)):
+        wanted.setdefault(shard, set()).add(key)
     for shard, keys in wanted.items():
         try:
             for key, members in shards.samples(shard):
-                if key in keys:
+                if key is not None and key in keys:
                     image = next((members[e] for e in shards.IMAGE_EXTENSIONS if e in members), None)
                     if image is not None:
                         data[f"{shard}#{key}"] = image

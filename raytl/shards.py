@@ -3,39 +3,41 @@
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
-import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import braceexpand
 import numpy as np
 
-from raytl import doneset, storage
+from raytl import doneset, preprocess, storage
 from raytl.preprocess import ImageError, Transform
 
+log = logging.getLogger(__name__)
+
+# A sample's image member, by extension without the dot, in order of preference when it has several.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-_BRACES = re.compile(r"\{([^{}]*)\}")
+assert {f".{e}" for e in IMAGE_EXTENSIONS} == preprocess.IMAGE_EXTENSIONS
 
 
 def expand(pattern: str) -> list[str]:
-    """`s3://b/shards/{00000..00099}.tar` -> the 100 URIs (zero padding kept); `{a,b}` lists work too."""
-    found = _BRACES.search(pattern)
-    if found is None:
-        return [pattern]
-    head, tail, body = pattern[: found.start()], pattern[found.end() :], found.group(1)
-    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if span:
-        first, last = span.groups()
-        width = len(first) if first.startswith("0") else 0
-        choices = [str(n).zfill(width) for n in range(int(first), int(last) + 1)]
-    else:
-        choices = body.split(",")
-    return [uri for choice in choices for uri in expand(head + choice + tail)]
+    """`s3://b/shards/{00000..00099}.tar` -> the 100 URIs, as bash and WebDataset expand braces (zero padding,
+    descending ranges, steps `{0..8..2}`, lists `{a,b}`), by the `braceexpand` library they use."""
+    return list(braceexpand.braceexpand(pattern))
 
 
 def is_shard(path: str) -> bool:
     return path.lower().endswith(".tar")
+
+
+def sample_of(path: str) -> tuple[str, str] | None:
+    """(SHARD, KEY) for a shard sample's `SHARD#KEY` path; None for any other path, a loose file whose name
+    holds a `#` included."""
+    cut = path.lower().rfind(".tar#")
+    return None if cut < 0 else (path[: cut + 4], path[cut + 5 :])
 
 
 def read_shards(
@@ -53,9 +55,13 @@ def read_shards(
     rows: list[tuple[str, str, np.ndarray | None, str]] = []
     for shard in (str(p) for p in batch["path"]):
         for key, members in samples(shard):
-            path = f"{shard}#{key}"
-            if (keep is None or path in keep) and (skip is None or not doneset.contains(skip, [path])[0]):
-                rows.append(_row(path, members, transform, label_field))
+            if key is None:  # the shard is missing or cut short: one `_errors` row named by the shard
+                if skip is None or not doneset.contains(skip, [shard])[0]:
+                    rows.append((shard, "", None, members[BROKEN].decode()))
+            else:
+                path = f"{shard}#{key}"
+                if (keep is None or path in keep) and (skip is None or not doneset.contains(skip, [path])[0]):
+                    rows.append(_row(path, members, transform, label_field))
             if len(rows) == batch_size:
                 yield _batch(rows, transform.image_size)
                 rows = []
@@ -69,7 +75,9 @@ def sample_labels(batch: dict[str, np.ndarray], label_field: str | None) -> dict
     paths, labels = [], []
     for shard in (str(p) for p in batch["path"]):
         for key, members in samples(shard):
-            if any(e in members for e in IMAGE_EXTENSIONS):
+            if key is None:
+                log.warning("%s", members[BROKEN].decode())
+            elif any(e in members for e in IMAGE_EXTENSIONS):
                 try:
                     label = label_of(members, label_field)
                 except ImageError:
@@ -79,8 +87,29 @@ def sample_labels(batch: dict[str, np.ndarray], label_field: str | None) -> dict
     return {"path": np.array(paths, dtype=object), "label": np.array(labels, dtype=object)}
 
 
-def samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(KEY, {extension: bytes}) per sample: WebDataset keeps a sample's members next to each other."""
+def samples(shard: str) -> Iterator[tuple[str | None, dict[str, bytes]]]:
+    """(KEY, {extension: bytes}) per sample: WebDataset keeps a sample's members next to each other. A shard
+    that is missing or cut short ends with (None, {BROKEN: the reason}) after the samples read before the
+    cut: the run goes on, and a rerun reads the shard again only if its `_errors` row is gone."""
+    count = 0
+    try:
+        for sample in _members(shard):
+            count += 1
+            yield sample
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        reason = f"shard is not a readable tar after {count} samples: {exc}"
+        yield None, {BROKEN: storage.redact(reason).encode()}
+    except FileNotFoundError as exc:
+        if not storage.is_missing_file(exc):  # the bucket itself: the run's problem, not the shard's
+            raise storage.StorageError(storage.failure(f"read shard {shard}", exc)) from None
+        yield None, {BROKEN: b"shard does not exist"}
+
+
+# The member that carries the reason of a broken shard, in `samples`' last item.
+BROKEN = "__broken__"
+
+
+def _members(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     fs, path = storage.filesystem(shard)
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -97,10 +126,8 @@ def samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 members[extension] = tar.extractfile(info).read()  # type: ignore[union-attr]
             if members:
                 yield key, members  # type: ignore[misc]
-    except (tarfile.TarError, EOFError) as exc:
-        raise storage.StorageError(f"shard {storage.redact(shard)} is not a readable tar: {exc}.") from None
-    except FileNotFoundError:
-        raise storage.StorageError(f"shard {storage.redact(shard)} does not exist.") from None
+    except (tarfile.TarError, EOFError, FileNotFoundError, zlib.error):
+        raise  # the shard's own problem: `samples` makes it an `_errors` row
     except OSError as exc:  # s3fs has retried already; a rerun continues from the samples written
         raise storage.StorageError(storage.failure(f"read shard {shard}", exc)) from None
 

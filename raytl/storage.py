@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import posixpath
 import random
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import fsspec
@@ -28,6 +31,7 @@ _OBJECT_STORES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return (fsspec filesystem, path inside it) for a local path or URI."""
+    quiet_wire_logs()  # every process that touches storage (driver, Ray workers) comes through here
     options: dict[str, Any] = {}
     if uri.startswith(("s3://", "s3a://")) and os.environ.get("AWS_ENDPOINT_URL"):
         # botocore reads AWS_ENDPOINT_URL itself, but older s3fs releases build clients that don't.
@@ -37,8 +41,31 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if uri.split("://", 1)[0] in _OBJECT_STORES:
         # Other processes (Ray workers) write where this one looks: a cached listing would hide their files.
         options["use_listings_cache"] = False
-    fs, path = fsspec.core.url_to_fs(uri, **options)
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **options)
+    except ImportError:
+        raise StorageError(_missing_backend(uri)) from None
+    except ValueError as exc:
+        if "Protocol not known" not in str(exc):
+            raise
+        raise StorageError(f"{redact(uri)}: no filesystem knows the scheme {scheme_of(uri)!r}.") from None
     return fs, path
+
+
+# The extra that brings the fsspec filesystem of a scheme (pyproject.toml's optional-dependencies).
+_EXTRAS = {"gs": ("gcs", "gcsfs"), "gcs": ("gcs", "gcsfs"),
+           "az": ("azure", "adlfs"), "abfs": ("azure", "adlfs"), "abfss": ("azure", "adlfs")}  # fmt: skip
+
+
+def _missing_backend(uri: str) -> str:
+    scheme = uri.split("://", 1)[0].lower()
+    extra, package = _EXTRAS.get(scheme, (None, None))
+    if extra is None:
+        return f"{redact(uri)}: the filesystem for {scheme}:// is not installed."
+    return (
+        f"{redact(uri)}: {scheme}:// needs the package {package}, which is not installed: "
+        f'pip install -c requirements/lock.txt "raytl[{extra}]".'
+    )
 
 
 def pyarrow_filesystem(uri: str) -> tuple[Any, str]:
@@ -59,6 +86,32 @@ def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     if isinstance(fs, LocalFileSystem):
         return fs._strip_protocol(path)
     return fs.unstrip_protocol(path)
+
+
+def scheme_of(uri: str) -> str:
+    """The filesystem a URI names: `s3`, `gs`, `http`, ... (`file` for local paths); for a chained
+    `zip://MEMBER::TARGET`, the scheme of its TARGET, where the bytes come from."""
+    if "::" in uri:
+        uri = uri.rsplit("::", 1)[1]
+    if "://" not in uri:
+        return "file"
+    scheme = uri.split("://", 1)[0].lower()
+    return {"s3a": "s3", "gcs": "gs", "local": "file"}.get(scheme, scheme)
+
+
+def location(uri: str) -> tuple[str, str]:
+    """(protocol, absolute path without a trailing slash): where a URI points, for comparing two of them."""
+    fs, path = filesystem(uri)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if isinstance(fs, LocalFileSystem):
+        path = os.path.realpath(path)
+    return protocol, path.rstrip("/") or "/"
+
+
+def is_within(inner: str, outer: str) -> bool:
+    """True when `inner` is `outer` itself or a path below it (same filesystem)."""
+    (p1, a), (p2, b) = location(inner), location(outer)
+    return p1 == p2 and (a == b or a.startswith(b.rstrip("/") + "/"))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -116,6 +169,8 @@ def retrying(action: Callable[[], T], what: str) -> T:
 def failure(what: str, exc: BaseException, attempts: int = 1) -> str:
     """One sentence for a storage operation that cannot succeed: what, why, and what to do."""
     reason = describe_error(exc)
+    if isinstance(exc, PermissionError) and exc.errno is not None:  # the local OS said no
+        return f"cannot {redact(what)}: permission denied ({reason})."
     if isinstance(exc, PermissionError) or re.search(r"access ?denied|forbidden|\b403\b", reason, re.I):
         return (
             f"cannot {redact(what)}: access denied ({reason}); check the credentials and the bucket policy."
@@ -130,10 +185,34 @@ def failure(what: str, exc: BaseException, attempts: int = 1) -> str:
     return f"cannot {redact(what)}: {reason}."
 
 
+@contextlib.contextmanager
+def guarded(what: str) -> Iterator[None]:
+    """Storage calls inside that fail (403, a store that is down, an unwritable folder) become one
+    StorageError sentence naming `what` ("list OUTPUT s3://..."); raytl's own errors pass as they are."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__module__.startswith("raytl."):
+            raise
+        raise StorageError(failure(what, exc)) from None
+
+
 def read_bytes(uri: str) -> bytes:
     """Read a whole object (transient errors retried)."""
     fs, path = filesystem(uri)
     return retrying(lambda: fs.cat_file(path), f"read {uri}")
+
+
+def read_json(uri: str) -> Any:
+    """A JSON file raytl wrote; a corrupt one is one StorageError sentence (FileNotFoundError passes)."""
+    data = read_bytes(uri)
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise StorageError(
+            f"{redact(uri)} is not valid JSON ({exc}): it was damaged; restore it or run the command that "
+            "wrote it again."
+        ) from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -142,11 +221,12 @@ def write_bytes(uri: str, data: bytes) -> None:
     if not isinstance(fs, LocalFileSystem):
         retrying(lambda: fs.pipe_file(path, data), f"write {uri}")  # an object-store PUT is atomic
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    with guarded(f"write {uri}"):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
 
 
 def fetch_many(uris: Sequence[str]) -> list[bytes | Exception]:
@@ -205,6 +285,36 @@ def redact(text: str) -> str:
         if secret:
             text = text.replace(secret, "***")
     return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def public_uri(uri: str) -> str:
+    """A URI without the password in its userinfo (`https://user:pw@host/a.jpg` -> `https://***@host/a.jpg`):
+    how raytl writes and compares paths, so that no output holds a password."""
+    return _USERINFO.sub(r"\g<scheme>***@", uri)
+
+
+def public_uris(uris: Any) -> Any:
+    """public_uri over a pyarrow string array (vectorised)."""
+    import pyarrow.compute as pc
+
+    return pc.replace_substring_regex(uris, pattern=_USERINFO_RE2, replacement=r"\1***@")
+
+
+_USERINFO_RE2 = r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@"
+
+
+def quiet_wire_logs() -> None:
+    """Keep the storage clients' request logs (botocore prints every header, session tokens included) at
+    WARNING even under --log-level debug, in this process; RAYTL_WIRE_LOGS=1 lets them through."""
+    global _WIRE_QUIET
+    if _WIRE_QUIET or os.environ.get("RAYTL_WIRE_LOGS") == "1":
+        return
+    for name in ("botocore", "boto3", "s3transfer", "aiobotocore", "s3fs", "urllib3", "aiohttp", "fsspec"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    _WIRE_QUIET = True
+
+
+_WIRE_QUIET = False
 
 
 def describe_error(exc: BaseException) -> str:

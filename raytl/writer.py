@@ -35,6 +35,9 @@ def write_part(batch: pa.Table, output: str, schema: pa.Schema) -> pa.Table:
     """
     # Named after the batch's contents: a retried task rewrites the same files instead of adding rows.
     name = "part-" + _digest(batch.column("path")) + ".parquet"
+    # No password in a `path` (https://user:pw@...): outputs are read by people and tools beyond raytl.
+    column = batch.column_names.index("path")
+    batch = batch.set_column(column, "path", storage.public_uris(batch.column("path")))
     failed = batch.filter(pc.not_equal(batch.column("error"), ""))
     embedded = batch.filter(pc.equal(batch.column("error"), ""))
     if embedded.num_rows:

@@ -32,6 +32,23 @@ def blobs(n: int, classes: int, dim: int, seed: int, spread: float = 2.5) -> tup
     return x.astype(np.float32), y
 
 
+def entangled(
+    n: int, seed: int, outliers: float = 0.0, classes: int = 3, dim: int = 24
+) -> tuple[np.ndarray, np.ndarray]:
+    """Classes whose means sit along large shared nuisance factors, so the direction that separates them
+    is found slowly (accuracy climbs for tens of epochs), as with real embeddings' correlated features.
+    `outliers`: that share of rows is pushed 300x further out and mislabelled, so that a linear model's
+    held-out loss grows with its weights' norm from the first epoch on while its accuracy climbs."""
+    centres = np.random.default_rng(1234).normal(0, 1, (classes, dim))
+    loadings = np.random.default_rng(99).normal(0, 1, (3, dim)) + centres[np.arange(3) % classes]
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = centres[y] + rng.normal(0, 1, (n, dim)) + 6 * rng.normal(0, 1, (n, 3)) @ loadings
+    far = rng.random(n) < outliers
+    x = np.where(far[:, None], 300 * x, x)
+    return x.astype(np.float32), np.where(far, (y + 1) % classes, y)
+
+
 def write(uri: str, x: np.ndarray, labels: list, parts: int = 3, prefix: str = "img", **meta) -> list[str]:
     """Write rows as `parts` part files under uri; returns the row paths."""
     dim = x.shape[1]

@@ -1,5 +1,7 @@
 """Config validation: every bad value gets one sentence naming the option."""
 
+import os
+
 import pytest
 
 from raytl.config import ConfigError, Decode, ExtractConfig, Layer, Pool, Precision
@@ -58,13 +60,13 @@ def test_cli_options_reach_the_configs():
     )
     assert (config.source, config.output, config.pool, config.image_size, config.resize) == (
         "s3://b/in",
-        "out",
+        os.path.abspath("out"),  # Ray's workers run elsewhere: local paths are made absolute
         Pool.MAX,
         64,
         73,
     )
     config = extract_config(parser.parse_args(["extract", "--manifest", "m.csv", "out"]))
-    assert (config.source, config.manifest, config.output) == (None, "m.csv", "out")
+    assert (config.source, config.manifest) == (None, os.path.abspath("m.csv"))
     assert (config.decode, config.compile) == (Decode.CPU, False)
     config = extract_config(parser.parse_args(["extract", "a", "b", "--decode", "gpu", "--compile"]))
     assert (config.decode, config.compile) == (Decode.GPU, True)
@@ -74,8 +76,8 @@ def test_cli_options_reach_the_configs():
         parser.parse_args(["train", "e", "m", "--backend", "sklearn", "--class-weight", "balanced"])
     )
     assert (train.embeddings, train.model_dir, str(train.backend), str(train.class_weight)) == (
-        "e",
-        "m",
+        os.path.abspath("e"),
+        os.path.abspath("m"),
         "sklearn",
         "balanced",
     )

@@ -109,3 +109,67 @@ def test_predict_errors(trained, capsys, tmp_path):
         ["predict", str(trained / "model"), str(tmp_path / "emb64"), str(tmp_path / "o")],
         "has image_size 64, but the model expects 32",
     )
+
+
+def test_output_never_replaces_the_input_or_another_commands_results(trained, capsys, tmp_path):
+    """`predict MODEL EMB EMB --overwrite` used to delete its own input, then crash: OUTPUT equal to or inside
+    INPUT is refused, and --overwrite replaces only predictions, never embeddings."""
+    emb = tmp_path / "emb"
+    import shutil
+
+    shutil.copytree(trained / "emb", emb)
+    before = sorted(p.name for p in emb.rglob("*"))
+    model = str(trained / "model")
+    for output in (str(emb), str(emb / "predictions"), f"file://{emb}/"):
+        assert_user_error(
+            capsys, ["predict", model, str(emb), output, "--overwrite"], f"{emb}: raytl would write its"
+        )
+    other = tmp_path / "other"
+    shutil.copytree(trained / "emb", other)  # embeddings where predictions would go
+    assert_user_error(
+        capsys,
+        ["predict", model, str(trained / "emb"), str(other), "--overwrite"],
+        f"OUTPUT {other} holds embeddings, not predictions, and --overwrite only replaces predictions",
+    )
+    assert sorted(p.name for p in emb.rglob("*")) == before
+    assert pq.read_table(other).num_rows == pq.read_table(trained / "emb").num_rows
+    # extract refuses the mirror image: predictions where embeddings would go, and OUTPUT inside SOURCE.
+    predict.run(model, str(trained / "emb"), str(tmp_path / "pred"))
+    base = ["extract", "--weights", str(trained / "w.pt"), "--image-size", "32", "--overwrite"]
+    assert_user_error(
+        capsys,
+        [*base, str(trained / "corpus"), str(tmp_path / "pred")],
+        "holds predictions, not embeddings, and --overwrite only replaces embeddings",
+    )
+    assert_user_error(
+        capsys, [*base, str(trained / "corpus"), str(trained / "corpus" / "out")], "is inside SOURCE"
+    )
+    assert pq.read_table(tmp_path / "pred").num_rows == 52
+
+
+def test_a_gpu_decoded_model_predicts_tar_shards_decoded_on_cpu(trained, tmp_path):
+    """predict copies --decode from the model; shards are always decoded by CPU tasks (read_shards), which
+    a model made with --decode gpu used to skip, failing on columns the GPU decoder expects."""
+    import io
+    import json
+    import shutil
+    import tarfile
+
+    model = tmp_path / "model-gpu"
+    shutil.copytree(trained / "model", model)
+    info = json.loads((model / "model.json").read_text())
+    info["backbone"]["preprocessing"]["decode"] = "gpu"
+    (model / "model.json").write_text(json.dumps(info))
+    (tmp_path / "shards").mkdir()
+    files = sorted((trained / "corpus" / "cat").glob("plain-*.png"))
+    with tarfile.open(tmp_path / "shards" / "00000.tar", "w") as tar:
+        for i, file in enumerate(files):
+            for name, data in ((f"k{i}.png", file.read_bytes()), (f"k{i}.cls", b"cat")):
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    gpu = predict.run(str(model), str(tmp_path / "shards"), str(tmp_path / "p-gpu"))
+    cpu = predict.run(str(trained / "model"), str(tmp_path / "shards"), str(tmp_path / "p-cpu"))
+    assert gpu["predicted"] == cpu["predicted"] == len(files) and gpu["failed"] == 0
+    a, b = pq.read_table(tmp_path / "p-gpu").to_pylist(), pq.read_table(tmp_path / "p-cpu").to_pylist()
+    assert sorted(map(str, a)) == sorted(map(str, b))

@@ -84,3 +84,42 @@ def test_decode_batch_marks_errors_and_keeps_order(tmp_path):
     assert out["error"][2].startswith("cannot read: FileNotFoundError")
     assert out["image"][0].any() and not out["image"][1].any()
     assert out["label"].tolist() == ["x", "y", "z"]
+
+
+def _strip(width: int, height: int, fmt: str = "PNG") -> bytes:
+    """A real, tiny image of an extreme shape (Pillow writes it; a few hundred bytes)."""
+    return encode(Image.new("RGB", (width, height), (120, 30, 200)), fmt)
+
+
+@pytest.mark.parametrize(
+    "size, message",
+    [
+        ((1, 100_000), "1x100000 px has an aspect ratio over 100:1"),  # 92 bytes that asked for ~20 GB
+        ((100_000, 1), "100000x1 px has an aspect ratio over 100:1"),
+        ((3, 1_000), "3x1000 px has an aspect ratio over 100:1"),
+    ],
+)
+def test_bomb_guard_refuses_absurd_aspect_ratios_from_the_header(size, message):
+    data = _strip(*size)
+    assert len(data) < 2000 and size[0] * size[1] <= 100_000  # far under --max-pixels by its header
+    with pytest.raises(ImageError, match=message):
+        Transform().decode(data)
+
+
+def test_bomb_guard_counts_the_pixels_after_resizing():
+    # 40x3000 = 120,000 px in the header; its shorter side resized to 256 makes 256x19200 = 4,915,200 px.
+    data = _strip(40, 3000)
+    with pytest.raises(ImageError, match=r"would be 4,915,200 px once its shorter side is resized to 256"):
+        Transform(max_pixels=1_000_000).decode(data)
+    assert Transform(32, 37, max_pixels=1_000_000)(data).shape == (32, 32, 3)  # 37x2775: fine
+    assert Transform()(data).shape == (224, 224, 3)  # under the default limit
+
+
+def test_gpu_decode_path_applies_the_same_guard():
+    from raytl.preprocess import jpeg_orientation
+
+    with pytest.raises(ImageError, match="aspect ratio over 100:1"):
+        jpeg_orientation(_strip(2, 1000, "JPEG"), 89_478_485)
+    with pytest.raises(ImageError, match="once its shorter side is resized to 256"):
+        jpeg_orientation(_strip(40, 3000, "JPEG"), 1_000_000, 256)
+    assert jpeg_orientation(_strip(40, 300, "JPEG"), 1_000_000, 256) == 1

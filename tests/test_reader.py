@@ -66,13 +66,13 @@ def test_manifest_csv_and_parquet(tmp_path, bucket):
     write_corpus(tmp_path / "src", {"cat": [1]}, broken=False, strays=False)
     uri = upload_dir(tmp_path / "src", bucket, "imgs")
     (tmp_path / "m.csv").write_text(f"path,label\ncat/plain-1.png,cat\n{uri}/cat/gray-1.jpg,\n")
-    corpus = list_corpus(None, str(tmp_path / "m.csv"))
+    corpus = list_corpus(None, str(tmp_path / "m.csv"), allow_schemes=("s3",))
     assert corpus.table.to_pylist() == [
         {"path": str(tmp_path / "cat/plain-1.png"), "label": "cat"},
         {"path": f"{uri}/cat/gray-1.jpg", "label": ""},
     ]
     pq.write_table(pa.table({"path": [f"{uri}/cat/gray-1.jpg"]}), tmp_path / "m.parquet")
-    assert list_corpus(None, str(tmp_path / "m.parquet")).table.to_pylist() == [
+    assert list_corpus(None, str(tmp_path / "m.parquet"), allow_schemes=("s3",)).table.to_pylist() == [
         {"path": f"{uri}/cat/gray-1.jpg", "label": ""}
     ]
 
@@ -89,3 +89,79 @@ def test_bad_manifests(tmp_path):
     (tmp_path / "e.csv").write_text("path,label\n")
     with pytest.raises(StorageError, match="holds no image files"):
         list_corpus(None, str(tmp_path / "e.csv"))
+
+
+def test_manifest_paths_stay_on_the_manifests_filesystem(tmp_path, bucket, monkeypatch):
+    """A manifest from object storage cannot make the workers read their own disks or fetch URLs: paths on
+    another filesystem than the manifest's are refused in one sentence unless --allow-schemes names them;
+    relative paths become full URIs beside the manifest."""
+    import s3fs
+
+    monkeypatch.chdir(tmp_path)
+    s3 = s3fs.S3FileSystem()
+    hostile = [
+        "/etc/hostname",
+        "file:///etc/passwd",
+        "http://127.0.0.1:9/internal.jpg",
+        "https://user:hunter2@example.invalid/a.jpg",
+        f"zip://a.jpg::{tmp_path}/local.zip",
+    ]
+    for path in hostile:
+        s3.pipe(f"{bucket}/m.csv", f"path,label\nimgs/a.jpg,x\n{path},y\n".encode())
+        for stream in (False, True):
+            with pytest.raises(StorageError) as raised:
+                corpus = list_corpus(None, f"s3://{bucket}/m.csv", stream=stream)
+                if stream:  # rows are checked where Ray Data tasks read them
+                    from raytl.reader import _manifest_block
+
+                    block = pa.table({"path": ["imgs/a.jpg", path], "label": ["x", "y"]})
+                    _manifest_block(block, corpus.manifest.uri, corpus.manifest.allow_schemes)
+            message = str(raised.value)
+            scheme = "file" if path.startswith(("/", "file:", "zip:")) else path.split(":")[0]
+            assert f"which is on another filesystem ({scheme}) than the manifest (s3)" in message
+            assert message.endswith(f"pass --allow-schemes {scheme} to read it.")
+            assert "hunter2" not in message
+    s3.pipe(f"{bucket}/m.csv", b"path,label\nimgs/a.jpg,x\n/etc/hostname,z\n")
+    rows = list_corpus(None, f"s3://{bucket}/m.csv", allow_schemes=("file",)).table.to_pylist()
+    assert [r["path"] for r in rows] == [f"s3://{bucket}/imgs/a.jpg", "/etc/hostname"]
+    # A local manifest: relative paths become absolute, beside the manifest, whatever the working directory.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.csv").write_text("path,label\na.jpg,x\n../b.png,y\n")
+    monkeypatch.chdir(tmp_path / "sub")
+    rows = list_corpus(None, "m.csv").table.to_pylist()
+    assert [r["path"] for r in rows] == [str(tmp_path / "sub" / "a.jpg"), str(tmp_path / "b.png")]
+
+
+def test_manifest_rows_that_are_not_images_are_never_read(tmp_path, monkeypatch):
+    """A manifest row naming a file without an image extension is an `_errors` row; the file is not read."""
+    import numpy as np
+
+    from raytl import storage
+    from raytl.preprocess import Transform, decode_batch, fetch_batch
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the workers")
+    paths = [str(secret), f"zip://x/notes.txt::{tmp_path}/c.zip", "https://h.invalid/a.jpg.txt?x=.jpg"]
+    batch = {"path": np.array(paths), "label": np.array(["a", "b", "c"])}
+    fetched: list[str] = []
+    original = storage.fetch_many
+    monkeypatch.setattr(storage, "fetch_many", lambda ps: fetched.extend(ps) or original(ps))
+    for stage in (decode_batch, fetch_batch):
+        out = stage(batch, Transform(32, 37))
+        assert all(e.startswith("not read: not an image file name (.bmp .gif .jpeg") for e in out["error"])
+    assert fetched == []
+
+
+def test_a_file_name_that_is_not_utf8_is_left_out_not_fatal(tmp_path, caplog):
+    """Linux file names are bytes: one that is not UTF-8 used to end every command (UnicodeEncodeError)."""
+    import os
+
+    write_corpus(tmp_path / "src", {"cat": [1]}, broken=False, strays=False)
+    good = (tmp_path / "src" / "cat" / "plain-1.png").read_bytes()
+    with open(os.path.join(os.fsencode(tmp_path / "src" / "cat"), b"caf\xe9-latin1.png"), "wb") as f:
+        f.write(good)
+    corpus = list_corpus(str(tmp_path / "src"))
+    assert str(tmp_path / "src" / "cat" / "plain-1.png") in corpus.table["path"].to_pylist()
+    assert not any("latin1" in p for p in corpus.table["path"].to_pylist())
+    assert corpus.ignored == 1
+    assert "caf\\xe9-latin1.png" in caplog.text and "not valid UTF-8" in caplog.text

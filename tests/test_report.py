@@ -94,17 +94,19 @@ def test_thumbnails_read_files_zip_members_and_shard_samples(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
+    (tmp_path / "photo#1.png").write_bytes(data)  # a loose file with `#` in its name is no shard sample
     got = report.thumbnails(
         [
             str(tmp_path / "a.png"),
             f"zip://red/a.png::file://{tmp_path / 'c.zip'}",
             f"{tmp_path / 's.tar'}#k1",
+            str(tmp_path / "photo#1.png"),
             str(tmp_path / "missing.png"),
         ]
     )
-    for image in got[:3]:
+    for image in got[:4]:
         assert image.shape == (40, 64, 3) and tuple(image[10, 10]) == (200, 30, 30)
-    assert got[3] is None
+    assert got[4] is None
 
 
 def test_inspect_describes_embeddings_predictions_and_models(trained, capsys):
@@ -157,3 +159,29 @@ def test_json_logs(capsys):
     entry = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert (entry["level"], entry["logger"], entry["message"]) == ("info", "raytl.test", "hello there")
     logs.setup("warning")
+
+
+def test_class_names_are_drawn_as_text_not_maths(trained, tmp_path):
+    """Class names that matplotlib's mathtext would parse (`$\\foo$`, `price_$10_$20`) broke the report
+    (ParseFatalException) and train still listed it: they are plain text now."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained["model_dir"], model_dir)
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    rename = dict(zip(metrics["classes"], ["$\\foo$", "price_$10_$20", "<b>&amp;</b>"], strict=True))
+    metrics["classes"] = [rename[c] for c in metrics["classes"]]
+    metrics["per_class"] = {rename[c]: v for c, v in metrics["per_class"].items()}
+    (model_dir / "metrics.json").write_text(json.dumps(metrics))
+    sample = pq.read_table(model_dir / report.VALIDATION_FILE)
+    for column in ("label", "predicted_label"):
+        renamed = pa.array([rename[v] for v in sample[column].to_pylist()])
+        sample = sample.set_column(sample.column_names.index(column), column, renamed)
+    pq.write_table(sample, model_dir / report.VALIDATION_FILE)
+    for name in FIGURES:
+        (model_dir / "report" / f"{name}.png").unlink()
+    report.write(str(model_dir))
+    page = (model_dir / "report.html").read_text()
+    assert "price_$10_$20" in page and "&lt;b&gt;&amp;amp;&lt;/b&gt;" in page and "<b>&amp;</b>" not in page
+    for name in FIGURES:
+        assert (model_dir / "report" / f"{name}.png").stat().st_size > 1000

@@ -39,6 +39,9 @@ def test_brace_patterns_expand_like_webdataset():
         "s3://b/b/2.tar",
     ]
     assert expand("/data/one.tar") == ["/data/one.tar"]
+    # As bash expands them (both were wrong when raytl expanded braces itself):
+    assert expand("s/{10..8}.tar") == ["s/10.tar", "s/9.tar", "s/8.tar"]
+    assert expand("s/{0..4..2}.tar") == ["s/0.tar", "s/2.tar", "s/4.tar"]
     assert split_name("train/0001.seg.JPG") == ("train/0001", "seg.jpg")
 
 
@@ -81,10 +84,46 @@ def test_samples_labels_and_broken_members(tmp_path):
     assert list(by_txt["path"]) == [key + "k2", key + "k3", key + "k4"] and by_txt["label"][0] == "a dog"
 
 
-def test_a_broken_shard_stops_the_run(tmp_path):
+def test_missing_cut_and_broken_shards_are_error_rows_not_the_end_of_the_run(tmp_path):
+    """A shard that is missing, cut short or not a tar is one `_errors` row named by the shard; the samples
+    read before a cut stay; a rerun skips that row as it skips done samples."""
+    jpeg = encode(picture(1), "JPEG", quality=90)
+    write_tar(tmp_path / "whole.tar", [(f"k{i}.jpg", jpeg) for i in range(6)])
+    data = (tmp_path / "whole.tar").read_bytes()
+    member = 512 + -(-len(jpeg) // 512) * 512  # a tar header, then the data in 512-byte blocks
+    (tmp_path / "cut.tar").write_bytes(data[: 3 * member + 600])  # inside the fourth sample's data
     (tmp_path / "bad.tar").write_bytes(b"not a tar archive at all" * 40)
-    with pytest.raises(storage.StorageError, match="bad.tar is not a readable tar"):
-        list(read_shards({"path": np.array([str(tmp_path / "bad.tar")])}, TRANSFORM, None, 4))
+    shards = [str(tmp_path / n) for n in ("missing.tar", "cut.tar", "bad.tar", "whole.tar")]
+    batches = list(read_shards({"path": np.array(shards)}, TRANSFORM, None, 100))
+    rows = {p: e for b in batches for p, e in zip(b["path"], b["error"], strict=True)}
+    assert rows.pop(shards[0]) == "shard does not exist"
+    assert rows.pop(shards[1]).startswith("shard is not a readable tar after 3 samples")
+    assert rows.pop(shards[2]).startswith("shard is not a readable tar after 0 samples")
+    assert rows == {f"{s}#k{i}": "" for s, n in ((shards[1], 3), (shards[3], 6)) for i in range(n)}
+    done = doneset.of([shards[0], shards[1], f"{shards[1]}#k0"])
+    again = list(read_shards({"path": np.array(shards[:2])}, TRANSFORM, None, 100, skip=done))
+    assert list(again[0]["path"]) == [f"{shards[1]}#k1", f"{shards[1]}#k2"]
+
+
+def test_a_storage_error_from_a_ray_task_is_one_clean_sentence():
+    """Ray hands a task's StorageError to the driver as RayTaskError(StorageError), which *is* a
+    StorageError whose message is the whole remote traceback (with colour codes): the driver shows only
+    the sentence."""
+    from ray.exceptions import RayTaskError
+
+    from raytl import extract
+
+    sentence = "cannot read shard s3://b/s/00001.tar: access denied (PermissionError: Forbidden)."
+    remote = (
+        "\x1b[36mray::ReadShards()\x1b[39m (pid=1, ip=127.0.0.1)\nTraceback (most recent call last):\n"
+        '  File "raytl/shards.py", line 1, in samples\n'
+        f"raytl.storage.StorageError: {sentence}"
+    )
+    error = RayTaskError("ReadShards", remote, storage.StorageError(sentence)).as_instanceof_cause()
+    assert isinstance(error, storage.StorageError)
+    with pytest.raises(storage.StorageError) as raised, extract.user_errors():
+        raise error
+    assert str(raised.value) == sentence
 
 
 def test_pack_list_shards_zip_and_manifest_give_the_same_rows(ray_session, bucket, s3_faults, tmp_path):
@@ -155,3 +194,35 @@ def test_pack_list_shards_zip_and_manifest_give_the_same_rows(ray_session, bucke
         name = path.split("::")[0].removeprefix("zip://corpus/")
         assert label == good[name]
         np.testing.assert_allclose(vector, by_manifest[f"{loose}/{name}"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_extract_from_shards_goes_past_missing_and_cut_ones(ray_session, tmp_path, monkeypatch):
+    """End to end, from a relative brace pattern: a missing shard and a cut one are `_errors` rows, the
+    good samples (those before the cut too) are embedded with absolute `path` URIs, a rerun skips it all;
+    shards that hold no samples at all end the run in one sentence, as an empty folder does."""
+    jpeg = encode(picture(3), "JPEG", quality=90)
+    (tmp_path / "s").mkdir()
+    write_tar(tmp_path / "s" / "00000.tar", [(f"k{i}.jpg", jpeg) for i in range(4)])
+    write_tar(tmp_path / "s" / "00002.tar", [(f"k{i}.jpg", jpeg) for i in range(4)])
+    data = (tmp_path / "s" / "00002.tar").read_bytes()
+    (tmp_path / "s" / "00002.tar").write_bytes(data[: 2 * (512 + -(-len(jpeg) // 512) * 512) + 600])
+    monkeypatch.chdir(tmp_path)
+    options = ["--weights", "random", "--image-size", "32", "--precision", "fp32"]
+    assert main(["extract", "s/{00000..00002}.tar", "out", *options]) == 0
+    rows = pq.read_table(tmp_path / "out").to_pylist()
+    shard = str(tmp_path / "s" / "00000.tar")
+    assert sorted(r["path"] for r in rows) == sorted(
+        [f"{shard}#k{i}" for i in range(4)] + [f"{tmp_path}/s/00002.tar#k{i}" for i in range(2)]
+    )
+    errors = {r["path"]: r["error"] for r in pq.read_table(tmp_path / "out" / "_errors").to_pylist()}
+    assert errors[f"{tmp_path}/s/00001.tar"] == "shard does not exist"
+    assert errors[f"{tmp_path}/s/00002.tar"].startswith("shard is not a readable tar after 2 samples")
+    assert len(errors) == 2
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert (summary["embedded"], summary["failed"]) == (6, 2)
+    assert main(["extract", "s/{00000..00002}.tar", "out", *options]) == 0  # resumes: nothing new
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert (summary["embedded"], summary["failed"], summary["skipped"]) == (0, 0, 8)
+    write_tar(tmp_path / "s" / "a.tar", [])
+    write_tar(tmp_path / "s" / "b.tar", [])
+    assert main(["extract", "s/{a,b}.tar", "out2", *options]) == 2

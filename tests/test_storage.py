@@ -71,3 +71,52 @@ def test_transient_is_told_from_permanent():
     assert not storage.is_transient(PermissionError("Access Denied"))
     assert not storage.is_transient(FileNotFoundError("/data/500/image.jpg"))
     assert not storage.is_transient(OSError("[Errno 28] No space left on device"))
+
+
+def test_outputs_and_inputs_that_fail_are_one_sentence(bucket, s3_faults, capsys, tmp_path):
+    """An unwritable OUTPUT, and S3 that refuses OUTPUT, EMBEDDINGS or an inspected folder (403): one
+    sentence and exit 2 from every command, never a traceback (fs.exists and listings were unguarded)."""
+    from conftest import assert_user_error
+    from images import write_corpus
+
+    write_corpus(tmp_path / "src", {"cat": [1]}, broken=False, strays=False)
+
+    def extract(output: str) -> list[str]:
+        return ["extract", str(tmp_path / "src"), output, "--weights", "random", "--image-size", "32"]
+
+    line = assert_user_error(capsys, extract("/proc/raytl-x"), "cannot write /proc/raytl-x/_run.json:")
+    assert line.endswith("(no such bucket or path).")
+    assert_user_error(
+        capsys, extract("/sys/raytl-x"), "cannot write /sys/raytl-x/_run.json: permission denied"
+    )
+    s3_faults.add(
+        Rule(
+            bucket=bucket, status=403, code="AccessDenied", message="Access Denied", times=None, listing=True
+        )
+    )
+    s3_faults.add(
+        Rule(
+            bucket=bucket, status=403, code="AccessDenied", message="Access Denied", times=None, method="HEAD"
+        )
+    )
+    for args, what in (
+        (extract(f"s3://{bucket}/out"), f"cannot list OUTPUT s3://{bucket}/out: access denied"),
+        (["train", f"s3://{bucket}/emb", str(tmp_path / "m")], f"cannot read EMBEDDINGS s3://{bucket}/emb:"),
+        (["inspect", f"s3://{bucket}/out"], f"cannot read s3://{bucket}/out: access denied"),
+    ):
+        assert_user_error(capsys, args, what)
+
+
+def test_a_scheme_without_its_filesystem_names_the_extra():
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here (raytl[gcs]): the message is for machines without it")
+    with pytest.raises(storage.StorageError) as raised:
+        storage.filesystem("gs://bucket/photos/")
+    assert str(raised.value) == (
+        "gs://bucket/photos/: gs:// needs the package gcsfs, which is not installed: "
+        'pip install -c requirements/lock.txt "raytl[gcs]".'
+    )
+    with pytest.raises(storage.StorageError, match="no filesystem knows the scheme 'nosuch'"):
+        storage.filesystem("nosuch://x/y")
