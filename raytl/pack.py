@@ -31,7 +31,9 @@ def run(
     allow_schemes: tuple[str, ...] = (),
 ) -> dict:
     """Pack the listed images into PREFIX/00000.tar, 00001.tar, ...: KEY.<ext> (the file's bytes as they
-    are), KEY.cls (the label) and KEY.json (label and source URI); returns counts and the brace pattern.
+    are), and for labelled images KEY.cls (the class index, an integer by WebDataset's convention, in the
+    sorted order of the labels), KEY.txt (the label) and KEY.json (label, class index and source URI);
+    returns counts, the classes and the brace pattern.
     The images are shuffled (seeded) first: a listing comes sorted by class, and a reader that streams a
     few shards at a time (training) needs every shard to hold a mix."""
     if shard_size < 1:
@@ -49,7 +51,11 @@ def run(
     rows = corpus.table.num_rows
     shards = (rows + shard_size - 1) // shard_size
     table = corpus.table.take(np.random.default_rng(seed).permutation(rows))
-    pending = [_write_shard.remote(i, table.slice(i * shard_size, shard_size), prefix) for i in range(shards)]
+    classes = sorted({label for label in table["label"].to_pylist() if label})
+    pending = [
+        _write_shard.remote(i, table.slice(i * shard_size, shard_size), prefix, classes)
+        for i in range(shards)
+    ]
     written = sum(ray.get(pending))
     pattern = storage.join(prefix, "{" + f"{0:05d}..{shards - 1:05d}" + "}.tar")
     return {
@@ -57,12 +63,13 @@ def run(
         "packed": written,
         "missing": rows - written,
         "shards": shards,
+        "classes": classes,  # KEY.cls holds the index into this list
         "pattern": pattern,
     }
 
 
 @ray.remote(num_cpus=1, max_retries=3)
-def _write_shard(index: int, rows: pa.Table, prefix: str) -> int:
+def _write_shard(index: int, rows: pa.Table, prefix: str, classes: list[str]) -> int:
     """One shard, built in memory and written whole (so a retried task rewrites the same file)."""
     paths, labels = rows["path"].to_pylist(), rows["label"].to_pylist()
     buffer = io.BytesIO()
@@ -74,12 +81,13 @@ def _write_shard(index: int, rows: pa.Table, prefix: str) -> int:
                 continue
             key = f"{index:05d}{j:06d}"
             extension = posixpath.splitext(path)[1].lower() or ".jpg"
-            meta = json.dumps({"label": label, "source": storage.redact(path)}).encode()
-            for name, member in (
-                (key + extension, data),
-                (key + ".cls", label.encode()),
-                (key + ".json", meta),
-            ):
+            members = [(key + extension, data)]
+            meta: dict[str, Any] = {"label": label, "source": storage.public_uri(path)}
+            if label:
+                meta["class"] = classes.index(label)
+                members += [(key + ".cls", str(meta["class"]).encode()), (key + ".txt", label.encode())]
+            members.append((key + ".json", json.dumps(meta).encode()))
+            for name, member in members:
                 info = tarfile.TarInfo(name)
                 info.size = len(member)
                 tar.addfile(info, io.BytesIO(member))

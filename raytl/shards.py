@@ -140,8 +140,10 @@ def split_name(name: str) -> tuple[str, str]:
 
 
 def label_of(members: dict[str, bytes], label_field: str | None) -> str:
-    """`cls` or `txt`: that member's text; `json:FIELD`: a field of the .json member; None: cls if present."""
-    field = label_field or ("cls" if "cls" in members else None)
+    """`cls` or `txt`: that member's text; `json:FIELD`: a field of the .json member. None: the .json
+    member's `label` when it has one (raytl pack writes the label there, and the class index in .cls as
+    WebDataset does), else .cls's text (other datasets' integer classes, read as their digits)."""
+    field = label_field or (_json_label(members) and "json:label") or ("cls" if "cls" in members else None)
     if field is None:
         return ""
     if field.startswith("json:"):
@@ -155,6 +157,17 @@ def label_of(members: dict[str, bytes], label_field: str | None) -> str:
     if field not in members:
         raise ImageError(f"no .{field} member for --label-field {field}")
     return members[field].decode("utf-8", "replace").strip()
+
+
+def _json_label(members: dict[str, bytes]) -> bool:
+    """True when the sample's .json member is an object with a `label` field."""
+    if "json" not in members:
+        return False
+    try:
+        meta = json.loads(members["json"])
+    except ValueError:
+        return False
+    return isinstance(meta, dict) and meta.get("label") not in (None, "")
 
 
 def _row(path: str, members: dict[str, bytes], transform: Transform, label_field: str | None) -> tuple:

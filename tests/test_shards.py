@@ -68,7 +68,8 @@ def test_samples_labels_and_broken_members(tmp_path):
     }
     key = f"{shard}#a/"
     assert list(rows) == [key + "k1", key + "k2", key + "k3", key + "k4"]
-    assert rows[key + "k1"][0] == "3" and rows[key + "k2"][0] == ""  # default: .cls when present
+    # default: the .json member's label when it has one, else .cls (k3 has neither)
+    assert rows[key + "k1"][0] == "3" and rows[key + "k2"][0] == "dog"
     np.testing.assert_array_equal(rows[key + "k1"][1], TRANSFORM(jpeg))
     np.testing.assert_array_equal(rows[key + "k2"][1], TRANSFORM(png))
     assert rows[key + "k3"][2] == "no image member (members: txt)"
@@ -155,13 +156,24 @@ def test_pack_list_shards_zip_and_manifest_give_the_same_rows(ray_session, bucke
                 image = next(
                     v
                     for n, v in members.items()
-                    if n.startswith(key + ".") and n[len(key) :] not in (".json", ".cls")
+                    if n.startswith(key + ".") and n[len(key) :] not in (".json", ".cls", ".txt")
                 )
                 relative = meta["source"].removeprefix(loose + "/")
-                assert (members[key + ".cls"].decode(), meta["label"]) == (good[relative], good[relative])
+                label = good[relative]
+                assert (members[key + ".txt"].decode(), meta["label"]) == (label, label)
+                # WebDataset's convention: .cls is the integer class index (Ray's read_webdataset parses it)
+                assert int(members[key + ".cls"]) == meta["class"] == ["cat", "dog"].index(label)
                 assert image == (tmp_path / "loose" / relative).read_bytes()
                 source_of[f"s3://{shard}#{key}"] = relative
     assert sorted(source_of.values()) == sorted(good)
+    import ray
+
+    read_by_ray = ray.data.read_webdataset(  # Ray's own reader: it failed on text in .cls (int())
+        list(shard_files),
+        filesystem=storage.pyarrow_filesystem(f"s3://{shard_files[0]}")[0],
+        suffixes=["cls", "txt"],  # the images are of mixed sizes and modes: not one tensor column
+    ).take_all()
+    assert len(read_by_ray) == 26 and {r["cls"] for r in read_by_ray} == {0, 1}
 
     assert main(["list", loose, f"s3://{bucket}/m.parquet"]) == 0
     manifest = pq.read_table(f"{bucket}/m.parquet", filesystem=fs)
