@@ -120,3 +120,62 @@ def test_a_scheme_without_its_filesystem_names_the_extra():
     )
     with pytest.raises(storage.StorageError, match="no filesystem knows the scheme 'nosuch'"):
         storage.filesystem("nosuch://x/y")
+
+
+def test_no_secret_reaches_logs_or_outputs(tmp_path, monkeypatch, capsys):
+    """A URI password never reaches a `path` column, a config line or any line raytl logs; a session token
+    is redacted from log lines; botocore's request logs (every header, tokens included) stay off under
+    --log-level debug unless RAYTL_WIRE_LOGS=1."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytl import doneset, logs, writer
+    from raytl.config import ExtractConfig
+
+    url = "https://user:hunter2@images.example/cat/a.jpg"
+    batch = pa.table(
+        {"path": [url, "s3://b/k.jpg"], "label": ["cat", "dog"], "error": ["", "cannot decode: x"]}
+    )
+    schema = pa.schema([("path", pa.string()), ("label", pa.string())])
+    writer.write_part(batch, str(tmp_path / "out"), schema)
+    written = (
+        pq.read_table(tmp_path / "out").to_pylist() + pq.read_table(tmp_path / "out" / "_errors").to_pylist()
+    )
+    assert [r["path"] for r in written] == ["https://***@images.example/cat/a.jpg", "s3://b/k.jpg"]
+    assert doneset.contains(doneset.of([written[0]["path"]]), [url])[0]  # a rerun knows it is done
+    config = ExtractConfig.create(
+        source=None, manifest="https://u:hunter2@h.example/m.csv", output="s3://b/o"
+    )
+    assert "hunter2" not in config.to_json()
+
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "FQoGZXIvYXdzEXAMPLETOKEN")
+    monkeypatch.setattr(storage, "_WIRE_QUIET", False)
+    logs.setup("debug")
+    assert logging.getLogger("botocore").getEffectiveLevel() == logging.WARNING
+    logging.getLogger("raytl.test").warning(
+        "header X-Amz-Security-Token: FQoGZXIvYXdzEXAMPLETOKEN from %s", url
+    )
+    err = capsys.readouterr().err
+    assert (
+        "FQoGZXIvYXdzEXAMPLETOKEN" not in err and "hunter2" not in err and "X-Amz-Security-Token: ***" in err
+    )
+    monkeypatch.setattr(storage, "_WIRE_QUIET", False)
+    monkeypatch.setenv("RAYTL_WIRE_LOGS", "1")
+    logging.getLogger("botocore").setLevel(logging.NOTSET)
+    logs.setup("debug")
+    assert logging.getLogger("botocore").getEffectiveLevel() == logging.DEBUG
+    logs.setup("warning")
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    from raytl import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_list", interrupted)
+    assert cli.main(["list", "s3://b/src", "m.parquet"]) == 130
+    err = capsys.readouterr().err
+    assert err == "raytl: interrupted; rerun the same command to resume.\n"
