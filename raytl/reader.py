@@ -147,7 +147,12 @@ def list_zip(source: str) -> Corpus:
         raise storage.StorageError(
             f"SOURCE {storage.redact(source)} is not a readable zip file: {storage.describe_error(exc)}."
         ) from None
-    images = [m.lstrip("/") for m in members if is_image(m)]
+    outside = [m for m in members if ".." in m.split("/")]  # `../b/up.png`: no label, no folder of SOURCE
+    if outside:
+        log.warning(
+            "%d zip members with `..` in their names are not read (e.g. %s)", len(outside), outside[0]
+        )
+    images = [m.lstrip("/") for m in members if is_image(m) and m not in outside]
     tops = {m.split("/", 1)[0] for m in images}
     # A zip of the corpus folder itself (corpus/<label>/<file>): labels are one level down.
     depth = 1 if len(tops) == 1 and all(m.count("/") >= 2 for m in images) else 0

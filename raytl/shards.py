@@ -107,6 +107,8 @@ def samples(shard: str) -> Iterator[tuple[str | None, dict[str, bytes]]]:
 
 # The member that carries the reason of a broken shard, in `samples`' last item.
 BROKEN = "__broken__"
+# The member that marks a sample with a member that is not a regular file (symlink, hardlink, device).
+LINK = "__link__"
 
 
 def _members(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -116,14 +118,17 @@ def _members(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             key: str | None = None
             members: dict[str, bytes] = {}
             for info in tar:
-                if not info.isfile():
+                if info.isdir():
                     continue
                 name_key, extension = split_name(info.name)
                 if name_key != key and members:
                     yield key, members  # type: ignore[misc]
                     members = {}
                 key = name_key
-                members[extension] = tar.extractfile(info).read()  # type: ignore[union-attr]
+                if info.isfile():
+                    members[extension] = tar.extractfile(info).read()  # type: ignore[union-attr]
+                else:  # a symlink, hardlink or device: never followed, but reported (`_row`)
+                    members[LINK] = info.name.encode()
             if members:
                 yield key, members  # type: ignore[misc]
     except (tarfile.TarError, EOFError, FileNotFoundError, zlib.error):
@@ -173,6 +178,8 @@ def _json_label(members: dict[str, bytes]) -> bool:
 def _row(path: str, members: dict[str, bytes], transform: Transform, label_field: str | None) -> tuple:
     image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
     try:
+        if LINK in members:
+            raise ImageError(f"{members[LINK].decode()} is a link, not a file: not read")
         label = label_of(members, label_field)
         if image is None:
             raise ImageError(f"no image member (members: {', '.join(sorted(members))})")

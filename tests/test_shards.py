@@ -238,3 +238,35 @@ def test_extract_from_shards_goes_past_missing_and_cut_ones(ray_session, tmp_pat
     write_tar(tmp_path / "s" / "a.tar", [])
     write_tar(tmp_path / "s" / "b.tar", [])
     assert main(["extract", "s/{a,b}.tar", "out2", *options]) == 2
+
+
+def test_links_in_tars_and_dotdot_in_zips_are_reported_not_followed(tmp_path, caplog):
+    """Archive members that are not plain files used to vanish without a row; a zip member `../b/up.png`
+    got the label `..`."""
+    import zipfile
+
+    from raytl.reader import list_corpus
+
+    png = encode(picture(2), "PNG")
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in (("k1.png", png), ("k1.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("k2.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/hostname"
+        tar.addfile(link)
+        folder = tarfile.TarInfo("sub")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    rows = list(read_shards({"path": np.array([str(tmp_path / "s.tar")])}, TRANSFORM, None, 10))[0]
+    errors = dict(zip(rows["path"], rows["error"], strict=True))
+    assert errors == {
+        f"{tmp_path}/s.tar#k1": "",
+        f"{tmp_path}/s.tar#k2": "k2.png is a link, not a file: not read",
+    }
+    with zipfile.ZipFile(tmp_path / "c.zip", "w") as z:
+        z.writestr("cat/a.png", png)
+        z.writestr("../b/up.png", png)
+    corpus = list_corpus(str(tmp_path / "c.zip"))
+    assert corpus.table["label"].to_pylist() == ["cat"] and "`..`" in caplog.text
