@@ -12,7 +12,6 @@ from typing import Any
 import raytl
 from raytl import logs, storage
 from raytl.config import (
-    ConfigError,
     ExtractConfig,
     FinetuneConfig,
     Freeze,
@@ -23,12 +22,7 @@ from raytl.config import (
     TrainConfig,
     parse_schemes,
 )
-from raytl.embeddings import EmbeddingsError
-from raytl.extract import ExtractError
-from raytl.models import WeightsError
-
-# Errors whose message is already one sentence for the user; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, storage.StorageError, WeightsError, EmbeddingsError, ExtractError)
+from raytl.errors import USER_ERRORS, ConfigError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

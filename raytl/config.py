@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A bad option value; the message is one sentence naming the option and what is allowed."""
+from raytl.errors import ConfigError
 
 
 class Choice(str, enum.Enum):

@@ -11,14 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raytl import storage
+from raytl.errors import EmbeddingsError
 from raytl.writer import METADATA_KEY
 
 # Metadata fields that must agree between datasets used together (a probe and what it classifies).
 BACKBONE_FIELDS = ("model", "weights", "layer", "pool", "dim", "image_size")
-
-
-class EmbeddingsError(ValueError):
-    """An embeddings dataset that cannot be used; the message is one sentence."""
 
 
 @dataclass(frozen=True)

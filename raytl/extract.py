@@ -19,6 +19,7 @@ import raytl
 from raytl import doneset, logs, output, storage, writer
 from raytl.config import ConfigError, Decode, ExtractConfig
 from raytl.embed import Embedder
+from raytl.errors import ExtractError
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD, embedding_dim, load_weights
 from raytl.preprocess import Transform, decode_batch, fetch_batch
 from raytl.reader import Corpus, list_corpus, manifest_rows
@@ -44,10 +45,6 @@ class Resources:
     def of_cluster(cls) -> Resources:
         total = ray.cluster_resources()
         return cls(gpus=int(total.get("GPU", 0)), cpus=max(1, int(total.get("CPU", 1))))
-
-
-class ExtractError(ValueError):
-    """The run stopped on purpose (too many broken files); the message says why and what to do."""
 
 
 def run(config: ExtractConfig) -> dict[str, Any]:
@@ -160,7 +157,7 @@ def user_errors() -> Iterator[None]:
         raise storage.StorageError(found[-1].strip()) from None
 
 
-_STORAGE_ERROR = re.compile(r"raytl\.storage\.StorageError: (.+)")
+_STORAGE_ERROR = re.compile(r"raytl\.(?:errors|storage)\.StorageError: (.+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 

@@ -14,13 +14,10 @@ from torch import nn
 
 from raytl import storage
 from raytl.config import Layer, Pool, Precision
+from raytl.errors import WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be loaded or do not fit VGG16; the message is one sentence."""
 
 
 @dataclass(frozen=True)

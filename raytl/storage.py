@@ -17,13 +17,11 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from raytl.errors import StorageError
+
 T = TypeVar("T")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
-
-
-class StorageError(ValueError):
-    """A path or URI that cannot be used: missing, unreadable or not allowed."""
 
 
 _OBJECT_STORES = ("s3", "gs", "gcs", "az", "abfs", "abfss")

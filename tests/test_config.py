@@ -81,3 +81,21 @@ def test_cli_options_reach_the_configs():
         "sklearn",
         "balanced",
     )
+
+
+def test_the_cli_answers_help_and_usage_errors_without_torch_or_ray():
+    """`raytl --help` took 7-9 s and 1.1 GB when cli.py imported the pipeline: it must stay light."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, raytl.cli\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'ray', 'pyarrow', 'numpy') if m in sys.modules]\n"
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    usage = subprocess.run(
+        [sys.executable, "-m", "raytl.cli", "extract", "--pool", "median"], capture_output=True, text=True
+    )
+    assert usage.returncode == 2 and "usage: raytl extract" in usage.stderr

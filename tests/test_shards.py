@@ -118,7 +118,7 @@ def test_a_storage_error_from_a_ray_task_is_one_clean_sentence():
     remote = (
         "\x1b[36mray::ReadShards()\x1b[39m (pid=1, ip=127.0.0.1)\nTraceback (most recent call last):\n"
         '  File "raytl/shards.py", line 1, in samples\n'
-        f"raytl.storage.StorageError: {sentence}"
+        f"raytl.errors.StorageError: {sentence}"
     )
     error = RayTaskError("ReadShards", remote, storage.StorageError(sentence)).as_instanceof_cause()
     assert isinstance(error, storage.StorageError)
