@@ -359,12 +359,12 @@ def thumbnails(paths: list[str]) -> list[np.ndarray | None]:
         wanted.setdefault(shard, set()).add(key)
     for shard, keys in wanted.items():
         try:
-            for key, members in shards.samples(shard):
-                if key is not None and key in keys:
+            for found, members in shards.samples(shard):
+                if found is not None and found in keys:
                     image = next((members[e] for e in shards.IMAGE_EXTENSIONS if e in members), None)
                     if image is not None:
-                        data[f"{shard}#{key}"] = image
-                    keys.discard(key)
+                        data[f"{shard}#{found}"] = image
+                    keys.discard(found)
                 if not keys:
                     break
         except storage.StorageError as exc:
