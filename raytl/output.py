@@ -126,7 +126,7 @@ def resume(config: ExtractConfig, record: dict[str, Any]) -> Done:
         with storage.guarded(f"read {run_file}"):
             previous = _read_record(run_file) if fs.exists(f"{root}/{RUN_FILE}") else None
         if previous is None:
-            prepare_output(config.output, overwrite=False)  # raises: results of unknown options
+            prepare_output(config.output, overwrite=False, kind=EMBEDDINGS)  # raises: unknown options
         assert previous is not None
         for option, value in record.items():
             if previous.get(option) != value:

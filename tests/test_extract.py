@@ -342,3 +342,17 @@ def test_parts_come_about_every_minute_without_rows_per_file():
     assert rows(cpu, image_size=32) == 8192  # fast enough: the largest parts
     assert rows(gpu) == 8192
     assert rows(cpu, rows_per_file=100) == rows(gpu, rows_per_file=100) == 100
+
+
+def test_embeddings_of_unknown_options_are_refused_as_such(tmp_path):
+    """An OUTPUT with embedding parts but no _run.json (options unknown) is refused without --overwrite,
+    with the sentence for results of unknown options (not one about predictions)."""
+    from synthetic import write
+
+    from raytl import output
+    from raytl.storage import StorageError
+
+    write(str(tmp_path / "out"), np.zeros((4, 8), np.float32), ["a", "b", "a", "b"], parts=1)
+    config = ExtractConfig.create(source=str(tmp_path), output=str(tmp_path / "out"), weights="random")
+    with pytest.raises(StorageError, match=r"already holds raytl results \(1 files\); pass --overwrite"):
+        output.resume(config, output.run_record(config, "random:seed=0"))
