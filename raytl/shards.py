@@ -77,7 +77,7 @@ def sample_labels(batch: dict[str, np.ndarray], label_field: str | None) -> dict
         for key, members in samples(shard):
             if key is None:
                 log.warning("%s", members[BROKEN].decode())
-            elif any(e in members for e in IMAGE_EXTENSIONS):
+            elif REPEATED not in members and any(e in members for e in IMAGE_EXTENSIONS):
                 try:
                     label = label_of(members, label_field)
                 except ImageError:
@@ -109,6 +109,8 @@ def samples(shard: str) -> Iterator[tuple[str | None, dict[str, bytes]]]:
 BROKEN = "__broken__"
 # The member that marks a sample with a member that is not a regular file (symlink, hardlink, device).
 LINK = "__link__"
+# The member that marks a key met again after other samples: only its first sample is read.
+REPEATED = "__repeated__"
 
 
 def _members(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -117,6 +119,7 @@ def _members(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             key: str | None = None
             members: dict[str, bytes] = {}
+            seen: set[str] = set()
             for info in tar:
                 if info.isdir():
                     continue
@@ -124,6 +127,9 @@ def _members(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if name_key != key and members:
                     yield key, members  # type: ignore[misc]
                     members = {}
+                if name_key != key and name_key in seen:  # WebDataset keeps a sample's members together
+                    members[REPEATED] = b""
+                seen.add(name_key)
                 key = name_key
                 if info.isfile():
                     members[extension] = tar.extractfile(info).read()  # type: ignore[union-attr]
@@ -178,6 +184,8 @@ def _json_label(members: dict[str, bytes]) -> bool:
 def _row(path: str, members: dict[str, bytes], transform: Transform, label_field: str | None) -> tuple:
     image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
     try:
+        if REPEATED in members:
+            raise ImageError("the key comes again after other samples: only its first sample is read")
         if LINK in members:
             raise ImageError(f"{members[LINK].decode()} is a link, not a file: not read")
         label = label_of(members, label_field)

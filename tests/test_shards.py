@@ -270,3 +270,28 @@ def test_links_in_tars_and_dotdot_in_zips_are_reported_not_followed(tmp_path, ca
         z.writestr("../b/up.png", png)
     corpus = list_corpus(str(tmp_path / "c.zip"))
     assert corpus.table["label"].to_pylist() == ["cat"] and "`..`" in caplog.text
+
+
+def test_a_key_repeated_later_in_a_shard_is_one_error_row_not_a_second_sample(tmp_path):
+    """A key met again after other samples used to give two rows with one path and two labels."""
+    from raytl.shards import sample_labels
+
+    png = encode(picture(2), "PNG")
+    members = [("k1.png", png), ("k1.cls", b"cat"), ("k2.png", png), ("k2.cls", b"dog"), ("k1.jpg", png)]
+    members += [("k1.cls", b"dog")]
+    write_tar(tmp_path / "s.tar", members)
+    batch = {"path": np.array([str(tmp_path / "s.tar")])}
+    rows = list(read_shards(batch, TRANSFORM, "cls", 10))[0]
+    got = list(zip(rows["path"], rows["label"], rows["error"], strict=True))
+    key = f"{tmp_path}/s.tar#"
+    assert got[:2] == [(key + "k1", "cat", ""), (key + "k2", "dog", "")]
+    assert got[2] == (
+        key + "k1",
+        "",
+        "the key comes again after other samples: only its first sample is read",
+    )
+    labels = sample_labels(batch, "cls")
+    assert list(zip(labels["path"], labels["label"], strict=True)) == [
+        (key + "k1", "cat"),
+        (key + "k2", "dog"),
+    ]
