@@ -311,6 +311,7 @@ def fit_ray(
         ),
         # The workers take x and y; paths stay for the evaluation's sample.
         datasets={"train": train_rows.select_columns(["x", "y"]), "val": val_rows.select_columns(["x", "y"])},
+        dataset_config=in_order(),
         torch_config=TorchConfig(backend=collective_backend(use_gpu)),
     )
     result = trainer.fit()
@@ -332,6 +333,17 @@ def collective_backend(use_gpu: bool) -> str:
 @ray.remote(num_cpus=0)
 def _cuda_works() -> bool:
     return torch.cuda.is_available()
+
+
+def in_order() -> Any:
+    """Ray Train's ingest with Ray Data's preserve_order: each worker gets the same rows, in the same order,
+    on every run (the split otherwise follows which blocks finish first), so that --seed fixes the head."""
+    from ray.data import DataContext
+    from ray.train import DataConfig
+
+    options = copy.deepcopy(DataContext.get_current().execution_options)  # the defaults Train would take
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
 
 
 def scaling(workers: int, use_gpu: bool, cpus: float = 0.25) -> Any:
