@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -29,8 +30,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `raytl` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Settings that Ray workers read from their environment; this process's is restored on return.
+    worker_env = {} if args.retries is None else {storage.RETRIES_ENV: str(args.retries)}
+    saved = {name: os.environ.get(name) for name in worker_env}
+    os.environ.update(worker_env)
     # Each call (tests call main() many times) logs to the sys.stderr of the moment.
-    logs.setup(args.log_level, json_lines=args.log_format == "json", quiet=args.quiet)
+    logs.setup(args.log_level, json_lines=args.log_format == "json", quiet=args.quiet, worker_env=worker_env)
     try:
         return args.run(args)
     except USER_ERRORS as exc:
@@ -40,6 +45,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # What is written stays written (parts are whole, checkpoints too): the same command continues.
         print("raytl: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number, 0 or more."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number (0 or more), got {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--quiet", action="store_true", help="no progress line or summary table; errors and the result only"
+    )
+    parser.add_argument(
+        "--retries",
+        type=count,
+        metavar="N",
+        help="retries of a storage request that fails transiently (throttling, 5xx, timeouts): botocore's "
+        "for s3://, raytl's for http(s):// and local paths; gs:// and az:// retry as their clients do "
+        f"(default {storage.DEFAULT_RETRIES})",
     )
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     add_extract(sub.add_parser("extract", help="embed an image corpus with VGG16 and write Parquet"))

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 
@@ -18,6 +18,10 @@ class Settings:
     level: int = logging.WARNING
     json: bool = False  # JSON lines on stderr, for clusters' log collectors
     quiet: bool = False  # no progress line and no summary table (errors and the JSON result only)
+    # Settings given on the command line that Ray workers read from their environment (e.g. RAYTL_RETRIES):
+    # a Ray started or joined here hands them on in its job's runtime_env (never secrets: those stay in the
+    # nodes' own environment).
+    worker_env: dict[str, str] = field(default_factory=dict)
 
 
 SETTINGS = Settings()
@@ -38,10 +42,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def setup(level: str = "warning", json_lines: bool = False, quiet: bool = False) -> None:
+def setup(
+    level: str = "warning", json_lines: bool = False, quiet: bool = False, worker_env: dict | None = None
+) -> None:
     """Configure logging for a `raytl` command (each call replaces the last: tests call main() often)."""
     SETTINGS.level = getattr(logging, level.upper())
     SETTINGS.json, SETTINGS.quiet = json_lines, quiet
+    SETTINGS.worker_env = dict(worker_env or {})
     if SETTINGS.level > logging.DEBUG:
         # Ray Data's own lines (execution plans, each dataset's start and finish, the progress-bar notice),
         # in this process and in the workers of a Ray it starts: read when its loggers are configured.
@@ -102,6 +109,7 @@ def init_ray() -> None:
         logging_config=ray.LoggingConfig(
             encoding="JSON" if SETTINGS.json else "TEXT", log_level="DEBUG" if debug else "WARNING"
         ),
+        runtime_env={"env_vars": SETTINGS.worker_env} if SETTINGS.worker_env else None,
     )
     quiet_ray()
     import ray.data

@@ -39,6 +39,9 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if uri.split("://", 1)[0] in _OBJECT_STORES:
         # Other processes (Ray workers) write where this one looks: a cached listing would hide their files.
         options["use_listings_cache"] = False
+    if uri.startswith("s3://"):
+        # botocore is S3's one retrying layer (see retries()); s3fs's own loop around it is off (below).
+        options["config_kwargs"] = {"retries": {"mode": "standard", "total_max_attempts": 1 + retries()}}
     try:
         fs, path = fsspec.core.url_to_fs(uri, **options)
     except ImportError:
@@ -47,6 +50,8 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         if "Protocol not known" not in str(exc):
             raise
         raise StorageError(f"{redact(uri)}: no filesystem knows the scheme {scheme_of(uri)!r}.") from None
+    if uri.startswith("s3://"):
+        fs.retries = 1  # s3fs retries botocore's calls 5 times more (each with botocore's own retries)
     return fs, path
 
 
@@ -120,11 +125,33 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-# Retries of transient storage errors: 6 attempts, back-off doubling from 0.25 s (with jitter) to at most
-# 8 s: about 15 s in all, enough to ride out S3 throttling (SlowDown) and a briefly overloaded endpoint.
-ATTEMPTS = 6
+# Transient storage errors (throttling, 5xx, timeouts, dropped connections) are retried by one layer only,
+# so that sustained throttling is not met with attempts multiplied layer by layer:
+# - s3://: botocore, in its "standard" mode (throttling, 5xx and dropped connections; exponential back-off
+#   with jitter up to 20 s; a retry quota per client), `retries()` times; s3fs's own retry loop is off;
+# - gs:// and az://: their clients' own policies (gcsfs and azure-core retry 5xx and 429 themselves);
+# - local paths, http(s):// and the rest: raytl's loop below, `retries()` times, back-off doubling from
+#   0.25 s (with jitter) to at most 8 s.
+# raytl itself keeps telling transient errors from permanent ones (403, a missing bucket) for its messages.
+DEFAULT_RETRIES = 5
+RETRIES_ENV = "RAYTL_RETRIES"  # --retries, for this process and (through Ray's runtime_env) its workers
+_CLIENT_RETRIES = ("s3", "gs", "az", "abfs", "abfss")
 _FIRST_WAIT = 0.25
 _MAX_WAIT = 8.0
+
+
+def retries() -> int:
+    """How many times a transient storage error is retried (--retries; RAYTL_RETRIES in Ray workers)."""
+    value = os.environ.get(RETRIES_ENV, "")
+    return int(value) if value.isdigit() else DEFAULT_RETRIES
+
+
+def attempts(fs: fsspec.AbstractFileSystem) -> int:
+    """How many times raytl itself tries an operation on fs: once where the client retries on its own."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return 1 if any(p in _CLIENT_RETRIES for p in protocols) else 1 + retries()
+
+
 # What transient failures look like once botocore, aiohttp and s3fs have translated them.
 _TRANSIENT = re.compile(
     r"slow ?down|reduce your request rate|throttl|service ?unavailable|internal ?error|request ?time ?out"
@@ -149,22 +176,24 @@ def is_missing_file(exc: BaseException) -> bool:
     return isinstance(exc, FileNotFoundError) and not _NO_BUCKET.search(str(exc))
 
 
-def retrying(action: Callable[[], T], what: str) -> T:
-    """`action()`, retried with back-off while it fails transiently; a missing file's FileNotFoundError
-    passes through, anything else (403, a missing bucket, retries used up) becomes one StorageError."""
-    for attempt in range(1, ATTEMPTS + 1):
+def retrying(fs: fsspec.AbstractFileSystem, action: Callable[[], T], what: str) -> T:
+    """`action()` on fs, retried with back-off while it fails transiently (where fs's client does not retry
+    itself); a missing file's FileNotFoundError passes through, anything else (403, a missing bucket,
+    retries used up) becomes one StorageError."""
+    limit = attempts(fs)
+    for attempt in range(1, limit + 1):
         try:
             return action()
         except Exception as exc:
             if is_missing_file(exc):
                 raise
-            if not is_transient(exc) or attempt == ATTEMPTS:
-                raise StorageError(failure(what, exc, attempt)) from None
+            if not is_transient(exc) or attempt == limit:
+                raise StorageError(failure(what, exc)) from None
             time.sleep(_backoff(attempt))
     raise AssertionError("unreachable")
 
 
-def failure(what: str, exc: BaseException, attempts: int = 1) -> str:
+def failure(what: str, exc: BaseException) -> str:
     """One sentence for a storage operation that cannot succeed: what, why, and what to do."""
     reason = describe_error(exc)
     if isinstance(exc, PermissionError) and exc.errno is not None:  # the local OS said no
@@ -177,10 +206,16 @@ def failure(what: str, exc: BaseException, attempts: int = 1) -> str:
         return f"cannot {redact(what)}: {reason} (no such bucket or path)."
     if is_transient(exc):
         return (
-            f"cannot {redact(what)}: {reason}, still failing after {attempts} attempts; "
-            "the storage is overloaded or unreachable: rerun the same command later to continue."
+            f"cannot {redact(what)}: {reason}, still failing after {_retries_text()}; "
+            "the storage is overloaded or unreachable: rerun the same command later to continue "
+            "(--retries sets how many)."
         )
     return f"cannot {redact(what)}: {reason}."
+
+
+def _retries_text() -> str:
+    n = retries()
+    return "1 retry" if n == 1 else f"{n} retries"
 
 
 @contextlib.contextmanager
@@ -198,7 +233,7 @@ def guarded(what: str) -> Iterator[None]:
 def read_bytes(uri: str) -> bytes:
     """Read a whole object (transient errors retried)."""
     fs, path = filesystem(uri)
-    return retrying(lambda: fs.cat_file(path), f"read {uri}")
+    return retrying(fs, lambda: fs.cat_file(path), f"read {uri}")
 
 
 def read_json(uri: str) -> Any:
@@ -217,7 +252,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object atomically: readers see the old object or the new one, never half of it."""
     fs, path = filesystem(uri)
     if not isinstance(fs, LocalFileSystem):
-        retrying(lambda: fs.pipe_file(path, data), f"write {uri}")  # an object-store PUT is atomic
+        retrying(fs, lambda: fs.pipe_file(path, data), f"write {uri}")  # an object-store PUT is atomic
         return
     with guarded(f"write {uri}"):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -237,13 +272,14 @@ def fetch_many(uris: Sequence[str]) -> list[bytes | Exception]:
     out: list[bytes | Exception] = [b""] * len(uris)
     for fs, items in by_fs.values():
         pending = dict(items)  # index -> path, still to read
-        for attempt in range(1, ATTEMPTS + 1):
+        limit = attempts(fs)
+        for attempt in range(1, limit + 1):
             got = _cat(fs, list(pending.values()))
             for i, path in list(pending.items()):
                 data = got.get(path, FileNotFoundError(path))
                 if isinstance(data, Exception) and not is_missing_file(data):
-                    if not is_transient(data) or attempt == ATTEMPTS:
-                        raise StorageError(failure(f"read {uris[i]}", data, attempt))
+                    if not is_transient(data) or attempt == limit:
+                        raise StorageError(failure(f"read {uris[i]}", data))
                     continue  # read again, with the others that failed, after the back-off
                 out[i] = data
                 del pending[i]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import boto3
+import fsspec
+import fsspec.implementations.memory
 import pytest
 from s3faults import Rule
 
@@ -26,20 +30,93 @@ def test_transient_errors_are_retried(objects, bucket, s3_faults):
     assert rule.injected == 12 and set(rule.attempts.values()) == {3}  # two failures, then the read
 
 
-def test_writes_are_retried(bucket, s3_faults, monkeypatch):
-    monkeypatch.setattr(storage, "_FIRST_WAIT", 0.01)
+def test_writes_are_retried(bucket, s3_faults):
     rule = s3_faults.add(Rule(bucket=bucket, method="PUT", status=500, times=3))
     storage.write_bytes(f"s3://{bucket}/out/part-1.parquet", b"rows")
     assert storage.read_bytes(f"s3://{bucket}/out/part-1.parquet") == b"rows"
     assert rule.injected == 3
 
 
-def test_retries_run_out_with_one_sentence(objects, bucket, s3_faults):
-    s3_faults.add(Rule(bucket=bucket, prefix="in/3", status=500, times=None))
+def test_retries_run_out_with_one_sentence(objects, bucket, s3_faults, monkeypatch):
+    monkeypatch.setenv("RAYTL_RETRIES", "2")
+    rule = s3_faults.add(Rule(bucket=bucket, prefix="in/3", status=500, times=None))
     with pytest.raises(storage.StorageError) as info:
         storage.fetch_many(objects)
     assert str(info.value).startswith(f"cannot read s3://{bucket}/in/3.jpg: ")
-    assert f"still failing after {storage.ATTEMPTS} attempts" in str(info.value)
+    assert "still failing after 2 retries" in str(info.value)
+    assert rule.attempts == {"in/3.jpg": 3}
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_sustained_throttling_is_retried_by_one_layer_only(bucket, s3_faults, monkeypatch, method):
+    """SlowDown on every request: botocore retries --retries times and nothing multiplies that (s3fs's own
+    loop and raytl's would make 5 x 6 x botocore's requests of each)."""
+    monkeypatch.setenv("RAYTL_RETRIES", "3")
+    boto3.client("s3").put_object(Bucket=bucket, Key="in/slow.jpg", Body=b"image")
+    rule = s3_faults.add(
+        Rule(bucket=bucket, prefix="in/slow", method=method, status=503, code="SlowDown", times=None)
+    )
+    uri = f"s3://{bucket}/in/slow.jpg"
+    with pytest.raises(
+        storage.StorageError, match=f"cannot (read|write) {uri}: .*still failing after 3 retries"
+    ):
+        storage.read_bytes(uri) if method == "GET" else storage.write_bytes(uri, b"new")
+    assert rule.attempts == {"in/slow.jpg": 4}
+
+
+class Flaky(fsspec.implementations.memory.MemoryFileSystem):
+    """A filesystem without retries of its own (as http and local ones), whose reads fail `fails` times."""
+
+    protocol = "flaky"
+    fails = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("flaky://", "memory://", 1))
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        if Flaky.fails > 0:
+            Flaky.fails -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return super().cat_file(path, start, end, **kwargs)
+
+
+def test_filesystems_without_retries_of_their_own_get_raytls(monkeypatch):
+    monkeypatch.setattr(storage, "_FIRST_WAIT", 0.001)
+    fsspec.register_implementation("flaky", Flaky, clobber=True)
+    fsspec.filesystem("flaky").pipe_file("/in/a.jpg", b"image")
+    monkeypatch.setattr(Flaky, "fails", 2)
+    assert storage.read_bytes("flaky:///in/a.jpg") == b"image"
+    monkeypatch.setenv("RAYTL_RETRIES", "1")
+    monkeypatch.setattr(Flaky, "fails", 2)
+    with pytest.raises(storage.StorageError, match="still failing after 1 retry;"):
+        storage.read_bytes("flaky:///in/a.jpg")
+    assert Flaky.fails == 0  # two attempts, both failed
+
+
+def test_retries_on_the_command_line_reach_this_process_and_rays_workers(bucket, s3_faults, monkeypatch):
+    """--retries N: storage calls here make N + 1 attempts; a Ray started here gets RAYTL_RETRIES in its
+    job's runtime_env (the workers' storage calls read it); the environment is as it was afterwards."""
+    import ray
+
+    from raytl import logs
+    from raytl.cli import main
+
+    monkeypatch.delenv("RAYTL_RETRIES", raising=False)
+    rule = s3_faults.add(Rule(bucket=bucket, prefix="m/", status=500, times=None))
+    boto3.client("s3").put_object(Bucket=bucket, Key="m/model.json", Body=b"{}")
+    inits = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: inits.append(kwargs))
+    monkeypatch.setattr(logs, "quiet_ray", lambda: None)
+    assert main(["--retries", "1", "inspect", f"s3://{bucket}/m"]) == 2
+    assert set(rule.attempts.values()) == {2}
+    assert "RAYTL_RETRIES" not in os.environ
+    logs.init_ray()
+    assert inits[-1]["runtime_env"] == {"env_vars": {"RAYTL_RETRIES": "1"}}
+    logs.setup()
+    logs.init_ray()
+    assert inits[-1]["runtime_env"] is None
 
 
 def test_access_denied_fails_at_once(objects, bucket, s3_faults):
