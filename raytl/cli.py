@@ -36,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.update(worker_env)
     # Each call (tests call main() many times) logs to the sys.stderr of the moment.
     logs.setup(args.log_level, json_lines=args.log_format == "json", quiet=args.quiet, worker_env=worker_env)
+    if args.log_format == "json":
+        logs.relay_stderr_as_json()
     try:
         return args.run(args)
     except USER_ERRORS as exc:

@@ -3,10 +3,13 @@ one live progress line per stage, and the summary table at the end."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import re
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ class Settings:
 
 
 SETTINGS = Settings()
+_HANDLER = "raytl"  # the name of raytl's handler on the root logger
 
 
 class JsonFormatter(logging.Formatter):
@@ -54,6 +58,7 @@ def setup(
         # in this process and in the workers of a Ray it starts: read when its loggers are configured.
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER)
     handler.addFilter(_redact_record)
     handler.setFormatter(
         JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s")
@@ -63,6 +68,86 @@ def setup(
 
     quiet_wire_logs()
     quiet_ray()
+
+
+# What other code writes straight to this process's stderr: Ray's C++ core worker (glog: `[2026-11-29
+# 01:56:19,162 E 3454 3454] core_worker.cc:2465: ...`) and the worker lines Ray forwards (`(MapWorker
+# pid=12) ...`, whose text may itself be a JSON object when the workers log JSON).
+_GLOG = re.compile(r"\[(\d{4}-\d\d-\d\d) (\d\d:\d\d:\d\d)[,.]\d+ ([IWEF]) \d+ \d+\] (\S+?):\d+: (.*)")
+_GLOG_LEVELS = {"I": "info", "W": "warning", "E": "error", "F": "critical"}
+_FORWARDED = re.compile(r"(?:\x1b\[[0-9;]*m)*\(((?:\S+ )?pid=\d+(?:, ip=[^)]+)?)\)(?:\x1b\[[0-9;]*m)* ?(.*)")
+_RELAYED = False
+
+
+def json_line(text: str) -> str:
+    """One line written to stderr by code other than raytl's handler, as a JSON object like raytl's own."""
+    entry: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "level": "info", "logger": "stderr"}
+    if text.startswith("{"):
+        try:
+            entry.update(_ray_json(json.loads(text)))
+        except (ValueError, TypeError):
+            entry["message"] = text
+    elif glog := _GLOG.fullmatch(text):
+        day, clock, level, source, message = glog.groups()
+        entry.update(time=f"{day}T{clock}", level=_GLOG_LEVELS[level], logger=f"ray.{source}")
+        entry["message"] = message
+    elif forwarded := _FORWARDED.fullmatch(text):
+        worker, message = forwarded.groups()
+        try:
+            inner = json.loads(message)
+        except ValueError:
+            inner = None
+        plain = {"logger": "ray.worker", "message": message}
+        entry.update(_ray_json(inner) if isinstance(inner, dict) else plain)
+        entry["worker"] = worker
+    else:
+        entry["message"] = text
+    return json.dumps(entry)
+
+
+def _ray_json(entry: dict) -> dict:
+    """Ray's JSON log shape (asctime, levelname, ...) in raytl's keys (time, level, logger, message)."""
+    if "levelname" not in entry:
+        return entry
+    entry = dict(entry)
+    stamp = str(entry.pop("asctime", "")).split(",")[0].replace(" ", "T")
+    level = str(entry.pop("levelname")).lower()
+    return {"time": stamp, "level": level, "logger": entry.pop("name", "ray"), **entry}
+
+
+def relay_stderr_as_json() -> None:
+    """Under --log-format json in a `raytl` process: every line that reaches the process's stderr (file
+    descriptor 2, where Ray's C++ core worker and Ray's forwarding of worker output write, not through
+    Python's logging) comes out as one JSON object, for log collectors that parse each line."""
+    global _RELAYED
+    try:
+        if _RELAYED or sys.stderr.fileno() != 2:
+            return
+    except (AttributeError, ValueError, OSError):  # a captured sys.stderr (tests): not the process's own
+        return
+    _RELAYED = True
+    sys.stderr.flush()
+    real = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def relay() -> None:
+        with open(read_end, "rb", buffering=0) as pipe, open(real, "wb", buffering=0, closefd=False) as out:
+            for raw in iter(pipe.readline, b""):
+                text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if text.strip():
+                    out.write((json_line(text) + "\n").encode())
+
+    thread = threading.Thread(target=relay, name="raytl-stderr-json", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # the pipe's last write end here closes: the relay reads to its end
+        thread.join(timeout=1.0)  # (a Ray process started here may hold a copy of it open)
+
+    atexit.register(restore)
 
 
 def _redact_record(record: logging.LogRecord) -> bool:
@@ -111,6 +196,12 @@ def init_ray() -> None:
         ),
         runtime_env={"env_vars": SETTINGS.worker_env} if SETTINGS.worker_env else None,
     )
+    # ray.init's logging_config also gives this process's root logger a handler of Ray's: every raytl line
+    # would print twice (once in Ray's own JSON shape). The workers keep Ray's.
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler.get_name() != _HANDLER:
+            root.removeHandler(handler)
     quiet_ray()
     import ray.data
 

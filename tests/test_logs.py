@@ -1,0 +1,82 @@
+"""--log-format json: every line on a raytl process's stderr is one JSON object, and each line comes once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from raytl import logs
+
+
+def test_lines_written_past_logging_become_json_objects():
+    glog = (
+        "[2026-11-29 01:56:19,162 E 3454 3454] core_worker.cc:2465: Actor with class name: "
+        "'MapWorker(MapBatches(Embedder))' has constructor arguments in the object store"
+    )
+    assert json.loads(logs.json_line(glog)) == {
+        "time": "2026-11-29T01:56:19",
+        "level": "error",
+        "logger": "ray.core_worker.cc",
+        "message": "Actor with class name: 'MapWorker(MapBatches(Embedder))' has constructor arguments in "
+        "the object store",
+    }
+    forwarded = json.loads(logs.json_line("\x1b[36m(MapWorker(MapBatches(Embedder)) pid=9784)\x1b[0m oops"))
+    assert (forwarded["worker"], forwarded["logger"], forwarded["message"]) == (
+        "MapWorker(MapBatches(Embedder)) pid=9784",
+        "ray.worker",
+        "oops",
+    )
+    rays = '{"asctime": "2026-11-29 01:59:44,691", "levelname": "WARNING", "message": "m", "job_id": "01"}'
+    inner = json.loads(logs.json_line(f"(RayTrainWorker pid=7, ip=10.0.0.3) {rays}"))
+    assert inner == {
+        "time": "2026-11-29T01:59:44",
+        "level": "warning",
+        "logger": "ray",
+        "message": "m",
+        "job_id": "01",
+        "worker": "RayTrainWorker pid=7, ip=10.0.0.3",
+    }
+    plain = json.loads(logs.json_line("Traceback (most recent call last):"))
+    assert (plain["logger"], plain["message"]) == ("stderr", "Traceback (most recent call last):")
+    ours = '{"time": "2026-11-29T02:00:00", "level": "warning", "logger": "raytl.x", "message": "kept"}'
+    assert logs.json_line(ours) == ours
+
+
+SCRIPT = """
+import logging, os, sys, time
+import ray
+from raytl import logs
+logs.setup("warning", json_lines=True)
+logs.relay_stderr_as_json()
+logs.init_ray()
+logging.getLogger("raytl.check").warning("said once")
+os.write(2, b"[2026-11-29 01:56:19,162 E 1 1] core_worker.cc:2465: straight to the descriptor\\n")
+
+@ray.remote
+def shout():
+    print("from a worker", file=sys.stderr)
+
+ray.get(shout.remote())
+time.sleep(2)  # Ray forwards worker output to the driver asynchronously
+"""
+
+
+def test_a_json_run_writes_only_json_lines_each_once(ray_session):
+    """A process that joins Ray with --log-format json: raytl's warning once (ray.init had given the root
+    logger a second, Ray-shaped handler), the core worker's C++ line and a worker's forwarded line as JSON."""
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]  # each one a JSON object
+    messages = [line["message"] for line in lines]
+    assert messages.count("said once") == 1
+    assert {
+        "logger": "ray.core_worker.cc",
+        "level": "error",
+        "message": "straight to the descriptor",
+    }.items() <= next(line for line in lines if line["logger"] == "ray.core_worker.cc").items()
+    # Ray forwards a worker's plain output bare here (no "(shout pid=…)" prefix when workers log JSON).
+    assert messages.count("from a worker") == 1
