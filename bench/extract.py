@@ -36,7 +36,7 @@ import torchvision
 from PIL import Image, ImageEnhance
 
 from raytl.config import ExtractConfig, Layer, Pool, Precision
-from raytl.embed import Embedder
+from raytl.embedder import Embedder
 from raytl.models import resolve_precision
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -184,7 +184,7 @@ def raytl_extract(
     """`raytl extract` through extract.run on a fresh local Ray; wall time and peak RSS while it runs."""
     import ray
 
-    from raytl import extract
+    from raytl.commands import extract
 
     ray.init(
         num_cpus=os.cpu_count(),

@@ -26,7 +26,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from raytl import extract, predict, probe, quickstart
+import raytl
+from raytl import quickstart
+from raytl.commands import extract, train
 from raytl.config import ExtractConfig, TrainConfig
 
 
@@ -62,7 +64,7 @@ def main() -> None:
     for head, reference in references.items():
         model_dir = os.path.join(root, f"model-{head}")
         started = time.perf_counter()
-        probe.run(
+        train.run(
             TrainConfig.create(
                 embeddings=os.path.join(root, "emb-train"),
                 model_dir=model_dir,
@@ -72,10 +74,10 @@ def main() -> None:
             )  # fmt: skip
         )
         seconds = time.perf_counter() - started
-        from_emb = predict.run(
+        from_emb = raytl.predict(
             model_dir, os.path.join(root, "emb-test"), os.path.join(root, f"p-emb-{head}"), overwrite=True
         )
-        from_img = predict.run(model_dir, test_images, os.path.join(root, f"p-img-{head}"), overwrite=True)
+        from_img = raytl.predict(model_dir, test_images, os.path.join(root, f"p-img-{head}"), overwrite=True)
         a = {
             r["path"]: r["predicted_label"]
             for r in pq.read_table(os.path.join(root, f"p-emb-{head}")).to_pylist()

@@ -1,3 +1,80 @@
-"""raytl: transfer learning at cluster scale on Ray."""
+"""raytl: transfer learning at cluster scale on Ray.
+
+The Python API runs what the CLI runs, with the CLI's options as keywords (`--image-size 64` is
+`image_size=64`); each call joins the Ray of `RAY_ADDRESS` (or `ray.init()` done before), else starts one:
+
+    import raytl
+    raytl.extract("s3://bucket/images", "s3://bucket/embeddings", image_size=224)
+    raytl.train("s3://bucket/embeddings", "s3://bucket/models/probe", head="svm")
+    raytl.predict("s3://bucket/models/probe", "s3://bucket/new", "s3://bucket/predictions")
+    raytl.finetune("s3://bucket/images", "s3://bucket/models/ft", epochs=5)
+    rows = raytl.embed(ray.data.read_images("s3://bucket/images"))  # a Ray Dataset with `embedding`
+
+Nothing heavy is imported until a function runs (`import raytl` loads neither torch nor Ray), and bad
+options fail with one ConfigError sentence before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+
+def extract(source: str | None, output: str, **options: Any) -> dict[str, Any]:
+    """`raytl extract SOURCE OUTPUT`: embed every image under SOURCE (None with manifest=...) into OUTPUT
+    as Parquet; returns the summary (also OUTPUT/_summary.json)."""
+    from raytl.config import ExtractConfig
+
+    config = ExtractConfig.create(source=source, output=output, **options)
+    from raytl.commands import extract as command
+
+    return command.run(config)
+
+
+def train(embeddings: str, model_dir: str, **options: Any) -> dict[str, Any]:
+    """`raytl train EMBEDDINGS MODEL_DIR`: fit a linear probe; returns the metrics (also in MODEL_DIR)."""
+    from raytl.config import TrainConfig
+
+    config = TrainConfig.create(embeddings=embeddings, model_dir=model_dir, **options)
+    from raytl.commands import train as command
+
+    return command.run(config)
+
+
+def finetune(source: str | None, model_dir: str, **options: Any) -> dict[str, Any]:
+    """`raytl finetune SOURCE MODEL_DIR`: fine-tune VGG16 with a new head (resumes an unfinished run in
+    MODEL_DIR); returns the metrics."""
+    from raytl.config import FinetuneConfig
+
+    config = FinetuneConfig.create(source=source, model_dir=model_dir, **options)
+    from raytl.commands import finetune as command
+
+    return command.run(config)
+
+
+def predict(model_dir: str, input: str | None, output: str, **options: Any) -> dict[str, Any]:
+    """`raytl predict MODEL_DIR INPUT OUTPUT`: classify embeddings or images (None with manifest=...);
+    returns the summary (also OUTPUT/_summary.json)."""
+    from raytl.config import PredictConfig
+
+    config = PredictConfig.create(model_dir=model_dir, source=input, output=output, **options)
+    from raytl.commands import predict as command
+
+    return command.run(config)
+
+
+def embed(dataset: Any, **options: Any) -> Any:
+    """A Ray Dataset you already have (e.g. `ray.data.read_images`, `ray.data.from_huggingface`) -> a lazy
+    Ray Dataset of the same rows with `embedding` (float32, extract's preprocessing and backbone) and
+    `error` ("" when embedded; the reason, and a NaN embedding, for a cell that is not a usable image). The
+    images column (`column=`, default "image") is dropped. Options: extract's backbone options (weights,
+    layer, pool, precision, image_size, resize_size, batch_size, num_actors, compile, max_pixels, seed)."""
+    from raytl.config import embed_config
+
+    config = embed_config(**options)
+    from raytl import logs
+    from raytl.embedder import embed_dataset
+
+    logs.init_ray()
+    return embed_dataset(dataset, config)

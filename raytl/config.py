@@ -8,10 +8,17 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import Field, asdict, dataclass, field, fields, make_dataclass
+from typing import Any, get_type_hints
 
 from raytl.errors import ConfigError
+
+
+def option(default: Any, help: str, flag: str | None = None) -> Any:
+    """A config field that is also a command-line option (and a keyword of the Python API): its default
+    and help live here only; the CLI's parsers are made from them (cli.add_options). `flag`: when the
+    option is not --the-field-name (e.g. --no-augment)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
 
 
 class Choice(str, enum.Enum):
@@ -53,44 +60,52 @@ class Decode(Choice):
     GPU = "gpu"  # JPEGs decoded, resized and cropped in the model actors: nvJPEG on CUDA (torchvision on CPU)
 
 
+ALLOW_SCHEMES = (
+    "schemes a manifest may name besides its own filesystem's, e.g. file,https (default: none; an S3 "
+    "manifest names S3 objects only)"
+)
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """Everything `raytl extract` needs; build with `ExtractConfig.create` to validate."""
 
     source: str
     output: str
-    manifest: str | None = None
-    weights: str = "imagenet"  # imagenet | random | path or URI of a torchvision VGG16 state_dict
-    layer: Layer = Layer.POOL5
-    pool: Pool = Pool.AVG
-    precision: Precision = Precision.AUTO
-    image_size: int = 224  # the centre crop
-    resize_size: int | None = None  # shorter side before the crop; None: round(image_size * 256 / 224)
-    batch_size: int | None = None  # images per forward pass; None: 256 per GPU, 32 on CPU
-    num_actors: int | None = None  # model actors; None: one per GPU, or one on a CPU-only cluster
-    decode_batch: int = 32  # files fetched and decoded per CPU task call
-    decode: Decode = (
-        Decode.CPU
-    )  # gpu: when CPU JPEG decoding cannot keep GPUs busy (H100: ~10x a core's rate)
-    compile: bool = False  # torch.compile the model in each actor (minutes of warm-up; pays on long GPU runs)
-    rows_per_file: int | None = None  # rows per Parquet part; None: ~a minute of work (8192 on GPU clusters)
-    max_pixels: int = 89_478_485  # larger images are refused as decompression bombs (Pillow's default)
-    max_errors: int | float | None = None  # fail when more files than this (or this share) are broken
-    label_field: str | None = None  # tar shards: cls | txt | json:FIELD; None: KEY.cls when present
-    allow_schemes: tuple[str, ...] = ()  # filesystems a manifest may name besides its own (file, https, ...)
-    seed: int = 0  # seeds --weights random
-    overwrite: bool = False  # replace an OUTPUT that already holds raytl embeddings
+    manifest: str | None = option(None, "CSV or Parquet file with columns path and optional label")
+    weights: str = option("imagenet", "imagenet | random | path or URI of a torchvision VGG16 state_dict")
+    layer: Layer = option(Layer.POOL5, "VGG16 layer: pool5 (512 x grid), fc6 or fc7 (4096, after ReLU)")
+    pool: Pool = option(Pool.AVG, "pool5 pooling over the grid (flatten: the whole 25088-d map at 224 px)")
+    precision: Precision = option(Precision.AUTO, "auto: bf16 on CUDA and on AMX / AVX-512-BF16 CPUs")
+    image_size: int = option(224, "the centre crop in pixels")
+    resize_size: int | None = option(None, "shorter side before the crop (default image size * 256/224)")
+    batch_size: int | None = option(None, "images per forward pass (default 256 per GPU, 32 on CPU)")
+    num_actors: int | None = option(None, "model actors (default one per GPU, one on a CPU-only cluster)")
+    decode_batch: int = option(32, "files fetched and decoded per CPU task call")
+    # gpu: when CPU JPEG decoding cannot keep GPUs busy (H100: ~10x a core's rate)
+    decode: Decode = option(
+        Decode.CPU, "cpu: Pillow in CPU tasks; gpu: JPEGs decoded by nvJPEG in the actors"
+    )
+    compile: bool = option(False, "torch.compile the model (minutes of warm-up; pays on long GPU runs)")
+    rows_per_file: int | None = option(
+        None, "rows per Parquet part (default: about a minute of work on CPU, 8192 on GPU clusters)"
+    )
+    max_pixels: int = option(89_478_485, "larger images go to _errors (decompression bombs; Pillow's limit)")
+    max_errors: int | float | None = option(
+        None, "stop when more files than this count (100) or share (0.01, 1%%) are broken"
+    )
+    label_field: str | None = option(
+        None, "tar shards: cls | txt | json:FIELD (default: KEY.cls when present)"
+    )
+    allow_schemes: tuple[str, ...] = option((), ALLOW_SCHEMES)
+    seed: int = option(0, "seeds --weights random")
+    overwrite: bool = option(False, "replace raytl embeddings already in OUTPUT")
 
     @classmethod
     def create(cls, **options: Any) -> ExtractConfig:
         """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
-        options = dict(options)
-        options["layer"] = Layer.parse(options.get("layer", Layer.POOL5), "--layer")
-        options["pool"] = Pool.parse(options.get("pool", Pool.AVG), "--pool")
-        options["precision"] = Precision.parse(options.get("precision", Precision.AUTO), "--precision")
-        options["decode"] = Decode.parse(options.get("decode", Decode.CPU), "--decode")
+        options = parsed(cls, options)
         options["max_errors"] = parse_max_errors(options.get("max_errors"))
-        options["allow_schemes"] = parse_schemes(options.get("allow_schemes"))
         config = cls(**absolute(options, "source", "output", "manifest"))
         config.validate()
         return config
@@ -101,22 +116,10 @@ class ExtractConfig:
             raise ConfigError("SOURCE is empty: give a directory or URI of images, or --manifest FILE.")
         if not self.output:
             raise ConfigError("OUTPUT is empty: give a directory or URI to write embeddings to.")
-        _positive("--image-size", self.image_size, low=32, high=2048)
-        if self.resize_size is not None and self.resize_size < self.image_size:
-            raise ConfigError(
-                f"--resize-size must be at least --image-size ({self.image_size}), not {self.resize_size}."
-            )
-        for option, value in (("--batch-size", self.batch_size), ("--num-actors", self.num_actors)):
-            if value is not None:
-                _positive(option, value)
+        check_backbone(self)
         _positive("--decode-batch", self.decode_batch)
         if self.rows_per_file is not None:
             _positive("--rows-per-file", self.rows_per_file)
-        _positive("--max-pixels", self.max_pixels)
-        if self.pool != Pool.AVG and self.layer != Layer.POOL5:
-            raise ConfigError(f"--pool {self.pool} applies to --layer pool5 only, not --layer {self.layer}.")
-        if not self.weights:
-            raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
         _check_label_field(self.label_field)
 
     def error_limit(self, files: int) -> int | None:
@@ -135,6 +138,86 @@ class ExtractConfig:
     def to_json(self) -> str:
         """The whole config as JSON (passwords in URIs and secret keys redacted), for logs and summaries."""
         return _json(self)
+
+
+# What `raytl.embed(dataset, ...)` takes besides the dataset: extract's backbone and preprocessing options
+# (the same fields, defaults and help: made from ExtractConfig's), and the column that holds the images.
+EMBED_OPTIONS = (
+    "weights", "layer", "pool", "precision", "image_size", "resize_size", "batch_size", "num_actors",
+    "compile", "max_pixels", "seed",
+)  # fmt: skip
+_IMAGE_COLUMN = (
+    "the column of images: encoded files (bytes), uint8 arrays (H, W) or (H, W, C), PIL images, or "
+    "{'bytes': ...} dicts (Hugging Face's Image feature)"
+)
+EmbedConfig = make_dataclass(
+    "EmbedConfig",
+    [("column", str, option("image", _IMAGE_COLUMN))]
+    + [
+        (f.name, f.type, field(default=f.default, metadata=f.metadata))
+        for f in fields(ExtractConfig)
+        if f.name in EMBED_OPTIONS
+    ],  # fmt: skip
+    frozen=True,
+    namespace={
+        "__module__": __name__,
+        "__doc__": "What raytl.embed needs: extract's backbone options and the image column.",
+        "resize": property(lambda self: self.resize_size or round(self.image_size * 256 / 224)),
+    },
+)
+
+
+def embed_config(**options: Any) -> Any:
+    """A validated EmbedConfig (one ConfigError sentence for a bad value or an unknown option)."""
+    config = EmbedConfig(**parsed(EmbedConfig, options))
+    if not config.column:
+        raise ConfigError("column is empty: name the dataset's column of images.")
+    check_backbone(config)
+    return config
+
+
+def check_backbone(config: Any) -> None:
+    """The backbone and preprocessing options that extract and raytl.embed share (EMBED_OPTIONS)."""
+    _positive("--image-size", config.image_size, low=32, high=2048)
+    if config.resize_size is not None and config.resize_size < config.image_size:
+        raise ConfigError(
+            f"--resize-size must be at least --image-size ({config.image_size}), not {config.resize_size}."
+        )
+    for option, value in (("--batch-size", config.batch_size), ("--num-actors", config.num_actors)):
+        if value is not None:
+            _positive(option, value)
+    _positive("--max-pixels", config.max_pixels)
+    if config.pool != Pool.AVG and config.layer != Layer.POOL5:
+        raise ConfigError(f"--pool {config.pool} applies to --layer pool5 only, not --layer {config.layer}.")
+    if not config.weights:
+        raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
+
+
+def flag(item: Field) -> str:
+    """The command-line flag of a config field: --the-field-name, or its own (e.g. --no-augment)."""
+    return item.metadata.get("flag") or "--" + item.name.replace("_", "-")
+
+
+def parsed(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    """options for cls(...), checked: an unknown name is one sentence (from the Python API as from a
+    job's dict), string choices become their Choice, and --val with --val-fraction is refused."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        name = unknown[0]
+        verb = cls.__name__.removesuffix("Config").lower()
+        raise ConfigError(f"{verb} has no option {name!r} (nor --{name.replace('_', '-')}).")
+    if options.get("val") is not None and "val_fraction" in options:
+        raise ConfigError("--val and --val-fraction exclude each other: give one.")
+    options = dict(options)
+    hints = get_type_hints(cls)
+    for name, value in options.items():
+        kind = hints[name]
+        if isinstance(kind, type) and issubclass(kind, Choice):
+            options[name] = kind.parse(value, flag(known[name]))
+    if "allow_schemes" in known:
+        options["allow_schemes"] = parse_schemes(options.get("allow_schemes"))
+    return options
 
 
 def parse_max_errors(value: str | int | float | None) -> int | float | None:
@@ -213,30 +296,25 @@ class TrainConfig:
 
     embeddings: str
     model_dir: str
-    val: str | None = None  # a separate validation embeddings dataset
-    val_fraction: float = 0.2  # stratified, seeded split of EMBEDDINGS when --val is not given
-    backend: Backend = Backend.RAY
-    head: ProbeHead = ProbeHead.LOGREG
-    kernel: Kernel = Kernel.LINEAR  # rbf: --head svm --backend sklearn only
-    workers: int = 2  # Ray Train workers; one GPU each where the cluster has GPUs
-    epochs: int = 100
-    patience: int = 10  # stop after this many epochs without a better validation loss
-    batch_size: int = 256  # rows per optimiser step on each worker
-    lr: float = 0.01  # Adam, decayed to zero over --epochs on a cosine
-    l2: float | None = None  # L2 penalty lambda/2 * ||W||^2; None: 1 / n_train, scikit-learn's C=1
-    class_weight: ClassWeight = ClassWeight.NONE
-    seed: int = 0
-    overwrite: bool = False
+    val: str | None = option(None, "a separate validation embeddings dataset")
+    val_fraction: float = option(0.2, "stratified, seeded split of EMBEDDINGS when --val is not given")
+    backend: Backend = option(Backend.RAY, "ray: Ray Train, data-parallel; sklearn: on one node")
+    head: ProbeHead = option(ProbeHead.LOGREG, "logreg: softmax; svm: one-vs-rest squared hinge (LinearSVC)")
+    kernel: Kernel = option(Kernel.LINEAR, "svm: rbf is scikit-learn's SVC (--backend sklearn; small data)")
+    workers: int = option(2, "Ray Train workers, one GPU each where the cluster has GPUs")
+    epochs: int = option(100, "at most this many epochs")
+    patience: int = option(10, "stop after this many epochs without a better kept epoch")
+    batch_size: int = option(256, "rows per optimiser step on each worker")
+    lr: float = option(0.01, "Adam learning rate, decayed to zero over --epochs on a cosine")
+    l2: float | None = option(None, "L2 penalty lambda/2 * ||W||^2 (default 1/n_train, scikit-learn's C=1)")
+    class_weight: ClassWeight = option(ClassWeight.NONE, "balanced: each class weighted n / (classes * n_c)")
+    seed: int = option(0, "seeds the split and the shuffles")
+    overwrite: bool = option(False, "replace a model already in MODEL_DIR")
 
     @classmethod
     def create(cls, **options: Any) -> TrainConfig:
         """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
-        options["backend"] = Backend.parse(options.get("backend", Backend.RAY), "--backend")
-        options["head"] = ProbeHead.parse(options.get("head", ProbeHead.LOGREG), "--head")
-        options["kernel"] = Kernel.parse(options.get("kernel", Kernel.LINEAR), "--kernel")
-        options["class_weight"] = ClassWeight.parse(
-            options.get("class_weight", ClassWeight.NONE), "--class-weight"
-        )
+        options = parsed(cls, options)
         config = cls(**absolute(options, "embeddings", "model_dir", "val"))
         config.validate()
         return config
@@ -291,45 +369,44 @@ class FinetuneConfig:
 
     source: str | None
     model_dir: str
-    manifest: str | None = None
-    val: str | None = None  # validation images: a class-per-folder SOURCE or a .csv / .parquet manifest
-    val_fraction: float = 0.2  # stratified, seeded split of the images when --val is not given
-    weights: str = "imagenet"  # imagenet | random | path or URI of a torchvision VGG16 state_dict
-    head: Head = Head.AVG
-    freeze: Freeze = Freeze.BLOCK4
-    optimizer: Optimizer = Optimizer.ADAMW
-    lr: float = 1e-3  # the new head's learning rate
-    backbone_lr: float | None = None  # the unfrozen VGG16 layers'; None: lr / 10
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.0
-    label_field: str | None = None  # tar shards: cls | txt | json:FIELD; None: KEY.cls when present
-    epochs: int = 10
-    warmup_epochs: float | None = (
-        None  # linear warm-up from lr/100, then cosine; None: 1 (half of a 1-epoch run)
+    manifest: str | None = option(None, "CSV or Parquet file with columns path and label")
+    val: str | None = option(
+        None, "validation images: a class-per-folder folder or a .csv / .parquet manifest"
     )
-    batch_size: int = 32  # images per step per worker; the global batch is workers x batch_size
-    workers: int = 2  # Ray Train workers; one GPU each where the cluster has GPUs
-    image_size: int = 224  # training crop and validation centre crop
-    resize_size: int | None = None  # validation: shorter side before the crop; None: round(size*256/224)
-    augment: bool = True  # training: random resized crop and horizontal flip; off: validation transforms
-    min_crop_scale: float = 0.08  # smallest share of the image a random crop covers (torchvision: 0.08)
-    precision: Precision = Precision.AUTO  # autocast: bf16 on CUDA and on AMX / AVX-512-BF16 CPUs
-    decode_batch: int = 32  # files fetched and decoded per CPU task call
-    max_pixels: int = 89_478_485
-    allow_schemes: tuple[str, ...] = ()  # filesystems a manifest may name besides its own (file, https, ...)
-    max_failures: int = 3  # worker-group restarts from the last checkpoint before the run fails
-    seed: int = 0  # seeds the split, the head's initial weights and --weights random
-    overwrite: bool = False  # discard a model or an unfinished run already in MODEL_DIR
+    val_fraction: float = option(0.2, "stratified, seeded split of the images when --val is not given")
+    weights: str = option("imagenet", "imagenet | random | path or URI of a torchvision VGG16 state_dict")
+    head: Head = option(Head.AVG, "the new head's input: avg (pool5 averaged) or fc7 (VGG16's own fc6, fc7)")
+    freeze: Freeze = option(Freeze.BLOCK4, "conv blocks kept frozen (block4: blocks 1-4; block5: all)")
+    optimizer: Optimizer = option(Optimizer.ADAMW, "adamw | sgd (Nesterov momentum 0.9)")
+    lr: float = option(1e-3, "the new head's learning rate")
+    backbone_lr: float | None = option(None, "the unfrozen VGG16 layers' learning rate (default lr/10)")
+    weight_decay: float = option(1e-4, "decoupled weight decay (adamw) or L2 (sgd)")
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing, in [0, 1)")
+    label_field: str | None = option(
+        None, "tar shards: cls | txt | json:FIELD (default: KEY.cls when present)"
+    )
+    epochs: int = option(10, "training epochs")
+    warmup_epochs: float | None = option(
+        None, "linear warm-up from lr/100, then cosine decay (default 1; half the run when --epochs is 1)"
+    )
+    batch_size: int = option(32, "images per step per worker; the global batch is workers x batch size")
+    workers: int = option(2, "Ray Train workers, one GPU each where the cluster has GPUs")
+    image_size: int = option(224, "training crop and validation centre crop, in pixels")
+    resize_size: int | None = option(None, "validation: shorter side before the crop (default size*256/224)")
+    augment: bool = option(True, "no random resized crops and flips (validation transforms)", "--no-augment")
+    min_crop_scale: float = option(0.08, "smallest share of the image a random crop covers (torchvision's)")
+    precision: Precision = option(Precision.AUTO, "autocast: auto is bf16 on CUDA and on AMX CPUs")
+    decode_batch: int = option(32, "files fetched and decoded per CPU task call")
+    max_pixels: int = option(89_478_485, "larger images are skipped (decompression bombs; Pillow's limit)")
+    allow_schemes: tuple[str, ...] = option((), ALLOW_SCHEMES)
+    max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
+    seed: int = option(0, "seeds the split, the head's initial weights and --weights random")
+    overwrite: bool = option(False, "discard a model or an unfinished run already in MODEL_DIR")
 
     @classmethod
     def create(cls, **options: Any) -> FinetuneConfig:
         """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
-        options = dict(options)
-        options["head"] = Head.parse(options.get("head", Head.AVG), "--head")
-        options["freeze"] = Freeze.parse(options.get("freeze", Freeze.BLOCK4), "--freeze")
-        options["optimizer"] = Optimizer.parse(options.get("optimizer", Optimizer.ADAMW), "--optimizer")
-        options["precision"] = Precision.parse(options.get("precision", Precision.AUTO), "--precision")
-        options["allow_schemes"] = parse_schemes(options.get("allow_schemes"))
+        options = parsed(cls, options)
         config = cls(**absolute(options, "source", "model_dir", "manifest", "val"))
         config.validate()
         return config
@@ -397,6 +474,62 @@ class FinetuneConfig:
         """The whole config as JSON (passwords in URIs and secret keys redacted), for logs and for checking
         that a rerun resumes the same run."""
         return _json(self)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Everything `raytl predict` needs; build with `PredictConfig.create` to validate."""
+
+    model_dir: str
+    source: str | None  # INPUT: embeddings, or images (class-per-folder); None with --manifest
+    output: str
+    manifest: str | None = option(None, "CSV or Parquet file of images to classify (path, optional label)")
+    weights: str | None = option(None, "the backbone weights, if they moved since the embeddings were made")
+    batch_size: int | None = option(None, "images per forward pass (default: as extract)")
+    num_actors: int | None = option(None, "model actors (default: as extract)")
+    allow_schemes: tuple[str, ...] = option((), ALLOW_SCHEMES)
+    overwrite: bool = option(False, "replace predictions already in OUTPUT")
+
+    @classmethod
+    def create(cls, **options: Any) -> PredictConfig:
+        """Validate every value; raises ConfigError with one clear sentence."""
+        options = parsed(cls, options)
+        options.setdefault("source", None)
+        config = cls(**absolute(options, "model_dir", "source", "output", "manifest"))
+        if not config.model_dir or not config.output:
+            raise ConfigError("predict takes MODEL_DIR and OUTPUT, and neither may be empty.")
+        if not config.source and not config.manifest:
+            raise ConfigError("INPUT is empty: give embeddings, a directory or URI of images, or --manifest.")
+        for name, value in (("--batch-size", config.batch_size), ("--num-actors", config.num_actors)):
+            if value is not None:
+                _positive(name, value)
+        return config
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    """Everything `raytl pack` needs; build with `PackConfig.create` to validate."""
+
+    source: str | None  # None with --manifest
+    output: str  # OUTPUT_PREFIX: shards go to OUTPUT_PREFIX/00000.tar, ...
+    manifest: str | None = option(None, "CSV or Parquet file with columns path and optional label")
+    shard_size: int = option(1000, "images per shard")
+    seed: int = option(0, "seeds the shuffle of the images across shards")
+    allow_schemes: tuple[str, ...] = option((), ALLOW_SCHEMES)
+    overwrite: bool = option(False, "replace shards already under OUTPUT_PREFIX")
+
+    @classmethod
+    def create(cls, **options: Any) -> PackConfig:
+        """Validate every value; raises ConfigError with one clear sentence."""
+        options = parsed(cls, options)
+        options.setdefault("source", None)
+        config = cls(**absolute(options, "source", "output", "manifest"))
+        if not config.output:
+            raise ConfigError("OUTPUT_PREFIX is empty: give a directory or URI to write shards to.")
+        if not config.source and not config.manifest:
+            raise ConfigError("SOURCE is empty: give a directory or URI of images, or --manifest FILE.")
+        _positive("--shard-size", config.shard_size)
+        return config
 
 
 def _json(config: Any) -> str:

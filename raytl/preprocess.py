@@ -56,12 +56,35 @@ class Transform:
 
     def __call__(self, data: bytes) -> np.ndarray:
         """bytes -> uint8 array (image_size, image_size, 3); raises ImageError with the reason."""
-        image = self.decode(data)
-        # Exactly torchvision's ImageClassification on a PIL image: bilinear (antialiased) resize of the
-        # shorter side, then centre crop; the float conversion and normalisation happen on the model's device.
+        return self.crop(self.decode(data))
+
+    def crop(self, image: Image.Image) -> np.ndarray:
+        """An RGB PIL image -> the uint8 crop. Exactly torchvision's ImageClassification on a PIL image:
+        bilinear (antialiased) resize of the shorter side, then centre crop; the float conversion and
+        normalisation happen on the model's device."""
         image = F.resize(image, [self.resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
         image = F.center_crop(image, [self.image_size])
         return np.asarray(image, dtype=np.uint8)
+
+    def of_value(self, value: object) -> np.ndarray:
+        """A dataset cell -> the uint8 crop: encoded bytes (EXIF-oriented as files are), a uint8 array
+        (H, W) or (H, W, C), a PIL image, or a {'bytes': ...} dict (Hugging Face's Image feature)."""
+        if isinstance(value, dict) and value.get("bytes") is not None:
+            value = value["bytes"]
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return self(bytes(value))
+        if isinstance(value, np.ndarray):
+            array = value
+            # Ray Data gives (H, W) arrays a leading 1 when a batch mixes them with (H, W, C) ones.
+            while array.ndim > 2 and array.shape[0] == 1 and (array.ndim > 3 or array.shape[2] > 4):
+                array = array[0]
+            if array.dtype != np.uint8 or array.ndim not in (2, 3) or array.ndim == 3 and array.shape[2] > 4:
+                raise ImageError(f"an array of {value.dtype} {value.shape} is not a uint8 (H, W[, C]) image")
+            value = Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+        if not isinstance(value, Image.Image):
+            raise ImageError(f"a {type(value).__name__} is not an image (bytes, uint8 array or PIL image)")
+        check_size(value.size, self.resize_size, self.max_pixels)
+        return self.crop(to_rgb(value))
 
     def decode(self, data: bytes) -> Image.Image:
         """bytes -> EXIF-oriented RGB PIL image."""

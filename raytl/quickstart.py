@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from raytl import storage
-from raytl.config import ExtractConfig, Layer, TrainConfig
+from raytl.config import ExtractConfig, Layer, PredictConfig, TrainConfig
 from raytl.models import WeightsError, load_weights
 
 IMAGE_PX = 64  # digits are 8x8; 64 px keeps VGG16 quick on a laptop CPU and leaves a 2x2 pool5 map
@@ -19,7 +19,7 @@ HELD_OUT = 297  # the last digits play "new images" for predict
 
 def run(workdir: str) -> int:
     """Write the corpus, then extract, train and predict; print the accuracy and where everything is."""
-    from raytl import extract, predict, probe
+    from raytl.commands import extract, predict, train
 
     paths = {
         name: os.path.join(workdir, name) for name in ("train", "new", "embeddings", "model", "predictions")
@@ -36,11 +36,15 @@ def run(workdir: str) -> int:
     )
     summary = extract.run(config)
     print(f"extract: {summary['embedded']} embeddings at {summary['images_per_second']} images/s")
-    metrics = probe.run(
+    metrics = train.run(
         TrainConfig.create(embeddings=paths["embeddings"], model_dir=paths["model"], overwrite=True)
     )
     print(f"train: linear probe with Ray Train, validation accuracy {metrics['accuracy']:.3f}")
-    result = predict.run(paths["model"], paths["new"], paths["predictions"], overwrite=True)
+    result = predict.run(
+        PredictConfig.create(
+            model_dir=paths["model"], source=paths["new"], output=paths["predictions"], overwrite=True
+        )
+    )
     print(f"predict: {result['predicted']} new images, accuracy {result['accuracy']:.3f}")
     print(
         "\n".join(

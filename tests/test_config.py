@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from raytl.config import ConfigError, Decode, ExtractConfig, Layer, Pool, Precision
+from raytl.config import Choice, ConfigError, Decode, ExtractConfig, Layer, Pool, Precision
 
 
 def test_defaults_are_the_vgg16_preset():
@@ -99,3 +99,67 @@ def test_the_cli_answers_help_and_usage_errors_without_torch_or_ray():
         [sys.executable, "-m", "raytl.cli", "extract", "--pool", "median"], capture_output=True, text=True
     )
     assert usage.returncode == 2 and "usage: raytl extract" in usage.stderr
+
+
+def test_every_option_has_one_home_in_the_configs():
+    """The parsers are made from the config fields: every field with help is a flag, its default is the
+    config's (nothing given on the command line means the config's default applies) and Choice fields
+    list their values."""
+    import argparse
+    import dataclasses
+
+    from raytl.cli import build_parser
+    from raytl.config import ExtractConfig, FinetuneConfig, PackConfig, PredictConfig, TrainConfig, flag
+
+    parser = build_parser()
+    verbs = {a.dest: a for a in parser._actions if isinstance(a, argparse._SubParsersAction)}
+    commands = next(iter(verbs.values())).choices
+    for verb, config in (
+        ("extract", ExtractConfig),
+        ("train", TrainConfig),
+        ("finetune", FinetuneConfig),
+        ("predict", PredictConfig),
+        ("pack", PackConfig),
+    ):
+        actions = {a.dest: a for a in commands[verb]._actions}
+        for item in dataclasses.fields(config):
+            if "help" not in item.metadata:
+                continue
+            action = actions[item.name]
+            assert flag(item) in action.option_strings and action.default is argparse.SUPPRESS
+            if isinstance(item.default, Choice):
+                assert action.choices == [c.value for c in type(item.default)]
+    assert FinetuneConfig.create(source="s", model_dir="m").augment is True
+    help_text = commands["finetune"].format_help()
+    assert "--no-augment" in help_text and "{none,block1,block2,block3,block4,block5}" in help_text
+    assert "(default block4)" in help_text and "example:" in help_text
+    assert "SOURCE MODEL_DIR [" not in commands["finetune"].format_usage()  # no repeatable pairs
+
+
+def test_options_of_raytl_itself_are_taken_after_the_verb_too():
+    from raytl.cli import build_parser
+
+    parser = build_parser()
+    after = parser.parse_args(["inspect", "out", "--quiet", "--log-format", "json", "--retries", "2"])
+    before = parser.parse_args(["--quiet", "--log-format", "json", "--retries", "2", "inspect", "out"])
+    for args in (after, before):
+        assert (args.quiet, args.log_format, args.retries, args.log_level) == (True, "json", 2, "warning")
+    plain = parser.parse_args(["--log-level", "info", "inspect", "out"])  # not reset by the verb's parser
+    assert (plain.log_level, plain.quiet, plain.retries) == ("info", False, None)
+
+
+def test_python_api_keywords_are_the_flags():
+    """raytl.extract(..., image_size=64) is --image-size 64; a misspelt keyword or a bad value is one
+    ConfigError sentence before any Ray work."""
+    import raytl
+
+    with pytest.raises(ConfigError, match=r"^extract has no option 'imagesize' \(nor --imagesize\)\.$"):
+        raytl.extract("in", "out", imagesize=64)
+    with pytest.raises(ConfigError, match="--head must be one of logreg, svm, not 'tree'"):
+        raytl.train("e", "m", head="tree")
+    with pytest.raises(ConfigError, match="--val and --val-fraction exclude each other"):
+        raytl.finetune("s", "m", val="v", val_fraction=0.3)
+    with pytest.raises(ConfigError, match="INPUT is empty"):
+        raytl.predict("m", None, "out")
+    with pytest.raises(ConfigError, match="embed has no option 'source'"):
+        raytl.embed(None, source="x")

@@ -21,8 +21,8 @@ from images import (
     write_corpus,
 )
 
-from raytl import extract
 from raytl.cli import main
+from raytl.commands import extract
 from raytl.config import ExtractConfig
 
 CLASSES = {"cat": [1, 2], "dog": [3]}
@@ -329,7 +329,7 @@ def test_rerun_continues_other_options_are_refused_unless_overwrite(
 def test_parts_come_about_every_minute_without_rows_per_file():
     """What a killed driver loses is bounded in time: the default part holds about a minute of the expected
     rate (600 images at 224 px on 2 CPU cores used to be one part, so a driver killed halfway lost it all)."""
-    from raytl.extract import Resources, rows_per_part
+    from raytl.commands.extract import Resources, rows_per_part
 
     cpu, gpu = Resources(gpus=0, cpus=2), Resources(gpus=4, cpus=32)
 

@@ -20,8 +20,9 @@ from conftest import assert_user_error, upload_dir
 from images import random_state_dict, write_colour_corpus
 from PIL import Image
 
-from raytl import finetune, predict
+import raytl
 from raytl.cli import main
+from raytl.commands import finetune, predict
 from raytl.config import FinetuneConfig, Freeze, Head
 from raytl.head import Model
 from raytl.preprocess import TrainTransform, crop_box
@@ -190,7 +191,7 @@ def test_model_dir_in_s3_holds_what_predict_needs(resumed_run):
     ]
     assert 1 <= len(kept) <= 2 and set(p.rsplit("/", 1)[-1] for p in kept) <= _checkpoints(fs, f"s3://{root}")
     out = resumed_run["tmp"] / "predictions"
-    summary = predict.run(resumed_run["model_dir"], resumed_run["new"], str(out))
+    summary = raytl.predict(resumed_run["model_dir"], resumed_run["new"], str(out))
     rows = pq.read_table(out).to_pylist()
     assert summary["predicted"] == len(rows) == 18
     correct = sum(r["predicted_label"] == r["path"].split("/")[-2] for r in rows)
@@ -219,8 +220,8 @@ def test_finetune_and_predict_read_tar_shards(resumed_run):
     assert sum(val.values()) == 12 and metrics["failed_val_images"] == 0  # round(0.2 * 20) per class
 
     model_dir = resumed_run["model_dir"]
-    by_shard = predict.run(model_dir, pattern, str(tmp / "p-tar"))
-    by_file = predict.run(model_dir, resumed_run["loose"], str(tmp / "p-loose"))
+    by_shard = raytl.predict(model_dir, pattern, str(tmp / "p-tar"))
+    by_file = raytl.predict(model_dir, resumed_run["loose"], str(tmp / "p-loose"))
     assert by_shard["predicted"] == by_file["predicted"] == 60 and by_shard["failed"] == 0
     assert by_shard["accuracy"] == pytest.approx(by_file["accuracy"])
     source_of = {}  # SHARD#KEY -> its loose file, from the .json member raytl pack wrote

@@ -15,7 +15,7 @@ from images import (
     random_state_dict,
 )
 
-from raytl.embed import Embedder
+from raytl.embedder import Embedder
 from raytl.jpeg import DeviceDecoder
 from raytl.preprocess import CROP, FAILED, JPEG, Transform, decode_batch, fetch_batch
 

@@ -7,7 +7,7 @@ import torchvision
 from images import random_state_dict
 
 from raytl.config import Layer, Pool, Precision
-from raytl.embed import Embedder
+from raytl.embedder import Embedder
 from raytl.models import VGG16Trunk, WeightsError, embedding_dim, load_weights, resolve_precision
 
 

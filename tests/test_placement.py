@@ -22,25 +22,25 @@ gpu_nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
 cluster.wait_for_nodes()
 ray.init(address=cluster.address, logging_level="ERROR")
 
-from raytl import extract
+from raytl.commands import extract
 from raytl.config import ExtractConfig
 
 summary = extract.run(ExtractConfig.create(
     source=sys.argv[1], output=sys.argv[2], weights="random", image_size=32, decode_batch=4))
 # Ray Train's placement, with the probe's own fit_ray and scaling, on the embeddings just written (the
-# label pass, evaluation and report of probe.run add nothing here but time).
+# label pass, evaluation and report of train.run add nothing here but time).
 import numpy as np
 import pyarrow.parquet as pq
-from raytl import probe
+from raytl.commands import train
 from raytl.config import TrainConfig
 
 table = pq.read_table(sys.argv[2])
 x = np.stack([np.asarray(e, np.float32) for e in table["embedding"].to_pylist()])
 y = np.array([["a", "b"].index(label) for label in table["label"].to_pylist()])
 rows = ray.data.from_items([{"x": xi, "y": int(yi)} for xi, yi in zip(x, y)])
-plan = probe.Plan(["a", "b"], None, {"a": int((y == 0).sum()), "b": int((y == 1).sum())}, {"a": 1, "b": 1})
+plan = train.Plan(["a", "b"], None, {"a": int((y == 0).sum()), "b": int((y == 1).sum())}, {"a": 1, "b": 1})
 config = TrainConfig.create(embeddings=sys.argv[2], model_dir=sys.argv[3], workers=2, epochs=3)
-_, history = probe.fit_ray(rows, rows, plan, config, x.mean(0), x.std(0) + 1e-6, 0.01)
+_, history = train.fit_ray(rows, rows, plan, config, x.mean(0), x.std(0) + 1e-6, 0.01)
 metrics = {"history": history}
 actors = list_actors(detail=True, limit=10000)
 embedders = [a for a in actors if "Embedder" in a.class_name]
@@ -95,7 +95,7 @@ def test_model_actors_run_on_gpu_nodes_with_one_gpu_each(tmp_path):
 def test_train_workers_ask_for_one_gpu_each_on_gpu_clusters():
     # Placement itself cannot run here: NCCL refuses to start without a real GPU. What Ray Train is
     # asked for decides where its workers go.
-    from raytl.probe import scaling
+    from raytl.commands.train import scaling
 
     gpu = scaling(4, use_gpu=True)
     assert (gpu.num_workers, gpu.use_gpu, gpu.resources_per_worker) == (4, True, {"CPU": 1, "GPU": 1})

@@ -7,7 +7,8 @@ import torch
 from conftest import assert_user_error
 from images import random_state_dict, write_corpus
 
-from raytl import extract, predict, probe
+import raytl
+from raytl.commands import extract, train
 from raytl.config import ExtractConfig, TrainConfig
 from raytl.head import Model
 
@@ -29,7 +30,7 @@ def trained(ray_session, tmp_path_factory):
     )
     for head in ("logreg", "svm"):
         model_dir = "model" if head == "logreg" else f"model-{head}"
-        probe.run(
+        train.run(
             TrainConfig.create(
                 embeddings=str(tmp / "emb"),
                 model_dir=str(tmp / model_dir),
@@ -45,7 +46,7 @@ def trained(ray_session, tmp_path_factory):
 def test_images_and_embeddings_give_the_same_predictions(trained, model):
     """Predicting straight from the images (decode, embed, classify in one pipeline) gives what the model
     gives on the stored embeddings of the same images (logreg: probability; SVM: margin)."""
-    from_img = predict.run(str(trained / model), str(trained / "corpus"), str(trained / f"p-img-{model}"))
+    from_img = raytl.predict(str(trained / model), str(trained / "corpus"), str(trained / f"p-img-{model}"))
     classifier = Model.load(str(trained / model))
     embedded = pq.read_table(trained / "emb").to_pylist()
     index, score = classifier.predict(np.array([r["embedding"] for r in embedded], np.float32))
@@ -70,7 +71,7 @@ def test_images_and_embeddings_give_the_same_predictions(trained, model):
 
 
 def test_prediction_schema(trained):
-    predict.run(str(trained / "model"), str(trained / "emb"), str(trained / "p-schema"))
+    raytl.predict(str(trained / "model"), str(trained / "emb"), str(trained / "p-schema"))
     schema = pq.read_schema(next((trained / "p-schema").glob("part-*.parquet")))
     assert schema.names == ["path", "predicted_label", "score", "label"]
     assert [str(t) for t in schema.types] == ["string", "string", "float", "string"]
@@ -83,7 +84,7 @@ def test_prediction_schema(trained):
 def test_unlabelled_images_get_null_label_and_no_accuracy(trained, tmp_path):
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "a.png").write_bytes((trained / "corpus" / "cat" / "plain-1.png").read_bytes())
-    summary = predict.run(str(trained / "model"), str(tmp_path / "new"), str(tmp_path / "out"))
+    summary = raytl.predict(str(trained / "model"), str(tmp_path / "new"), str(tmp_path / "out"))
     rows = pq.read_table(tmp_path / "out").to_pylist()
     assert len(rows) == 1 and rows[0]["label"] is None and rows[0]["predicted_label"] in {"cat", "dog"}
     assert summary["accuracy"] is None and summary["labelled"] == 0
@@ -134,7 +135,7 @@ def test_output_never_replaces_the_input_or_another_commands_results(trained, ca
     assert sorted(p.name for p in emb.rglob("*")) == before
     assert pq.read_table(other).num_rows == pq.read_table(trained / "emb").num_rows
     # extract refuses the mirror image: predictions where embeddings would go, and OUTPUT inside SOURCE.
-    predict.run(model, str(trained / "emb"), str(tmp_path / "pred"))
+    raytl.predict(model, str(trained / "emb"), str(tmp_path / "pred"))
     base = ["extract", "--weights", str(trained / "w.pt"), "--image-size", "32", "--overwrite"]
     assert_user_error(
         capsys,
@@ -168,8 +169,8 @@ def test_a_gpu_decoded_model_predicts_tar_shards_decoded_on_cpu(trained, tmp_pat
                 member = tarfile.TarInfo(name)
                 member.size = len(data)
                 tar.addfile(member, io.BytesIO(data))
-    gpu = predict.run(str(model), str(tmp_path / "shards"), str(tmp_path / "p-gpu"))
-    cpu = predict.run(str(trained / "model"), str(tmp_path / "shards"), str(tmp_path / "p-cpu"))
+    gpu = raytl.predict(str(model), str(tmp_path / "shards"), str(tmp_path / "p-gpu"))
+    cpu = raytl.predict(str(trained / "model"), str(tmp_path / "shards"), str(tmp_path / "p-cpu"))
     assert gpu["predicted"] == cpu["predicted"] == len(files) and gpu["failed"] == 0
     a, b = pq.read_table(tmp_path / "p-gpu").to_pylist(), pq.read_table(tmp_path / "p-cpu").to_pylist()
     assert sorted(map(str, a)) == sorted(map(str, b))

@@ -18,8 +18,10 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from synthetic import blobs, entangled, names, write
 
-from raytl import predict, probe, split
+import raytl
+from raytl import split
 from raytl.cli import main
+from raytl.commands import train
 from raytl.config import TrainConfig
 from raytl.head import Model
 
@@ -45,11 +47,13 @@ def ray_run(ray_session, data):
         model_dir="s3://raytl-probe/models/probe",
         workers=2,
     )
-    return {"metrics": probe.run(config), "paths": paths, "config": config}
+    return {"metrics": train.run(config), "paths": paths, "config": config}
 
 
 def test_probe_matches_sklearn_on_test_data(ray_run, data, tmp_path):
-    summary = predict.run("s3://raytl-probe/models/probe", str(data["tmp"] / "test"), str(tmp_path / "pred"))
+    summary = raytl.predict(
+        "s3://raytl-probe/models/probe", str(data["tmp"] / "test"), str(tmp_path / "pred")
+    )
     reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(data["x"], data["y"])
     sk_accuracy = reference.score(data["x_test"], data["y_test"])
     assert 0.6 < sk_accuracy < 0.98  # a problem where the two can actually differ
@@ -146,7 +150,7 @@ def test_sklearn_backend_is_scikit_learn(ray_session, data, tmp_path):
         val=str(tmp_path / "val"),
         backend="sklearn",
     )
-    metrics = probe.run(config)
+    metrics = train.run(config)
     reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(data["x"], data["y"])
     assert metrics["accuracy"] == pytest.approx(reference.score(data["x_test"], data["y_test"]), abs=0.002)
     model = Model.load(str(tmp_path / "model"))
@@ -159,7 +163,7 @@ def test_sklearn_backend_is_scikit_learn(ray_session, data, tmp_path):
 def test_binary_sklearn_head_gives_sklearn_probabilities():
     x, y = blobs(300, 2, 6, seed=3)
     config = TrainConfig.create(embeddings="e", model_dir="m", backend="sklearn")
-    model, _ = probe.fit_sklearn(x, y, ["a", "b"], config, 1.0 / len(y), {"head": "logreg"})
+    model, _ = train.fit_sklearn(x, y, ["a", "b"], config, 1.0 / len(y), {"head": "logreg"})
     reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x, y)
     index, score = model.predict(x)
     assert model.weight.shape == (2, 6) and score.min() >= 0.5
@@ -186,7 +190,7 @@ def test_ray_train_svm_keeps_its_most_accurate_epoch_and_nears_linearsvc(ray_ses
         head="svm",
         workers=2,
     )
-    metrics = probe.run(config)
+    metrics = train.run(config)
     assert (metrics["head"], metrics["backend"], metrics["kernel"]) == ("svm", "ray", "linear")
     history = metrics["history"]
     by_loss = min(history, key=lambda e: e["val_loss"])
@@ -198,7 +202,7 @@ def test_ray_train_svm_keeps_its_most_accurate_epoch_and_nears_linearsvc(ray_ses
     assert metrics["accuracy"] == pytest.approx(by_accuracy["val_accuracy"], abs=1e-6)
     assert metrics["selected_by"].startswith("highest validation accuracy")
 
-    summary = predict.run(str(tmp_path / "svm"), str(tmp_path / "test"), str(tmp_path / "pred"))
+    summary = raytl.predict(str(tmp_path / "svm"), str(tmp_path / "test"), str(tmp_path / "pred"))
     reference = make_pipeline(StandardScaler(), LinearSVC(max_iter=10_000)).fit(x, y)
     sk_accuracy = reference.score(x_test, y_test)
     assert 0.9 < sk_accuracy < 0.99
@@ -223,10 +227,10 @@ def test_ray_train_svm_keeps_its_most_accurate_epoch_and_nears_linearsvc(ray_ses
     ],
 )
 def test_selection_criterion_per_head(svm, epochs, kept):
-    best, chosen = probe.NOTHING_YET, None
+    best, chosen = train.NOTHING_YET, None
     for index, (loss, accuracy) in enumerate(epochs):
-        key = probe.selection_key({"val_loss": loss, "val_accuracy": accuracy}, svm)
-        if probe.improves(key, best):
+        key = train.selection_key({"val_loss": loss, "val_accuracy": accuracy}, svm)
+        if train.improves(key, best):
             best, chosen = key, index
     assert chosen == kept
 
@@ -241,7 +245,7 @@ def test_sklearn_svm_heads_are_linearsvc_and_svc(data, tmp_path):
         config = TrainConfig.create(
             embeddings="e", model_dir="m", backend="sklearn", head="svm", kernel=kernel
         )
-        return probe.fit_sklearn(xs, ys, labels, config, 1.0 / len(ys), {"head": "svm", "kernel": kernel})[0]
+        return train.fit_sklearn(xs, ys, labels, config, 1.0 / len(ys), {"head": "svm", "kernel": kernel})[0]
 
     linear = make_pipeline(StandardScaler(), LinearSVC(max_iter=10_000)).fit(x, y)
     index, score = fit("linear").predict(x_test)
@@ -273,7 +277,7 @@ def test_svm_options_are_checked(data, capsys, tmp_path, monkeypatch):
     assert_user_error(
         capsys, [*base, "--head", "svm", "--kernel", "rbf"], "--kernel rbf is scikit-learn's SVC on one node"
     )
-    monkeypatch.setattr(probe, "_RBF_MAX_ROWS", 100)
+    monkeypatch.setattr(train, "_RBF_MAX_ROWS", 100)
     line = assert_user_error(
         capsys,
         [*base, "--head", "svm", "--kernel", "rbf", "--backend", "sklearn"],
@@ -331,7 +335,7 @@ def test_a_model_dir_cannot_make_predict_run_code(data, tmp_path):
 
     config = TrainConfig.create(embeddings="e", model_dir="m", backend="sklearn", head="svm", kernel="rbf")
     info = {"head": "svm", "kernel": "rbf", "backbone": {"model": "vgg16"}}
-    model, _ = probe.fit_sklearn(data["x"][:200], data["y"][:200], ["a", "b", "c", "d"], config, 0.01, info)
+    model, _ = train.fit_sklearn(data["x"][:200], data["y"][:200], ["a", "b", "c", "d"], config, 0.01, info)
     model.save(str(tmp_path / "m"))
     assert Model.load(str(tmp_path / "m")).kernel is not None
 

@@ -15,8 +15,9 @@ from images import write_colour_corpus
 from PIL import Image
 from synthetic import BACKBONE, blobs
 
-from raytl import logs, probe, report
+from raytl import logs, report
 from raytl.cli import main
+from raytl.commands import train
 from raytl.config import TrainConfig
 from raytl.head import Model
 from raytl.writer import embeddings_schema
@@ -49,7 +50,7 @@ def trained(ray_session, tmp_path_factory):
         tmp / "emb" / "_errors" / "part-e.parquet",
     )
     config = TrainConfig.create(embeddings=str(tmp / "emb"), model_dir=str(tmp / "model"), backend="sklearn")
-    metrics = probe.run(config)
+    metrics = train.run(config)
     return {
         "tmp": tmp,
         "metrics": metrics,

@@ -112,7 +112,7 @@ def test_a_storage_error_from_a_ray_task_is_one_clean_sentence():
     the sentence."""
     from ray.exceptions import RayTaskError
 
-    from raytl import extract
+    from raytl.commands import extract
 
     sentence = "cannot read shard s3://b/s/00001.tar: access denied (PermissionError: Forbidden)."
     remote = (

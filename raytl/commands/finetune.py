@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 import raytl
-from raytl import extract, logs, predict, report, shards, split, storage
+from raytl import logs, report, shards, split, storage
 from raytl import metrics as classification
+from raytl.commands import extract, predict
+from raytl.commands.train import collective_backend, scaling
 from raytl.config import ConfigError, ExtractConfig, FinetuneConfig, Freeze, Head, Layer, Optimizer, Pool
 from raytl.head import METRICS_FILE, MODEL_FILE, MODEL_JSON, Model
 from raytl.models import (
@@ -34,7 +36,6 @@ from raytl.models import (
 )
 from raytl.output import NOTHING
 from raytl.preprocess import TrainTransform, Transform
-from raytl.probe import collective_backend, scaling
 from raytl.reader import CORPUS_SCHEMA, Corpus, list_corpus
 
 log = logging.getLogger(__name__)

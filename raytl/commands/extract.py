@@ -18,7 +18,7 @@ import ray
 import raytl
 from raytl import doneset, logs, output, storage, writer
 from raytl.config import ConfigError, Decode, ExtractConfig
-from raytl.embed import Embedder
+from raytl.embedder import Embedder, on_actors
 from raytl.errors import ExtractError
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD, embedding_dim, load_weights
 from raytl.preprocess import Transform, decode_batch, fetch_batch
@@ -29,9 +29,6 @@ log = logging.getLogger(__name__)
 
 # Parquet part files stay near this size whatever D is (25088-d flattened pool5 rows are 100 KB each).
 _TARGET_FILE_BYTES = 256 * 1024 * 1024
-# Host memory one model actor reserves: VGG16 trunk, activations of a batch, Ray's buffers. Besides
-# telling the scheduler, it keeps Ray from fusing the decode tasks into the model actor.
-_ACTOR_MEMORY = 3 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -211,31 +208,11 @@ def embedded(
     done: output.Done = output.NOTHING,
 ) -> ray.data.Dataset:
     """Rows (path, label, embedding, error): decoded by CPU tasks, embedded by the model actor pool."""
-    gpu = resources.gpus > 0
-    actors = config.num_actors or (resources.gpus if gpu else 1)
-    batch_size = config.batch_size or (256 if gpu else 32)
     transform = Transform(config.image_size, config.resize, config.max_pixels)
     on_device = config.decode == Decode.GPU  # CPU tasks then only fetch and check headers
-    return decoded(config, corpus, listing(config, corpus, done), transform).map_batches(
-        Embedder,
-        fn_constructor_kwargs={
-            "state_dict": weights_ref,
-            "layer": config.layer,
-            "pool": config.pool,
-            "precision": config.precision,
-            "batch_size": batch_size,
-            # On CPU-only clusters each actor's torch uses its share of the cores.
-            "threads": None if gpu else max(1, resources.cpus // actors),
-            "device_decode": transform if on_device else None,
-            "compile": config.compile,
-        },
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_gpus=1 if gpu else 0,
-        num_cpus=1,
-        memory=_ACTOR_MEMORY,
-    )
+    rows = decoded(config, corpus, listing(config, corpus, done), transform)
+    device_decode = transform if on_device else None
+    return on_actors(rows, Embedder, weights_ref, config, resources.gpus, resources.cpus, device_decode)
 
 
 def listing(config: ExtractConfig, corpus: Corpus, done: output.Done) -> ray.data.Dataset:

@@ -15,34 +15,24 @@ import pyarrow.parquet as pq
 import ray
 
 from raytl import logs, storage
-from raytl.config import ConfigError, absolute_path
+from raytl.config import ConfigError, PackConfig
 from raytl.reader import Corpus, list_corpus
 
 log = logging.getLogger(__name__)
 
 
-def run(
-    source: str | None,
-    manifest: str | None,
-    prefix: str,
-    shard_size: int,
-    overwrite: bool,
-    seed: int = 0,
-    allow_schemes: tuple[str, ...] = (),
-) -> dict:
+def run(config: PackConfig) -> dict:
     """Pack the listed images into PREFIX/00000.tar, 00001.tar, ...: KEY.<ext> (the file's bytes as they
     are), and for labelled images KEY.cls (the class index, an integer by WebDataset's convention, in the
     sorted order of the labels), KEY.txt (the label) and KEY.json (label, class index and source URI);
     returns counts, the classes and the brace pattern.
     The images are shuffled (seeded) first: a listing comes sorted by class, and a reader that streams a
     few shards at a time (training) needs every shard to hold a mix."""
-    if shard_size < 1:
-        raise ConfigError(f"--shard-size must be an integer at least 1, not {shard_size!r}.")
-    source, manifest, prefix = absolute_path(source), absolute_path(manifest), absolute_path(prefix) or ""
-    corpus = _loose(source, manifest, allow_schemes)
+    prefix, shard_size = config.output, config.shard_size
+    corpus = _loose(config.source, config.manifest, config.allow_schemes)
     fs, root = storage.filesystem(prefix)
     existing = [p for p in fs.ls(root, detail=False) if p.endswith(".tar")] if fs.exists(root) else []
-    if existing and not overwrite:
+    if existing and not config.overwrite:
         raise storage.StorageError(
             f"{storage.redact(prefix)} already holds {len(existing)} tar shards; "
             "pass --overwrite to replace them or choose another prefix."
@@ -50,7 +40,7 @@ def run(
     logs.init_ray()
     rows = corpus.table.num_rows
     shards = (rows + shard_size - 1) // shard_size
-    table = corpus.table.take(np.random.default_rng(seed).permutation(rows))
+    table = corpus.table.take(np.random.default_rng(config.seed).permutation(rows))
     classes = sorted({label for label in table["label"].to_pylist() if label})
     pending = [
         _write_shard.remote(i, table.slice(i * shard_size, shard_size), prefix, classes)

@@ -1,4 +1,5 @@
-"""The model stage: an actor-pool callable that turns uint8 image batches into embeddings."""
+"""The model stage: an actor-pool callable that turns uint8 image batches into embeddings, the actor pool
+that runs it (extract's, predict's and raytl.embed's), and raytl.embed's stages for a user's Ray Dataset."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ import torch
 from raytl.config import Layer, Pool, Precision
 from raytl.jpeg import DeviceDecoder
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD, VGG16Trunk, resolve_precision
-from raytl.preprocess import Transform
+from raytl.preprocess import ImageError, Transform
 
 _AUTOCAST_DTYPE = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+# Host memory one model actor reserves: VGG16 trunk, activations of a batch, Ray's buffers. Besides
+# telling the scheduler, it keeps Ray from fusing the decode tasks into the model actor.
+ACTOR_MEMORY = 3 * 1024**3
 
 
 class Embedder:
@@ -123,3 +127,96 @@ class Embedder:
 def _labels(labels: np.ndarray) -> pa.Array:
     # The pipeline carries "no label" as "" (Ray turns None in object columns into NaN).
     return pa.array([None if v is None or v == "" or v != v else str(v) for v in labels], pa.string())
+
+
+def on_actors(
+    rows: Any,
+    embedder: type[Embedder],
+    weights_ref: Any,
+    options: Any,
+    gpus: int,
+    cpus: int,
+    device_decode: Transform | None = None,
+) -> Any:
+    """rows.map_batches(embedder) on the model actor pool: one actor a GPU on GPU clusters (--num-actors
+    otherwise), one actor using the node's cores on CPU-only ones. `options`: an ExtractConfig or an
+    EmbedConfig (layer, pool, precision, batch_size, num_actors, compile)."""
+    import ray.data
+
+    actors = options.num_actors or (gpus if gpus else 1)
+    batch_size = options.batch_size or (256 if gpus else 32)
+    return rows.map_batches(
+        embedder,
+        fn_constructor_kwargs={
+            "state_dict": weights_ref,
+            "layer": options.layer,
+            "pool": options.pool,
+            "precision": options.precision,
+            "batch_size": batch_size,
+            # On CPU-only clusters each actor's torch uses its share of the cores.
+            "threads": None if gpus else max(1, cpus // actors),
+            "device_decode": device_decode,
+            "compile": options.compile,
+        },
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_gpus=1 if gpus else 0,
+        num_cpus=1,
+        memory=ACTOR_MEMORY,
+    )
+
+
+# raytl.embed: a user's Ray Dataset in, the same rows with `embedding` (and `error`) out.
+IMAGE, ERROR = "__raytl_image", "error"
+
+
+def crops(batch: dict[str, np.ndarray], column: str, transform: Transform) -> dict[str, np.ndarray]:
+    """CPU tasks: the image column's cells -> uint8 crops (extract's preprocessing); a cell that is not a
+    usable image gets its reason in `error` (and a black crop, which is never embedded)."""
+    values = batch.pop(column)
+    size = transform.image_size
+    images = np.zeros((len(values), size, size, 3), dtype=np.uint8)
+    errors = [""] * len(values)
+    for i, value in enumerate(values):
+        try:
+            images[i] = transform.of_value(value)
+        except ImageError as exc:
+            errors[i] = str(exc)
+        except Exception as exc:  # a decoder bug on a hostile cell must not end the run
+            errors[i] = f"cannot decode: {type(exc).__name__}: {exc}"
+    return {**batch, IMAGE: images, ERROR: np.array(errors, dtype=object)}
+
+
+class DatasetEmbedder(Embedder):
+    """The model actor for raytl.embed: every column but the images kept, `embedding` (float32 (D,), NaN
+    for a row whose image could not be used, whose `error` says why) added."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # type: ignore[override]
+        images = batch.pop(IMAGE)
+        ok = batch[ERROR] == ""
+        vectors = self.embed(images[ok])
+        embedding = np.full((len(ok), vectors.shape[1]), np.nan, dtype=np.float32)
+        embedding[ok] = vectors
+        return {**batch, "embedding": embedding}
+
+
+def embed_dataset(dataset: Any, config: Any) -> Any:
+    """raytl.embed: `dataset` (any Ray Dataset with an image column) -> a lazy Dataset of its rows with
+    `embedding` and `error`; the weights are loaded (and checked) here, once, and shared with the actors."""
+    import ray
+
+    from raytl.models import load_weights
+
+    weights = load_weights(config.weights, config.layer, config.seed)
+    total = ray.cluster_resources()
+    transform = Transform(config.image_size, config.resize, config.max_pixels)
+    rows = dataset.map_batches(
+        crops,
+        fn_kwargs={"column": config.column, "transform": transform},
+        batch_size=32,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    gpus, cpus = int(total.get("GPU", 0)), max(1, int(total.get("CPU", 1)))
+    return on_actors(rows, DatasetEmbedder, ray.put(weights.state_dict), config, gpus, cpus)

@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raytl import extract, logs, storage, writer
-from raytl.config import Decode, ExtractConfig, absolute_path, parse_schemes
+from raytl import logs, storage, writer
+from raytl.commands import extract
+from raytl.config import Decode, ExtractConfig, PredictConfig
 from raytl.embeddings import check_same_backbone, is_embeddings, matrix, open_embeddings
 from raytl.head import Model
 from raytl.models import WeightsError, load_weights
@@ -37,21 +38,9 @@ def predictions_schema(model: Model, model_dir: str) -> pa.Schema:
     )
 
 
-def run(
-    model_dir: str,
-    source: str | None,
-    output: str,
-    *,
-    manifest: str | None = None,
-    weights: str | None = None,
-    batch_size: int | None = None,
-    num_actors: int | None = None,
-    overwrite: bool = False,
-    allow_schemes: tuple[str, ...] | str = (),
-) -> dict[str, Any]:
+def run(config: PredictConfig) -> dict[str, Any]:
     """Classify INPUT into OUTPUT Parquet; returns the summary (also OUTPUT/_summary.json)."""
-    model_dir, output = absolute_path(model_dir) or "", absolute_path(output) or ""
-    source, manifest = absolute_path(source), absolute_path(manifest)
+    model_dir, source, output, overwrite = config.model_dir, config.source, config.output, config.overwrite
     model = Model.load(model_dir)
     check_apart(output, {"INPUT": source})
     if source and is_embeddings(source):
@@ -66,25 +55,24 @@ def run(
             batch_format="pyarrow",
         )
     else:
-        spec = weights or default_weights(model, model_dir)
-        config = backbone_config(model, source, manifest, output, spec, batch_size, num_actors, overwrite)
-        config = replace(config, allow_schemes=parse_schemes(allow_schemes))
-        corpus = list_corpus(config.source, config.manifest, stream=True, allow_schemes=config.allow_schemes)
-        if corpus.shards and config.decode == Decode.GPU:
+        spec = config.weights or default_weights(model, model_dir)
+        stages = backbone_config(model, config, spec)
+        corpus = list_corpus(stages.source, stages.manifest, stream=True, allow_schemes=stages.allow_schemes)
+        if corpus.shards and stages.decode == Decode.GPU:
             # Shards are decoded by CPU tasks (read_shards); the model's GPU-decoded crops differ from
             # Pillow's by at most 2 grey levels.
             log.warning("the model's embeddings were decoded on GPU; tar shards are decoded on CPU")
-            config = replace(config, decode=Decode.CPU)
-        backbone = load_weights(config.weights, config.layer, config.seed)
+            stages = replace(stages, decode=Decode.CPU)
+        backbone = load_weights(stages.weights, stages.layer, stages.seed)
         expected = model.info["backbone"]["weights"]
-        if _content(backbone.id) != _content(expected) and not weights:
+        if _content(backbone.id) != _content(expected) and not config.weights:
             raise WeightsError(
                 f"the backbone weights changed since the model was trained: {backbone.id} != {expected}."
             )
         prepare_output(output, overwrite)
         _init_ray()
         started = time.perf_counter()
-        rows = extract.embedded(config, corpus, ray.put(backbone.state_dict), extract.Resources.of_cluster())
+        rows = extract.embedded(stages, corpus, ray.put(backbone.state_dict), extract.Resources.of_cluster())
         rows = rows.map_batches(
             classify,  # type: ignore[arg-type]
             fn_kwargs={"model": model, "dim": model.mean.size},
@@ -147,23 +135,14 @@ def classify(batch: pa.Table, model: Model, dim: int) -> pa.Table:
     )
 
 
-def backbone_config(
-    model: Model,
-    source: str | None,
-    manifest: str | None,
-    output: str,
-    weights: str,
-    batch_size: int | None,
-    num_actors: int | None,
-    overwrite: bool,
-) -> ExtractConfig:
+def backbone_config(model: Model, config: PredictConfig, weights: str) -> ExtractConfig:
     """The extract settings the model's embeddings were made with (from their `raytl` metadata)."""
     backbone = model.info["backbone"]
     _, seed = weights_spec(backbone["weights"])
     return ExtractConfig.create(
-        source=source,
-        output=output,
-        manifest=manifest,
+        source=config.source,
+        output=config.output,
+        manifest=config.manifest,
         weights=weights,
         seed=seed,
         layer=backbone["layer"],
@@ -172,9 +151,10 @@ def backbone_config(
         image_size=backbone["image_size"],
         resize_size=backbone["preprocessing"]["resize"],
         decode=backbone["preprocessing"].get("decode", "cpu"),
-        batch_size=batch_size,
-        num_actors=num_actors,
-        overwrite=overwrite,
+        batch_size=config.batch_size,
+        num_actors=config.num_actors,
+        allow_schemes=config.allow_schemes,
+        overwrite=config.overwrite,
     )
 
 
