@@ -202,7 +202,8 @@ def add_options(p: argparse.ArgumentParser, config_class: type) -> None:
             extra["action"] = "store_false" if default else "store_true"
             shown = ""
         elif isinstance(kind, type) and issubclass(kind, Choice):
-            extra["choices"] = [c.value for c in kind]
+            # The allowed values are listed in the help; the config refuses others with raytl's own sentence
+            # ("--layer must be one of pool5, fc6, fc7, not 'pool9'."), as the Python API does.
             extra["metavar"] = "{" + ",".join(c.value for c in kind) + "}"
         else:
             extra["type"] = _scalar(kind)
