@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -40,47 +41,24 @@ def predictions_schema(model: Model, model_dir: str) -> pa.Schema:
 
 def run(config: PredictConfig) -> dict[str, Any]:
     """Classify INPUT into OUTPUT Parquet; returns the summary (also OUTPUT/_summary.json)."""
-    model_dir, source, output, overwrite = config.model_dir, config.source, config.output, config.overwrite
-    model = Model.load(model_dir)
-    check_apart(output, {"INPUT": source})
-    if source and is_embeddings(source):
-        data = open_embeddings(source, "INPUT")
-        check_same_backbone(model.info["backbone"], data, "INPUT")
-        prepare_output(output, overwrite)
-        _init_ray()
-        started = time.perf_counter()
-        rows = data.read().map_batches(
-            classify,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
-            fn_kwargs={"model": model, "dim": data.dim},
-            batch_format="pyarrow",
-        )
+    model = Model.load(config.model_dir)
+    check_apart(config.output, {"INPUT": config.source})
+    # Everything about INPUT is checked before OUTPUT is touched; the rows are built once Ray is up.
+    if config.source and is_embeddings(config.source):
+        embedded, dim = _embeddings_input(config, model)
     else:
-        spec = config.weights or default_weights(model, model_dir)
-        stages = backbone_config(model, config, spec)
-        corpus = list_corpus(stages.source, stages.manifest, stream=True, allow_schemes=stages.allow_schemes)
-        if corpus.shards and stages.decode == Decode.GPU:
-            # Shards are decoded by CPU tasks (read_shards); the model's GPU-decoded crops differ from
-            # Pillow's by at most 2 grey levels.
-            log.warning("the model's embeddings were decoded on GPU; tar shards are decoded on CPU")
-            stages = replace(stages, decode=Decode.CPU)
-        backbone = load_weights(stages.weights, stages.layer, stages.seed)
-        expected = model.info["backbone"]["weights"]
-        if _content(backbone.id) != _content(expected) and not config.weights:
-            raise WeightsError(
-                f"the backbone weights changed since the model was trained: {backbone.id} != {expected}."
-            )
-        prepare_output(output, overwrite)
-        _init_ray()
-        started = time.perf_counter()
-        rows = extract.embedded(stages, corpus, ray.put(backbone.state_dict), extract.Resources.of_cluster())
-        rows = rows.map_batches(
-            classify,  # type: ignore[arg-type]
-            fn_kwargs={"model": model, "dim": model.mean.size},
-            batch_format="pyarrow",
-        )
+        embedded, dim = _images_input(config, model)
+    prepare_output(config.output, config.overwrite)
+    _init_ray()
+    started = time.perf_counter()
+    rows = embedded().map_batches(
+        classify,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+        fn_kwargs={"model": model, "dim": dim},
+        batch_format="pyarrow",
+    )
     stats = rows.map_batches(
         writer.write_part,  # type: ignore[arg-type]
-        fn_kwargs={"output": output, "schema": predictions_schema(model, model_dir)},
+        fn_kwargs={"output": config.output, "schema": predictions_schema(model, config.model_dir)},
         batch_size=8192,
         batch_format="pyarrow",
         num_cpus=0,  # as extract's writer: never starved by decode tasks
@@ -89,9 +67,46 @@ def run(config: PredictConfig) -> dict[str, Any]:
         progress = logs.Progress("predict", None)
         counts = writer.sum_counts(stats, check=progress.update)
         progress.done(counts)
-    wall = time.perf_counter() - started
+    summary = _summary(config, counts, time.perf_counter() - started)
+    writer.write_summary(config.output, summary)
+    return summary
+
+
+def _embeddings_input(config: PredictConfig, model: Model) -> tuple[Callable[[], Any], int]:
+    """INPUT holds embeddings: checked against the model's backbone; (rows builder, dimension)."""
+    data = open_embeddings(config.source or "", "INPUT")
+    check_same_backbone(model.info["backbone"], data, "INPUT")
+    return data.read, data.dim
+
+
+def _images_input(config: PredictConfig, model: Model) -> tuple[Callable[[], Any], int]:
+    """INPUT holds images: embedded as the model's embeddings were (its recorded backbone settings), with
+    its weights (or --weights when they moved); (rows builder, dimension)."""
+    spec = config.weights or default_weights(model, config.model_dir)
+    stages = backbone_config(model, config, spec)
+    corpus = list_corpus(stages.source, stages.manifest, stream=True, allow_schemes=stages.allow_schemes)
+    if corpus.shards and stages.decode == Decode.GPU:
+        # Shards are decoded by CPU tasks (read_shards); the model's GPU-decoded crops differ from
+        # Pillow's by at most 2 grey levels.
+        log.warning("the model's embeddings were decoded on GPU; tar shards are decoded on CPU")
+        stages = replace(stages, decode=Decode.CPU)
+    backbone = load_weights(stages.weights, stages.layer, stages.seed)
+    expected = model.info["backbone"]["weights"]
+    if _content(backbone.id) != _content(expected) and not config.weights:
+        raise WeightsError(
+            f"the backbone weights changed since the model was trained: {backbone.id} != {expected}."
+        )
+
+    def rows() -> Any:
+        weights_ref = ray.put(backbone.state_dict)
+        return extract.embedded(stages, corpus, weights_ref, extract.Resources.of_cluster())
+
+    return rows, int(model.mean.size)
+
+
+def _summary(config: PredictConfig, counts: dict[str, int], wall: float) -> dict[str, Any]:
     predicted, failed = counts.get("embedded", 0), counts.get("failed", 0)
-    summary = {
+    return {
         "seen": predicted + failed,
         "predicted": predicted,
         "failed": failed,
@@ -99,11 +114,9 @@ def run(config: PredictConfig) -> dict[str, Any]:
         "accuracy": counts["correct"] / counts["labelled"] if counts.get("labelled") else None,
         "wall_seconds": round(wall, 3),
         "rows_per_second": round(predicted / wall, 2) if wall else None,
-        "model_dir": storage.redact(model_dir),
-        "output": storage.redact(output),
+        "model_dir": storage.redact(config.model_dir),
+        "output": storage.redact(config.output),
     }
-    writer.write_summary(output, summary)
-    return summary
 
 
 def classify(batch: pa.Table, model: Model, dim: int) -> pa.Table:
