@@ -23,7 +23,7 @@ from images import (
 
 from raytl.cli import main
 from raytl.commands import extract
-from raytl.config import ExtractConfig
+from raytl.config import ConfigError, ExtractConfig
 
 CLASSES = {"cat": [1, 2], "dog": [3]}
 
@@ -326,9 +326,10 @@ def test_rerun_continues_other_options_are_refused_unless_overwrite(
     assert json.loads(table.schema.metadata[b"raytl"])["image_size"] == 64
 
 
-def test_parts_come_about_every_minute_without_rows_per_file():
+def test_parts_come_about_every_minute_without_rows_per_file(monkeypatch):
     """What a killed driver loses is bounded in time: the default part holds about a minute of the expected
-    rate (600 images at 224 px on 2 CPU cores used to be one part, so a driver killed halfway lost it all)."""
+    rate (600 images at 224 px on 2 CPU cores used to be one part, so a driver killed halfway lost it all).
+    tests/test_extract_faults.py kills a driver running with the default part size."""
     from raytl.commands.extract import Resources, rows_per_part
 
     cpu, gpu = Resources(gpus=0, cpus=2), Resources(gpus=4, cpus=32)
@@ -342,6 +343,14 @@ def test_parts_come_about_every_minute_without_rows_per_file():
     assert rows(cpu, image_size=32) == 8192  # fast enough: the largest parts
     assert rows(gpu) == 8192
     assert rows(cpu, rows_per_file=100) == rows(gpu, rows_per_file=100) == 100
+    monkeypatch.setenv("RAYTL_PART_SECONDS", "30")
+    assert rows(cpu) == 150
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv("RAYTL_PART_SECONDS", bad)
+        with pytest.raises(
+            ConfigError, match=f"RAYTL_PART_SECONDS must be a positive number of seconds, not '{bad}'"
+        ):
+            rows(cpu)
 
 
 def test_embeddings_of_unknown_options_are_refused_as_such(tmp_path):

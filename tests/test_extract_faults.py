@@ -26,7 +26,9 @@ from raytl.cli import main
 
 IMAGES = 1000
 OPTIONS = ["--weights", "random", "--image-size", "32", "--precision", "fp32", "--decode-batch", "50"]
-OPTIONS += ["--rows-per-file", "100"]  # many small parts, so that a run can be stopped between them
+SMALL_PARTS = ["--rows-per-file", "100"]  # many small parts, so that a run can be stopped between them
+# Without --rows-per-file a part holds about RAYTL_PART_SECONDS of the expected rate: 245 images/s at 32 px.
+DEFAULT_PART_ROWS, PART_SECONDS = 98, "0.4"
 
 
 def upload_pictures(bucket: str, prefix: str, count: int) -> dict[str, str]:
@@ -50,9 +52,9 @@ def corpus(ray_session):
     return bucket, upload_pictures(bucket, "corpus", IMAGES)
 
 
-def start_cli(ray_session, tmp_path, *args) -> subprocess.Popen:
+def start_cli(ray_session, tmp_path, *args, **env_vars: str) -> subprocess.Popen:
     """`raytl ARGS` as its own driver process on the session's Ray, as a user would start it."""
-    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, **env_vars)
     log = open(tmp_path / f"driver-{uuid.uuid4().hex[:6]}.log", "w")  # noqa: SIM115 (lives with the process)
     return subprocess.Popen(
         [sys.executable, "-m", "raytl.cli", *args], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -77,11 +79,16 @@ def parts(output: str) -> list[str]:
 
 def written_paths(output: str) -> list[str]:
     """Every row's path over all part files, duplicates kept."""
+    return [path for part in part_paths(output) for path in part]
+
+
+def part_paths(output: str) -> list[list[str]]:
+    """The paths of each part file's rows."""
     fs = _s3()
-    paths: list[str] = []
+    paths = []
     for part in parts(output):
         with fs.open(part, "rb") as f:
-            paths += pq.read_table(f, columns=["path"]).column("path").to_pylist()
+            paths.append(pq.read_table(f, columns=["path"]).column("path").to_pylist())
     return paths
 
 
@@ -114,24 +121,28 @@ def wait_for(condition, what: str, timeout: float = 180) -> None:
 
 
 def test_driver_killed_then_rerun_with_an_actor_killed(corpus, ray_session, tmp_path):
-    """SIGKILL the driver halfway; run the same command again, and SIGKILL the model actor's process during
-    that run: the rerun skips what was written, Ray restarts the actor and retries its batch, and every
-    image ends up in the output exactly once."""
+    """SIGKILL the driver halfway through a run with the default part size (no --rows-per-file: parts come
+    about every RAYTL_PART_SECONDS, shortened here from a minute); run the same command again, and SIGKILL
+    the model actor's process during that run: the rerun skips what was written, Ray restarts the actor and
+    retries its batch, and every image ends up in the output exactly once."""
     bucket, expected = corpus
     output = f"s3://{bucket}/out"
     args = ["extract", f"s3://{bucket}/corpus", output, *OPTIONS]
     # Idle actors of earlier tests in this session may linger until collected: only count new processes.
     lingering = pipeline_processes()
-    driver = start_cli(ray_session, tmp_path, *args)
+    driver = start_cli(ray_session, tmp_path, *args, RAYTL_PART_SECONDS=PART_SECONDS)
     wait_for(lambda: len(parts(output)) >= 3, "three part files")
     driver.kill()
     driver.wait()
     wait_for(lambda: pipeline_processes() <= lingering, "Ray to end the dead driver's tasks and actors", 120)
-    before = written_paths(output)
+    # Ray Data cuts a batch_size'd batch off each bundle of blocks it gives a writer; the rest of the bundle
+    # is a smaller part.
+    assert max(len(part) for part in part_paths(output)) == DEFAULT_PART_ROWS
+    before, written = written_paths(output), len(parts(output))
     assert 0 < len(before) < IMAGES and len(set(before)) == len(before)
 
-    rerun = start_cli(ray_session, tmp_path, *args)
-    wait_for(lambda: len(parts(output)) > len(before) / 100, "the rerun's first part file")
+    rerun = start_cli(ray_session, tmp_path, *args, RAYTL_PART_SECONDS=PART_SECONDS)
+    wait_for(lambda: len(parts(output)) > written, "the rerun's first part file")
     victims = pipeline_processes(b"MapBatches(Embedder)") - lingering
     assert len(victims) == 1
     victim = victims.pop()
@@ -164,7 +175,7 @@ def test_flaky_storage_is_retried(ray_session, bucket, s3_faults):
         Rule(bucket=bucket, prefix="out/", method="PUT", status=503, code="SlowDown", every=2, times=1)
     )
     output = f"s3://{bucket}/out"
-    assert main(["extract", f"s3://{bucket}/corpus", output, *OPTIONS]) == 0
+    assert main(["extract", f"s3://{bucket}/corpus", output, *OPTIONS, *SMALL_PARTS]) == 0
     assert reads.injected >= 10 and writes.injected >= 1
     paths = written_paths(output)
     assert len(paths) == 48 and set(paths) == set(expected)
@@ -181,7 +192,7 @@ def test_access_denied_stops_the_run_with_one_sentence(capsys, ray_session, buck
     output = f"s3://{bucket}/out"
     assert_user_error(
         capsys,
-        ["extract", f"s3://{bucket}/corpus", output, *OPTIONS],
+        ["extract", f"s3://{bucket}/corpus", output, *OPTIONS, *SMALL_PARTS],
         f"cannot read s3://{bucket}/corpus/b/0007.jpg: access denied",
     )
     assert rule.attempts == {"corpus/b/0007.jpg": 1}  # permanent: never retried
@@ -193,10 +204,12 @@ def test_max_errors_stops_a_run_over_broken_files(capsys, ray_session, tmp_path)
     src = str(tmp_path / "src")
     message = assert_user_error(
         capsys,
-        ["extract", src, str(tmp_path / "out1"), *OPTIONS, "--max-errors", "2"],
+        ["extract", src, str(tmp_path / "out1"), *OPTIONS, *SMALL_PARTS, "--max-errors", "2"],
         "more than --max-errors 2",
     )
     assert "files could not be read or decoded" in message and "_errors" in message
-    assert main(["extract", src, str(tmp_path / "out2"), *OPTIONS, "--max-errors", "25%"]) == 0  # 4 of 17
+    assert (
+        main(["extract", src, str(tmp_path / "out2"), *OPTIONS, *SMALL_PARTS, "--max-errors", "25%"]) == 0
+    )  # 4 of 17
     done = json.loads((tmp_path / "out2" / "_summary.json").read_text())
     assert (done["embedded"], done["failed"]) == (13, 4)

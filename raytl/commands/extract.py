@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     """Validate inputs, skip what OUTPUT already holds, run the pipeline, write `_summary.json`."""
     # Fails fast on a missing or empty SOURCE; a manifest is only opened (Ray Data tasks read its rows).
     output.check_apart(config.output, {"SOURCE": config.source})
+    part_seconds()  # a bad RAYTL_PART_SECONDS is refused before any work
     corpus = list_corpus(config.source, config.manifest, stream=True, allow_schemes=config.allow_schemes)
     weights = load_weights(config.weights, config.layer, config.seed)  # fails fast on bad weights
     if corpus.shards and config.decode == Decode.GPU:
@@ -181,8 +183,9 @@ def build(
 
 
 # The work a killed driver can lose is what the writers hold, up to a part each: without --rows-per-file,
-# parts are sized to come about this often. Ray Data's writers are stateless tasks fed fixed-size batches, so
-# the size is planned from the expected rate rather than timed.
+# parts are sized to come about every PART_SECONDS_ENV seconds (default 60). Ray Data's writers are stateless
+# tasks fed fixed-size batches, so the size is planned from the expected rate rather than timed.
+PART_SECONDS_ENV = "RAYTL_PART_SECONDS"
 _PART_SECONDS = 60.0
 # VGG16 images a second on one CPU model actor at 224 px: 2 AVX2 cores in fp32 (bench/extract.py; AMX bf16 is
 # ~7x, so parts come sooner there). GPU clusters keep the largest parts: a GPU fills one in seconds.
@@ -197,7 +200,19 @@ def rows_per_part(config: ExtractConfig, resources: Resources) -> int:
     if resources.gpus:
         return _ROWS_PER_PART
     rate = _CPU_RATE_224 * (224 / config.image_size) ** 2 * (config.num_actors or 1)
-    return int(min(_ROWS_PER_PART, max(64, rate * _PART_SECONDS)))
+    return int(min(_ROWS_PER_PART, max(64, rate * part_seconds())))
+
+
+def part_seconds() -> float:
+    """About how much work a part holds on CPU clusters (RAYTL_PART_SECONDS, default 60 s)."""
+    value = os.environ.get(PART_SECONDS_ENV, "")
+    try:
+        seconds = float(value) if value else _PART_SECONDS
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ConfigError(f"{PART_SECONDS_ENV} must be a positive number of seconds, not {value!r}.")
+    return seconds
 
 
 def embedded(
