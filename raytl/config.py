@@ -60,6 +60,20 @@ class Decode(Choice):
     GPU = "gpu"  # JPEGs decoded, resized and cropped in the model actors: nvJPEG on CUDA (torchvision on CPU)
 
 
+class Device(Choice):
+    AUTO = "auto"  # GPUs when the cluster has some up at start, else CPU
+    CUDA = "cuda"  # ask Ray for GPUs even when none is up: an autoscaling cluster adds GPU nodes
+    CPU = "cpu"  # never ask for a GPU
+
+
+DEVICE = (
+    "auto: GPUs if the cluster has some up at start; cuda: ask Ray for GPUs even when none is up (an "
+    "autoscaler adds GPU nodes: use it on clusters that scale GPUs from zero); cpu: never"
+)
+NUM_ACTORS = (
+    "model actors: N, or MIN-MAX for a pool that grows while there is work and room (default: from one "
+    "up to as many as Ray can place with GPUs, one on CPU)"
+)
 ALLOW_SCHEMES = (
     "schemes a manifest may name besides its own filesystem's, e.g. file,https (default: none; an S3 "
     "manifest names S3 objects only)"
@@ -80,7 +94,8 @@ class ExtractConfig:
     image_size: int = option(224, "the centre crop in pixels")
     resize_size: int | None = option(None, "shorter side before the crop (default image size * 256/224)")
     batch_size: int | None = option(None, "images per forward pass (default 256 per GPU, 32 on CPU)")
-    num_actors: int | None = option(None, "model actors (default one per GPU, one on a CPU-only cluster)")
+    num_actors: int | tuple[int, int] | None = option(None, NUM_ACTORS)
+    device: Device = option(Device.AUTO, DEVICE)
     decode_batch: int = option(32, "files fetched and decoded per CPU task call")
     # gpu: when CPU JPEG decoding cannot keep GPUs busy (H100: ~10x a core's rate)
     decode: Decode = option(
@@ -112,14 +127,9 @@ class ExtractConfig:
 
     def validate(self) -> None:
         """Raise ConfigError on the first bad value."""
-        if not self.source and not self.manifest:
-            raise ConfigError("SOURCE is empty: give a directory or URI of images, or --manifest FILE.")
-        if not self.output:
-            raise ConfigError("OUTPUT is empty: give a directory or URI to write embeddings to.")
+        _check_paths(self, "output", "embeddings")
         check_backbone(self)
-        _positive("--decode-batch", self.decode_batch)
-        if self.rows_per_file is not None:
-            _positive("--rows-per-file", self.rows_per_file)
+        _positive_fields(self, "decode_batch", "rows_per_file")
         _check_label_field(self.label_field)
 
     def error_limit(self, files: int) -> int | None:
@@ -144,7 +154,7 @@ class ExtractConfig:
 # (the same fields, defaults and help: made from ExtractConfig's), and the column that holds the images.
 EMBED_OPTIONS = (
     "weights", "layer", "pool", "precision", "image_size", "resize_size", "batch_size", "num_actors",
-    "compile", "max_pixels", "seed",
+    "device", "compile", "max_pixels", "seed",
 )  # fmt: skip
 _IMAGE_COLUMN = (
     "the column of images: encoded files (bytes), uint8 arrays (H, W) or (H, W, C), PIL images, or "
@@ -183,9 +193,7 @@ def check_backbone(config: Any) -> None:
         raise ConfigError(
             f"--resize-size must be at least --image-size ({config.image_size}), not {config.resize_size}."
         )
-    for option, value in (("--batch-size", config.batch_size), ("--num-actors", config.num_actors)):
-        if value is not None:
-            _positive(option, value)
+    _positive_fields(config, "batch_size")
     _positive("--max-pixels", config.max_pixels)
     if config.pool != Pool.AVG and config.layer != Layer.POOL5:
         raise ConfigError(f"--pool {config.pool} applies to --layer pool5 only, not --layer {config.layer}.")
@@ -217,7 +225,29 @@ def parsed(cls: type, options: dict[str, Any]) -> dict[str, Any]:
             options[name] = kind.parse(value, flag(known[name]))
     if "allow_schemes" in known:
         options["allow_schemes"] = parse_schemes(options.get("allow_schemes"))
+    if options.get("num_actors") is not None:
+        options["num_actors"] = parse_actors(options["num_actors"])
     return options
+
+
+def parse_actors(value: Any) -> int | tuple[int, int]:
+    """--num-actors: a pool of N actors (`4`), or one that grows from MIN to MAX (`1-8`, or (1, 8))."""
+    parts = (
+        value.split("-") if isinstance(value, str) else value if isinstance(value, (tuple, list)) else [value]
+    )
+    counts = [_count(p) for p in parts]
+    if len(counts) not in (1, 2) or None in counts or counts[0] > counts[-1]:  # type: ignore[operator]
+        raise ConfigError(
+            f"--num-actors must be a count (4) or a range MIN-MAX (1-8; MIN at least 1), not {value!r}."
+        )
+    return counts[0] if len(counts) == 1 else (counts[0], counts[1])  # type: ignore[return-value]
+
+
+def _count(value: Any) -> int | None:
+    """A whole number of at least 1 (given as text or int), else None."""
+    if isinstance(value, str):
+        value = int(value) if value.strip().isdigit() else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def parse_max_errors(value: str | int | float | None) -> int | float | None:
@@ -270,6 +300,27 @@ def _positive(option: str, value: int, low: int = 1, high: int | None = None) ->
         raise ConfigError(f"{option} must be an integer {bound}, not {value!r}.")
 
 
+def _positive_fields(config: Any, *fields: str) -> None:
+    """Each of config's named fields is an integer of at least 1, or None (not given)."""
+    for name in fields:
+        value = getattr(config, name)
+        if value is not None:
+            _positive("--" + name.replace("_", "-"), value)
+
+
+def _check_paths(config: Any, target: str, what: str, name: str | None = None) -> None:
+    """SOURCE (or --manifest) and the folder the command writes to are given."""
+    if not config.source and not config.manifest:
+        raise ConfigError("SOURCE is empty: give a directory or URI of images, or --manifest FILE.")
+    if not getattr(config, target):
+        raise ConfigError(f"{name or target.upper()} is empty: give a directory or URI to write {what} to.")
+
+
+def _check_val_fraction(config: Any) -> None:
+    if config.val is None and not 0.0 < config.val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), not {config.val_fraction!r}.")
+
+
 class Backend(Choice):
     RAY = "ray"  # Ray Train, data-parallel over --workers
     SKLEARN = "sklearn"  # scikit-learn on the driver: small data, and the reference
@@ -302,6 +353,7 @@ class TrainConfig:
     head: ProbeHead = option(ProbeHead.LOGREG, "logreg: softmax; svm: one-vs-rest squared hinge (LinearSVC)")
     kernel: Kernel = option(Kernel.LINEAR, "svm: rbf is scikit-learn's SVC (--backend sklearn; small data)")
     workers: int = option(2, "Ray Train workers, one GPU each where the cluster has GPUs")
+    device: Device = option(Device.AUTO, DEVICE)
     epochs: int = option(100, "at most this many epochs")
     patience: int = option(10, "stop after this many epochs without a better kept epoch")
     batch_size: int = option(256, "rows per optimiser step on each worker")
@@ -323,17 +375,8 @@ class TrainConfig:
         """Raise ConfigError on the first bad value."""
         if not self.embeddings or not self.model_dir:
             raise ConfigError("train takes EMBEDDINGS and MODEL_DIR, and neither may be empty.")
-        if self.val is None and not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(
-                f"--val-fraction must be between 0 and 1 (exclusive), not {self.val_fraction!r}."
-            )
-        for option, value in (
-            ("--workers", self.workers),
-            ("--epochs", self.epochs),
-            ("--patience", self.patience),
-            ("--batch-size", self.batch_size),
-        ):
-            _positive(option, value)
+        _check_val_fraction(self)
+        _positive_fields(self, "workers", "epochs", "patience", "batch_size")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, not {self.lr!r}.")
         if self.l2 is not None and self.l2 < 0:
@@ -391,6 +434,7 @@ class FinetuneConfig:
     )
     batch_size: int = option(32, "images per step per worker; the global batch is workers x batch size")
     workers: int = option(2, "Ray Train workers, one GPU each where the cluster has GPUs")
+    device: Device = option(Device.AUTO, DEVICE)
     image_size: int = option(224, "training crop and validation centre crop, in pixels")
     resize_size: int | None = option(None, "validation: shorter side before the crop (default size*256/224)")
     augment: bool = option(True, "no random resized crops and flips (validation transforms)", "--no-augment")
@@ -413,22 +457,9 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Raise ConfigError on the first bad value."""
-        if not self.source and not self.manifest:
-            raise ConfigError("SOURCE is empty: give a directory or URI of images, or --manifest FILE.")
-        if not self.model_dir:
-            raise ConfigError("MODEL_DIR is empty: give a directory or URI to write the model to.")
-        if self.val is None and not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(
-                f"--val-fraction must be between 0 and 1 (exclusive), not {self.val_fraction!r}."
-            )
-        for option, value in (
-            ("--epochs", self.epochs),
-            ("--batch-size", self.batch_size),
-            ("--workers", self.workers),
-            ("--decode-batch", self.decode_batch),
-            ("--max-pixels", self.max_pixels),
-        ):
-            _positive(option, value)
+        _check_paths(self, "model_dir", "the model")
+        _check_val_fraction(self)
+        _positive_fields(self, "epochs", "batch_size", "workers", "decode_batch", "max_pixels")
         _positive("--max-failures", self.max_failures, low=0)
         _positive("--image-size", self.image_size, low=32, high=2048)
         if self.resize_size is not None and self.resize_size < self.image_size:
@@ -486,23 +517,21 @@ class PredictConfig:
     manifest: str | None = option(None, "CSV or Parquet file of images to classify (path, optional label)")
     weights: str | None = option(None, "the backbone weights, if they moved since the embeddings were made")
     batch_size: int | None = option(None, "images per forward pass (default: as extract)")
-    num_actors: int | None = option(None, "model actors (default: as extract)")
+    num_actors: int | tuple[int, int] | None = option(None, NUM_ACTORS)
+    device: Device = option(Device.AUTO, DEVICE)
     allow_schemes: tuple[str, ...] = option((), ALLOW_SCHEMES)
     overwrite: bool = option(False, "replace predictions already in OUTPUT")
 
     @classmethod
     def create(cls, **options: Any) -> PredictConfig:
         """Validate every value; raises ConfigError with one clear sentence."""
-        options = parsed(cls, options)
-        options.setdefault("source", None)
+        options = {"source": None, **parsed(cls, options)}  # INPUT may be left out beside --manifest
         config = cls(**absolute(options, "model_dir", "source", "output", "manifest"))
         if not config.model_dir or not config.output:
             raise ConfigError("predict takes MODEL_DIR and OUTPUT, and neither may be empty.")
         if not config.source and not config.manifest:
             raise ConfigError("INPUT is empty: give embeddings, a directory or URI of images, or --manifest.")
-        for name, value in (("--batch-size", config.batch_size), ("--num-actors", config.num_actors)):
-            if value is not None:
-                _positive(name, value)
+        _positive_fields(config, "batch_size")
         return config
 
 
@@ -521,13 +550,9 @@ class PackConfig:
     @classmethod
     def create(cls, **options: Any) -> PackConfig:
         """Validate every value; raises ConfigError with one clear sentence."""
-        options = parsed(cls, options)
-        options.setdefault("source", None)
+        options = {"source": None, **parsed(cls, options)}  # SOURCE may be left out beside --manifest
         config = cls(**absolute(options, "source", "output", "manifest"))
-        if not config.output:
-            raise ConfigError("OUTPUT_PREFIX is empty: give a directory or URI to write shards to.")
-        if not config.source and not config.manifest:
-            raise ConfigError("SOURCE is empty: give a directory or URI of images, or --manifest FILE.")
+        _check_paths(config, "output", "shards", name="OUTPUT_PREFIX")
         _positive("--shard-size", config.shard_size)
         return config
 

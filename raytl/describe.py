@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from raytl import storage, writer
-from raytl.head import METRICS_FILE, MODEL_JSON
+from raytl.classifier import METRICS_FILE, MODEL_JSON
 
 _TOP = 20  # label counts and error reasons listed
 

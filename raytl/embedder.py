@@ -7,13 +7,14 @@ import contextlib
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from raytl.config import Layer, Pool, Precision
+from raytl.config import Device, Layer, Pool, Precision
 from raytl.jpeg import DeviceDecoder
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD, VGG16Trunk, resolve_precision
 from raytl.preprocess import ImageError, Transform
@@ -129,22 +130,52 @@ def _labels(labels: np.ndarray) -> pa.Array:
     return pa.array([None if v is None or v == "" or v != v else str(v) for v in labels], pa.string())
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What the model stage may use, read from the cluster once at start-up."""
+
+    gpus: int  # up now
+    cpus: int
+    use_gpu: bool  # --device: cuda asks for GPUs even when none is up (an autoscaler adds GPU nodes)
+
+    @classmethod
+    def of_cluster(cls, device: Device = Device.AUTO) -> Resources:
+        import ray
+
+        total = ray.cluster_resources()
+        gpus = int(total.get("GPU", 0))
+        use_gpu = device == Device.CUDA or (device == Device.AUTO and gpus > 0)
+        return cls(gpus=gpus, cpus=max(1, int(total.get("CPU", 1))), use_gpu=use_gpu)
+
+
+def actor_pool(num_actors: int | tuple[int, int] | None, resources: Resources) -> Any:
+    """--num-actors as Ray Data's pool: N actors, or MIN-MAX growing while there is work and room. By
+    default one actor per GPU up at start, growing with the GPUs an autoscaler adds; one on CPU clusters
+    (its torch uses the node's cores)."""
+    import ray.data
+
+    if isinstance(num_actors, tuple):
+        return ray.data.ActorPoolStrategy(min_size=num_actors[0], max_size=num_actors[1])
+    if num_actors:
+        return ray.data.ActorPoolStrategy(size=num_actors)
+    if resources.use_gpu:
+        return ray.data.ActorPoolStrategy(min_size=max(1, resources.gpus), max_size=None)
+    return ray.data.ActorPoolStrategy(size=1)
+
+
 def on_actors(
     rows: Any,
     embedder: type[Embedder],
     weights_ref: Any,
     options: Any,
-    gpus: int,
-    cpus: int,
+    resources: Resources,
     device_decode: Transform | None = None,
 ) -> Any:
-    """rows.map_batches(embedder) on the model actor pool: one actor a GPU on GPU clusters (--num-actors
-    otherwise), one actor using the node's cores on CPU-only ones. `options`: an ExtractConfig or an
-    EmbedConfig (layer, pool, precision, batch_size, num_actors, compile)."""
-    import ray.data
-
-    actors = options.num_actors or (gpus if gpus else 1)
-    batch_size = options.batch_size or (256 if gpus else 32)
+    """rows.map_batches(embedder) on the model actor pool (`actor_pool`). `options`: an ExtractConfig or
+    an EmbedConfig (layer, pool, precision, batch_size, num_actors, compile)."""
+    pool = actor_pool(options.num_actors, resources)
+    gpu = resources.use_gpu
+    batch_size = options.batch_size or (256 if gpu else 32)
     return rows.map_batches(
         embedder,
         fn_constructor_kwargs={
@@ -154,14 +185,14 @@ def on_actors(
             "precision": options.precision,
             "batch_size": batch_size,
             # On CPU-only clusters each actor's torch uses its share of the cores.
-            "threads": None if gpus else max(1, cpus // actors),
+            "threads": None if gpu else max(1, resources.cpus // pool.min_size),
             "device_decode": device_decode,
             "compile": options.compile,
         },
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=pool,
         batch_size=batch_size,
         batch_format="numpy",
-        num_gpus=1 if gpus else 0,
+        num_gpus=1 if gpu else 0,
         num_cpus=1,
         memory=ACTOR_MEMORY,
     )
@@ -209,7 +240,6 @@ def embed_dataset(dataset: Any, config: Any) -> Any:
     from raytl.models import load_weights
 
     weights = load_weights(config.weights, config.layer, config.seed)
-    total = ray.cluster_resources()
     transform = Transform(config.image_size, config.resize, config.max_pixels)
     rows = dataset.map_batches(
         crops,
@@ -218,5 +248,5 @@ def embed_dataset(dataset: Any, config: Any) -> Any:
         batch_format="numpy",
         num_cpus=1,
     )
-    gpus, cpus = int(total.get("GPU", 0)), max(1, int(total.get("CPU", 1)))
-    return on_actors(rows, DatasetEmbedder, ray.put(weights.state_dict), config, gpus, cpus)
+    resources = Resources.of_cluster(config.device)
+    return on_actors(rows, DatasetEmbedder, ray.put(weights.state_dict), config, resources)

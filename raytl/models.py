@@ -102,14 +102,9 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
 
 
 def _state_dict_from_file(uri: str) -> tuple[dict[str, torch.Tensor], str]:
-    try:
+    name = f"--weights {storage.redact(uri)}"
+    with storage.opening(f"{name}: no such file.", f"{name} cannot be read", WeightsError):
         data = storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise WeightsError(f"--weights {storage.redact(uri)}: no such file.") from None
-    except Exception as exc:
-        raise WeightsError(
-            f"--weights {storage.redact(uri)} cannot be read: {storage.describe_error(exc)}."
-        ) from None
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:

@@ -7,6 +7,7 @@ import math
 import posixpath
 import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,19 +205,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
-def decode_batch(batch: dict[str, np.ndarray], transform: Transform) -> dict[str, np.ndarray]:
-    """A batch of (path, label) rows -> rows with `image` (uint8 NHWC) and `error` ('' when decoded)."""
-    paths = [str(p) for p in batch["path"]]
-    size = transform.image_size
-    images = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
-    errors = [""] * len(paths)
+def fetched(paths: list[str], errors: list[str]) -> Iterator[tuple[int, bytes]]:
+    """(index, bytes) of each path that names an image and could be read (in parallel); why the others
+    could not goes to `errors`."""
     readable = [i for i, p in enumerate(paths) if is_image(p)]
     for i in set(range(len(paths))) - set(readable):
         errors[i] = not_an_image(paths[i])
     for i, data in zip(readable, storage.fetch_many([paths[i] for i in readable]), strict=True):
         if isinstance(data, Exception):
             errors[i] = "cannot read: " + storage.describe_error(data)
-            continue
+        else:
+            yield i, data
+
+
+def decode_batch(batch: dict[str, np.ndarray], transform: Transform) -> dict[str, np.ndarray]:
+    """A batch of (path, label) rows -> rows with `image` (uint8 NHWC) and `error` ('' when decoded)."""
+    paths = [str(p) for p in batch["path"]]
+    size = transform.image_size
+    images = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
+    errors = [""] * len(paths)
+    for i, data in fetched(paths, errors):
         try:
             images[i] = transform(data)
         except ImageError as exc:
@@ -238,13 +246,7 @@ def fetch_batch(batch: dict[str, np.ndarray], transform: Transform) -> dict[str,
     kind = np.full(len(paths), FAILED, dtype=np.uint8)
     orientation = np.ones(len(paths), dtype=np.uint8)
     errors = [""] * len(paths)
-    readable = [i for i, p in enumerate(paths) if is_image(p)]
-    for i in set(range(len(paths))) - set(readable):
-        errors[i] = not_an_image(paths[i])
-    for i, got in zip(readable, storage.fetch_many([paths[i] for i in readable]), strict=True):
-        if isinstance(got, Exception):
-            errors[i] = "cannot read: " + storage.describe_error(got)
-            continue
+    for i, got in fetched(paths, errors):
         try:
             jpeg = jpeg_orientation(got, transform.max_pixels, transform.resize_size)
             if jpeg is not None:

@@ -138,15 +138,10 @@ def list_zip(source: str) -> Corpus:
     """A zip of class-per-folder images, read in place: only its central directory is fetched here, and each
     image becomes `zip://MEMBER::SOURCE`, a URI fsspec reads with range requests."""
     target = source if "://" in source else "file://" + os.path.abspath(source)
-    try:
+    name = f"SOURCE {storage.redact(source)}"
+    with storage.opening(f"{name} does not exist.", f"{name} is not a readable zip file"):
         fs, _ = storage.filesystem(f"zip://::{target}")
         members = sorted(fs.find("", withdirs=False))
-    except FileNotFoundError:
-        raise storage.StorageError(f"SOURCE {storage.redact(source)} does not exist.") from None
-    except Exception as exc:
-        raise storage.StorageError(
-            f"SOURCE {storage.redact(source)} is not a readable zip file: {storage.describe_error(exc)}."
-        ) from None
     outside = [m for m in members if ".." in m.split("/")]  # `../b/up.png`: no label, no folder of SOURCE
     if outside:
         log.warning(
@@ -163,14 +158,9 @@ def list_zip(source: str) -> Corpus:
 
 def read_manifest(manifest: str, allow_schemes: tuple[str, ...] = ()) -> Corpus:
     """A CSV or Parquet file with `path` and optional `label`; relative paths are taken from its folder."""
-    try:
+    name = f"--manifest {storage.redact(manifest)}"
+    with storage.opening(f"{name}: no such file.", f"{name} cannot be read"):
         data = storage.read_bytes(manifest)
-    except FileNotFoundError:
-        raise storage.StorageError(f"--manifest {storage.redact(manifest)}: no such file.") from None
-    except Exception as exc:
-        raise storage.StorageError(
-            f"--manifest {storage.redact(manifest)} cannot be read: {storage.describe_error(exc)}."
-        ) from None
     table = _parse_manifest(manifest, data)
     if "path" not in table.column_names:
         raise storage.StorageError(
@@ -184,7 +174,7 @@ def open_manifest(manifest: str, allow_schemes: tuple[str, ...] = ()) -> Manifes
     """Check a manifest from its header alone (Parquet footer, first CSV line): format, `path`, rows."""
     name, where = manifest.lower(), f"--manifest {storage.redact(manifest)}"
     fs, path = storage.filesystem(manifest)
-    try:
+    with storage.opening(f"{where}: no such file.", f"{where} cannot be read"):
         with fs.open(path, "rb") as f:
             if name.endswith((".parquet", ".pq")):
                 footer = pq.read_metadata(f)
@@ -197,12 +187,6 @@ def open_manifest(manifest: str, allow_schemes: tuple[str, ...] = ()) -> Manifes
                 rows = None if any(line.strip() for line in lines[1:]) else 0
             else:
                 raise storage.StorageError(f"{where} must end in .csv, .csv.gz, .tsv or .parquet.")
-    except FileNotFoundError:
-        raise storage.StorageError(f"{where}: no such file.") from None
-    except storage.StorageError:
-        raise
-    except Exception as exc:
-        raise storage.StorageError(f"{where} cannot be read: {storage.describe_error(exc)}.") from None
     if "path" not in columns:
         raise storage.StorageError(f"{where} has no `path` column (columns: {', '.join(columns)}).")
     if rows == 0:

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raytl import shards, storage
-from raytl.head import METRICS_FILE, MODEL_JSON
+from raytl.classifier import METRICS_FILE, MODEL_JSON, read_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +100,7 @@ def write_validation(model_dir: str, sample: pa.Table) -> None:
 
 def write(model_dir: str) -> str:
     """Draw the figures from MODEL_DIR's metrics and validation sample; write the page and the PNG files."""
-    try:
-        metrics = storage.read_json(storage.join(model_dir, METRICS_FILE))
-        info = storage.read_json(storage.join(model_dir, MODEL_JSON))
-    except FileNotFoundError:
-        raise storage.StorageError(
-            f"MODEL_DIR {storage.redact(model_dir)} holds no finished raytl model "
-            f"({MODEL_JSON} and {METRICS_FILE})."
-        ) from None
+    info, metrics = read_model_dir(model_dir, MODEL_JSON, METRICS_FILE, finished=True)
     sample = _read_sample(model_dir)
     import matplotlib
 

@@ -230,6 +230,20 @@ def guarded(what: str) -> Iterator[None]:
         raise StorageError(failure(what, exc)) from None
 
 
+@contextlib.contextmanager
+def opening(missing: str, unreadable: str, error: type[Exception] = StorageError) -> Iterator[None]:
+    """Opening a user's input: FileNotFoundError inside is the sentence `missing`; any other failure is
+    `unreadable` and the reason; raytl's own errors pass as they are."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise error(missing) from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("raytl."):
+            raise
+        raise error(f"{unreadable}: {describe_error(exc)}.") from None
+
+
 def read_bytes(uri: str) -> bytes:
     """Read a whole object (transient errors retried)."""
     fs, path = filesystem(uri)

@@ -101,6 +101,30 @@ def test_the_cli_answers_help_and_usage_errors_without_torch_or_ray():
     assert usage.returncode == 2 and "usage: raytl extract" in usage.stderr
 
 
+def test_command_modules_import_shared_layers_never_each_other():
+    """A command module (extract, train, finetune, predict, pack) builds on raytl's shared layers (pipeline,
+    training, classifier, ...); only the CLI, the Python API and the quickstart import commands."""
+    import ast
+    import pathlib
+
+    import raytl
+
+    package = pathlib.Path(raytl.__file__).parent
+    commands = {p.stem for p in (package / "commands").glob("*.py")} - {"__init__"}
+    assert commands == {"extract", "train", "finetune", "predict", "pack"}
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n.startswith("raytl.commands.") or n == "raytl.commands" for n in names):
+                importers.add(str(path.relative_to(package)))
+    assert importers == {"cli.py", "__init__.py", "quickstart.py"}
+
+
 def test_every_option_has_one_home_in_the_configs():
     """The parsers are made from the config fields: every field with help is a flag, its default is the
     config's (nothing given on the command line means the config's default applies) and Choice fields

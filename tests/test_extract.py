@@ -330,18 +330,18 @@ def test_parts_come_about_every_minute_without_rows_per_file(monkeypatch):
     """What a killed driver loses is bounded in time: the default part holds about a minute of the expected
     rate (600 images at 224 px on 2 CPU cores used to be one part, so a driver killed halfway lost it all).
     tests/test_extract_faults.py kills a driver running with the default part size."""
-    from raytl.commands.extract import Resources, rows_per_part
+    from raytl.pipeline import Resources, rows_per_part
 
-    cpu, gpu = Resources(gpus=0, cpus=2), Resources(gpus=4, cpus=32)
+    cpu, gpu = Resources(gpus=0, cpus=2, use_gpu=False), Resources(gpus=4, cpus=32, use_gpu=True)
 
     def rows(resources, **options):
         return rows_per_part(ExtractConfig.create(source="s", output="o", **options), resources)
 
     assert rows(cpu) == 300  # ~5 images/s at 224 px on 2 AVX2 cores: one minute
-    assert rows(cpu, num_actors=2) == 600
+    assert rows(cpu, num_actors=2) == rows(cpu, num_actors="2-4") == 600
     assert rows(cpu, image_size=448) == 75
     assert rows(cpu, image_size=32) == 8192  # fast enough: the largest parts
-    assert rows(gpu) == 8192
+    assert rows(gpu) == rows(Resources(gpus=0, cpus=2, use_gpu=True)) == 8192  # --device cuda, none up yet
     assert rows(cpu, rows_per_file=100) == rows(gpu, rows_per_file=100) == 100
     monkeypatch.setenv("RAYTL_PART_SECONDS", "30")
     assert rows(cpu) == 150

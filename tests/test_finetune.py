@@ -21,10 +21,10 @@ from images import random_state_dict, write_colour_corpus
 from PIL import Image
 
 import raytl
+from raytl.classifier import Model
 from raytl.cli import main
 from raytl.commands import finetune, predict
 from raytl.config import FinetuneConfig, Freeze, Head
-from raytl.head import Model
 from raytl.preprocess import TrainTransform, crop_box
 
 # A tiny learnable problem (three colours, 32 px) that a random VGG16 with a trained head separates in a

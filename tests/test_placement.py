@@ -1,6 +1,7 @@
-"""Placement on a multi-node cluster: model actors hold one GPU each and run only on GPU nodes.
+"""Placement on a multi-node cluster: model actors hold one GPU each and run only on GPU nodes, and with
+--device cuda they wait for GPU nodes that join after the job started (what an autoscaler does).
 
-A `ray.cluster_utils.Cluster` (several raylets on this machine, two of them declaring a GPU) runs in a
+A `ray.cluster_utils.Cluster` (several raylets on this machine, some declaring a GPU) runs in a
 subprocess, apart from the test session's Ray. Without CUDA the actors fall back to the CPU, but
 where Ray placed them is real.
 """
@@ -9,6 +10,8 @@ import json
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
+import pytest
 from images import write_corpus
 
 SCRIPT = r"""
@@ -64,23 +67,18 @@ cluster.shutdown()
 """
 
 
-def test_model_actors_run_on_gpu_nodes_with_one_gpu_each(tmp_path):
-    good = write_corpus(tmp_path / "corpus", {"a": [1, 2], "b": [3]}, broken=False, strays=False)
+def on_a_cluster(script: str, *args) -> dict:
+    """Run a script that starts its own multi-node cluster; the JSON object it prints last."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SCRIPT,
-            str(tmp_path / "corpus"),
-            str(tmp_path / "out"),
-            str(tmp_path / "model"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_model_actors_run_on_gpu_nodes_with_one_gpu_each(tmp_path):
+    good = write_corpus(tmp_path / "corpus", {"a": [1, 2], "b": [3]}, broken=False, strays=False)
+    got = on_a_cluster(SCRIPT, tmp_path / "corpus", tmp_path / "out", tmp_path / "model")
     assert got["embedded"] == len(good) == 39
     # one actor per GPU in the cluster, each holding one GPU, each on its own GPU node
     assert got["embedder_nodes"] == got["gpu_nodes"]
@@ -95,9 +93,113 @@ def test_model_actors_run_on_gpu_nodes_with_one_gpu_each(tmp_path):
 def test_train_workers_ask_for_one_gpu_each_on_gpu_clusters():
     # Placement itself cannot run here: NCCL refuses to start without a real GPU. What Ray Train is
     # asked for decides where its workers go.
-    from raytl.commands.train import scaling
+    from raytl.training import scaling
 
     gpu = scaling(4, use_gpu=True)
     assert (gpu.num_workers, gpu.use_gpu, gpu.resources_per_worker) == (4, True, {"CPU": 1, "GPU": 1})
     cpu = scaling(2, use_gpu=False)
     assert (cpu.use_gpu, cpu.resources_per_worker) == (False, {"CPU": 0.25})
+
+
+FROM_ZERO = r"""
+import json, os, sys, threading, time
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # no GPU up when the job starts
+ray.init(address=cluster.address, logging_level="ERROR")
+
+import raytl
+
+source, output = sys.argv[1], sys.argv[2]
+result = {}
+job = threading.Thread(target=lambda: result.update(raytl.extract(
+    source, output, weights="random", image_size=64, decode_batch=8, batch_size=8, rows_per_file=24,
+    device="cuda", num_actors="1-2")))
+job.start()
+
+
+def embedders(state=None):
+    for attempt in range(5):  # the state API can time out while the machine is busy
+        try:
+            actors = list_actors(detail=True, limit=10000, timeout=30)
+            break
+        except Exception:
+            if attempt == 4:
+                raise
+            time.sleep(2)
+    return [a for a in actors if "Embedder" in a.class_name and state in (None, a.state)]
+
+
+def wait(what, condition):
+    deadline = time.monotonic() + 300
+    while not condition():
+        assert time.monotonic() < deadline and job.is_alive(), what
+        time.sleep(0.5)
+
+
+wait("a model actor waiting for a GPU", lambda: embedders("PENDING_CREATION"))
+# What an autoscaler does for a pending GPU actor: GPU nodes join the running cluster.
+gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+wait("the pool grown onto both GPU nodes", lambda: len({a.node_id for a in embedders("ALIVE")}) == 2)
+wait("a part written", lambda: any(f.startswith("part-") for f in os.listdir(output)))
+hosts = sorted({a.node_id for a in embedders()})
+# A spot GPU node taken back mid-run, with its model actor and the batches it held.
+lost = next(n for n in gpu_nodes if n.node_id == embedders("ALIVE")[0].node_id)
+cluster.remove_node(lost, allow_graceful=False)
+job.join()
+print(json.dumps({
+    "embedded": result["embedded"],
+    "gpu_nodes": sorted(n.node_id for n in gpu_nodes),
+    "embedder_nodes": hosts,
+    "embedder_gpus": sorted({a.required_resources.get("GPU", 0) for a in embedders()}),
+}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_gpus_from_zero_a_growing_pool_and_a_lost_gpu_node(tmp_path):
+    """--device cuda on a cluster with no GPU up (a GPU group scaling from zero): the model actors ask for
+    a GPU anyway instead of running on CPU; GPU nodes that join afterwards take them, and a pool allowed
+    to grow to two (--num-actors 1-2) places an actor on each. Then one GPU node is removed mid-run (a
+    spot node taken back): the run finishes, and every image is in OUTPUT exactly once."""
+    good = write_corpus(
+        tmp_path / "corpus", {"a": list(range(1, 12)), "b": list(range(12, 24))}, broken=False, strays=False
+    )
+    got = on_a_cluster(FROM_ZERO, tmp_path / "corpus", tmp_path / "out")
+    assert got["embedded"] == len(good) == 299
+    assert got["embedder_nodes"] == got["gpu_nodes"]  # both GPU nodes, never the CPU-only head
+    assert got["embedder_gpus"] == [1.0]
+    paths = pq.read_table(tmp_path / "out", columns=["path"]).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 299
+
+
+def test_device_and_actor_pool_options():
+    """What the pool and the Ray Train workers ask Ray for, by --device and --num-actors."""
+    from raytl.config import ConfigError, ExtractConfig
+    from raytl.embedder import Resources, actor_pool
+
+    none_up, two_up = Resources(gpus=0, cpus=8, use_gpu=True), Resources(gpus=2, cpus=8, use_gpu=True)
+    cpu = Resources(gpus=0, cpus=8, use_gpu=False)
+
+    def pool(resources, num_actors=None):
+        strategy = actor_pool(
+            ExtractConfig.create(source="s", output="o", num_actors=num_actors).num_actors, resources
+        )
+        return strategy.min_size, strategy.max_size
+
+    assert pool(none_up) == (1, float("inf"))  # grows with the GPU nodes an autoscaler adds
+    assert pool(two_up) == (2, float("inf"))
+    assert pool(cpu) == (1, 1)
+    assert pool(cpu, "3") == pool(two_up, 3) == (3, 3)
+    assert pool(two_up, "1-8") == pool(cpu, (1, 8)) == (1, 8)
+    with pytest.raises(ConfigError, match=r"--num-actors must be a count \(4\) or a range MIN-MAX"):
+        ExtractConfig.create(source="s", output="o", num_actors="8-2")
+    from raytl.config import Device
+    from raytl.training import uses_gpu
+
+    assert uses_gpu(Device.CUDA) and not uses_gpu(Device.CPU)  # Ray Train workers: without asking Ray
+    with pytest.raises(ConfigError, match="--device must be one of auto, cuda, cpu, not 'gpu'"):
+        ExtractConfig.create(source="s", output="o", device="gpu")

@@ -8,9 +8,9 @@ from conftest import assert_user_error
 from images import random_state_dict, write_corpus
 
 import raytl
+from raytl.classifier import Model
 from raytl.commands import extract, train
 from raytl.config import ExtractConfig, TrainConfig
-from raytl.head import Model
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from synthetic import blobs, entangled, names, write
 
 import raytl
 from raytl import split
+from raytl.classifier import Model
 from raytl.cli import main
 from raytl.commands import train
 from raytl.config import TrainConfig
-from raytl.head import Model
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from PIL import Image
 from synthetic import BACKBONE, blobs
 
 from raytl import logs, report
+from raytl.classifier import Model
 from raytl.cli import main
 from raytl.commands import train
 from raytl.config import TrainConfig
-from raytl.head import Model
 from raytl.writer import embeddings_schema
 
 FIGURES = ("confusion", "per_class", "curves", "pca", "misclassified")

@@ -112,7 +112,7 @@ def test_a_storage_error_from_a_ray_task_is_one_clean_sentence():
     the sentence."""
     from ray.exceptions import RayTaskError
 
-    from raytl.commands import extract
+    from raytl import pipeline
 
     sentence = "cannot read shard s3://b/s/00001.tar: access denied (PermissionError: Forbidden)."
     remote = (
@@ -122,7 +122,7 @@ def test_a_storage_error_from_a_ray_task_is_one_clean_sentence():
     )
     error = RayTaskError("ReadShards", remote, storage.StorageError(sentence)).as_instanceof_cause()
     assert isinstance(error, storage.StorageError)
-    with pytest.raises(storage.StorageError) as raised, extract.user_errors():
+    with pytest.raises(storage.StorageError) as raised, pipeline.user_errors():
         raise error
     assert str(raised.value) == sentence
 

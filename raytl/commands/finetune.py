@@ -7,9 +7,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,12 +17,10 @@ import torch
 from torch import nn
 
 import raytl
-from raytl import logs, report, shards, split, storage
+from raytl import logs, pipeline, report, shards, split, storage, training
 from raytl import metrics as classification
-from raytl.commands import extract, predict
-from raytl.commands.train import collective_backend, scaling
+from raytl.classifier import METRICS_FILE, MODEL_FILE, MODEL_JSON, Model, classify
 from raytl.config import ConfigError, ExtractConfig, FinetuneConfig, Freeze, Head, Layer, Optimizer, Pool
-from raytl.head import METRICS_FILE, MODEL_FILE, MODEL_JSON, Model
 from raytl.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -52,8 +47,6 @@ BLOCK_ENDS = {
     Freeze.BLOCK4: 24,
     Freeze.BLOCK5: 31,
 }
-# Decoded validation images up to this share of the object store are kept there for every epoch.
-_CACHE_FRACTION = 0.25
 
 
 def run(config: FinetuneConfig) -> dict[str, Any]:
@@ -63,7 +56,7 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
     weights = load_weights(config.weights, layer, config.seed)
     with storage.guarded(f"prepare MODEL_DIR {config.model_dir}"):
         resuming = prepare_model_dir(config)
-    _init_ray()
+    logs.init_ray()
     log.info("finetune config: %s (%s)", config.to_json(), "resuming" if resuming else "new run")
     weights_ref = ray.put(weights.state_dict)
     result = fit(config, train, val, classes, weights_ref)
@@ -81,7 +74,7 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
         history=latest["history"],
         resumed_at_epochs=latest["resumed"],
     )
-    storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), _json(metrics))
+    storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), training.json_bytes(metrics))
     report.write_quietly(config.model_dir)
     return metrics
 
@@ -147,7 +140,7 @@ def _labelled(
     corpus = list_corpus(source, manifest, allow_schemes=allow_schemes)
     if not corpus.shards:
         return Images(corpus.table)
-    _init_ray()
+    logs.init_ray()
     blocks = [corpus.table.slice(i, 1) for i in range(corpus.table.num_rows)]
     labels = ray.data.from_arrow(blocks).map_batches(
         shards.sample_labels,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
@@ -156,7 +149,7 @@ def _labelled(
         batch_format="numpy",
         num_cpus=0.5,  # mostly reading
     )
-    with extract.user_errors():
+    with pipeline.user_errors():
         tables = ray.get(labels.to_arrow_refs())
     table = (
         pa.concat_tables([t.cast(CORPUS_SCHEMA) for t in tables]) if tables else CORPUS_SCHEMA.empty_table()
@@ -267,8 +260,8 @@ def image_dataset(
         decode_batch=config.decode_batch, label_field=config.label_field,
     )  # fmt: skip
     corpus = images.corpus()
-    rows = extract.listing(reading, corpus, NOTHING)
-    return extract.decoded(reading, corpus, rows, transform).map_batches(
+    rows = pipeline.listing(reading, corpus, NOTHING)
+    return pipeline.decoded(reading, corpus, rows, transform).map_batches(
         labelled,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
         fn_kwargs={"classes": classes},
         batch_size=None,
@@ -297,7 +290,7 @@ def datasets(
         train = Images(train.table, train.shards.take(rng.permutation(train.shards.num_rows)))
     train_ds = image_dataset(config, train, train_transform, classes)
     val_ds = image_dataset(config, val, eval_transform, classes)
-    budget = ray.cluster_resources().get("object_store_memory", 0) * _CACHE_FRACTION
+    budget = training.cache_budget()
     if val.table.num_rows * config.image_size**2 * 3 <= budget:
         val_ds = val_ds.materialize()
     return {"train": train_ds.randomize_block_order(), "val": val_ds}
@@ -313,7 +306,7 @@ def fit(config: FinetuneConfig, train: Images, val: Images, classes: list[str], 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     total = ray.cluster_resources()
-    use_gpu = total.get("GPU", 0) >= 1
+    use_gpu = training.uses_gpu(config.device)
     # On CPU clusters half the CPUs train and half decode: augmentation runs again every epoch.
     cpus = 1.0 if use_gpu else max(0.25, total.get("CPU", 1) / (2 * config.workers))
     per_worker = train.table.num_rows // config.workers  # Ray Train splits the stream equally
@@ -331,7 +324,7 @@ def fit(config: FinetuneConfig, train: Images, val: Images, classes: list[str], 
             "ray_debug": logs.ray_debug(),
             "threads": max(1, int(cpus)),
         },
-        scaling_config=scaling(config.workers, use_gpu, cpus),
+        scaling_config=training.scaling(config.workers, use_gpu, cpus),
         run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 (the default); mypy resolves V1
             name="train",
             storage_path=path,
@@ -344,7 +337,7 @@ def fit(config: FinetuneConfig, train: Images, val: Images, classes: list[str], 
             logging_config=LoggingConfig(log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING"),
         ),
         datasets=datasets(config, train, val, classes),  # type: ignore[arg-type]
-        torch_config=TorchConfig(backend=collective_backend(use_gpu)),
+        torch_config=TorchConfig(backend=training.collective_backend(use_gpu)),
     )
     return trainer.fit()
 
@@ -418,68 +411,42 @@ def train_loop(cfg: dict[str, Any]) -> None:
         optimizer,
         lambda step: warmup_cosine(step, round(cfg["warmup_epochs"] * steps), cfg["epochs"] * steps),
     )
-    history: list[dict] = []
-    resumed: list[int] = []
-    start, state = 0, {}
+    history, resumed, start, state = training.History("finetune", cfg), [], 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group, or a rerun of the same command: carry on where it stopped
-        with checkpoint.as_directory() as directory:
-            state = torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
+        state = training.load(checkpoint, STATE_FILE)
         network.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         runner.scaler.load_state_dict(state["scaler"])
-        history, start = state["history"], state["epoch"] + 1
-        resumed = [*state["resumed"], start]
-    started, first = time.monotonic(), start
+        start = state["epoch"] + 1
+        history, resumed = (
+            training.History("finetune", cfg, state["history"], start),
+            [*state["resumed"], start],
+        )
     for epoch in range(start, cfg["epochs"]):
-        train_loss, train_acc, failed = runner.train_epoch(
-            optimizer, schedule, ray.train.get_dataset_shard("train")
-        )
-        val_loss, val_acc = runner.validate(ray.train.get_dataset_shard("val"))
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "train_accuracy": train_acc,
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "failed_images": failed,
-                "lr": schedule.get_last_lr()[0],
-            }
-        )
-        if cfg["show_epochs"] and ray.train.get_context().get_world_rank() == 0:
-            logs.show_epoch(logs.epoch_line("finetune", history[-1], cfg["epochs"], started, first))
+        loss, accuracy, failed = runner.train_epoch(optimizer, schedule, ray.train.get_dataset_shard("train"))
+        val_metrics = runner.validate(ray.train.get_dataset_shard("val"))
+        lr = schedule.get_last_lr()[0]
+        history.add(epoch, (loss, accuracy), val_metrics, failed_images=failed, lr=lr)
         state = {
             "trainable": trainable_state(network),
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
             "scaler": runner.scaler.state_dict(),
-            "history": history,
+            "history": history.records,
             "epoch": epoch,
             "resumed": resumed,
         }
-        report_epoch(history[-1], state)
-    if start >= cfg["epochs"] and history:  # resumed after the last epoch: hand the driver its result again
-        report_epoch(history[-1], state)
+        training.report(history.records[-1], state, STATE_FILE)
+    if start >= cfg["epochs"] and history.records:  # resumed after the last epoch: hand the driver its result
+        training.report(history.records[-1], state, STATE_FILE)
 
 
 def trainable_state(network: Network) -> dict[str, torch.Tensor]:
     """The tensors training changes; frozen layers are the --weights' own and stay out of checkpoints."""
     trainable = {name for name, p in network.named_parameters() if p.requires_grad}
     return {k: v.detach().cpu().clone() for k, v in network.state_dict().items() if k in trainable}
-
-
-def report_epoch(metrics: dict, state: dict) -> None:
-    """Every worker reports; rank 0 attaches the checkpoint (every rank holds the same weights)."""
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as directory:
-        torch.save(state, os.path.join(directory, STATE_FILE))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 class Runner:
@@ -579,7 +546,7 @@ def best_and_latest(result: Any) -> tuple[dict, dict]:
     latest. Ray's list can name a checkpoint that a run interrupted mid-cleanup already deleted: the
     best one still in storage wins."""
     assert result.checkpoint is not None, "every epoch reports a checkpoint"
-    latest = _state(result.checkpoint)
+    latest = training.load(result.checkpoint, STATE_FILE)
     candidates = sorted(
         result.best_checkpoints or [],
         key=lambda pair: (pair[1]["val_accuracy"], -pair[1]["val_loss"], pair[1]["epoch"]),
@@ -587,15 +554,10 @@ def best_and_latest(result: Any) -> tuple[dict, dict]:
     )
     for checkpoint, metrics in candidates:
         try:
-            return _state(checkpoint), latest
+            return training.load(checkpoint, STATE_FILE), latest
         except FileNotFoundError:
             log.warning("checkpoint of epoch %d is gone from storage; trying the next best", metrics["epoch"])
     return latest, latest
-
-
-def _state(checkpoint: Any) -> dict:
-    with checkpoint.as_directory() as directory:
-        return torch.load(os.path.join(directory, STATE_FILE), weights_only=True)
 
 
 def save_model(
@@ -616,7 +578,7 @@ def save_model(
     info = {
         "kind": "finetune",
         "head": str(config.head),
-        "backbone": extract.embeddings_metadata(spec, f"{storage.redact(uri)}#sha256:{digest}", dim),
+        "backbone": pipeline.embeddings_metadata(spec, f"{storage.redact(uri)}#sha256:{digest}", dim),
         "initial_weights": weights_id,
         "best_epoch": best["epoch"],
         "config": json.loads(config.to_json()),
@@ -648,13 +610,14 @@ def backbone_config(config: FinetuneConfig, backbone_uri: str, layer: Layer) -> 
         max_pixels=config.max_pixels,
         decode_batch=config.decode_batch,
         label_field=config.label_field,
+        device=config.device,
     )
 
 
 def batch_evaluation(batch: pa.Table, model: Model) -> dict[str, np.ndarray]:
     """Embedded rows -> the flattened confusion matrix of those that decoded, the failed count, and the
     rows for the report's sample (pickled)."""
-    predicted = predict.classify(batch, model, model.mean.size)
+    predicted = classify(batch, model, model.mean.size)
     index = {c: i for i, c in enumerate(model.classes)}
     ok = np.asarray(predicted["predicted_label"].is_valid())
     labels = [str(v) for v in predicted["label"].filter(pa.array(ok)).to_pylist()]
@@ -680,7 +643,9 @@ def evaluate(model: Model, config: ExtractConfig, val: Images) -> tuple[dict[str
     """Metrics of the saved model on every validation image, through predict's own image path, and a
     sample of the rows (misclassified ones first) for the report."""
     weights = load_weights(config.weights, config.layer)
-    rows = extract.embedded(config, val.corpus(), ray.put(weights.state_dict), extract.Resources.of_cluster())
+    rows = pipeline.embedded(
+        config, val.corpus(), ray.put(weights.state_dict), pipeline.Resources.of_cluster(config.device)
+    )
     k = len(model.classes)
     total, failed, sampler = np.zeros((k, k), dtype=np.int64), 0, report.Sampler()
     for part in rows.map_batches(
@@ -694,14 +659,6 @@ def evaluate(model: Model, config: ExtractConfig, val: Images) -> tuple[dict[str
     return dict(classification.report(total, model.classes), failed_val_images=failed), sampler.table()
 
 
-def _init_ray() -> None:
-    logs.init_ray()
-
-
 def _counts(table: pa.Table, classes: list[str]) -> dict[str, int]:
     labels = table["label"].to_pylist()
     return {c: labels.count(c) for c in classes}
-
-
-def _json(data: dict) -> bytes:
-    return json.dumps(data, indent=2, default=float).encode()

@@ -9,15 +9,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import ray
 
-from raytl import logs, storage, writer
-from raytl.commands import extract
+from raytl import logs, pipeline, storage, writer
+from raytl.classifier import Model, classify
 from raytl.config import Decode, ExtractConfig, PredictConfig
-from raytl.embeddings import check_same_backbone, is_embeddings, matrix, open_embeddings
-from raytl.head import Model
+from raytl.embeddings import check_same_backbone, is_embeddings, open_embeddings
 from raytl.models import WeightsError, load_weights
 from raytl.output import check_apart, prepare_output
 from raytl.reader import list_corpus
@@ -63,7 +61,7 @@ def run(config: PredictConfig) -> dict[str, Any]:
         batch_format="pyarrow",
         num_cpus=0,  # as extract's writer: never starved by decode tasks
     )
-    with extract.user_errors():
+    with pipeline.user_errors():
         progress = logs.Progress("predict", None)
         counts = writer.sum_counts(stats, check=progress.update)
         progress.done(counts)
@@ -99,7 +97,7 @@ def _images_input(config: PredictConfig, model: Model) -> tuple[Callable[[], Any
 
     def rows() -> Any:
         weights_ref = ray.put(backbone.state_dict)
-        return extract.embedded(stages, corpus, weights_ref, extract.Resources.of_cluster())
+        return pipeline.embedded(stages, corpus, weights_ref, pipeline.Resources.of_cluster(stages.device))
 
     return rows, int(model.mean.size)
 
@@ -117,35 +115,6 @@ def _summary(config: PredictConfig, counts: dict[str, int], wall: float) -> dict
         "model_dir": storage.redact(config.model_dir),
         "output": storage.redact(config.output),
     }
-
-
-def classify(batch: pa.Table, model: Model, dim: int) -> pa.Table:
-    """Rows with `embedding` (null where decoding failed) -> path, predicted_label, score, label, correct,
-    error."""
-    n = batch.num_rows
-    error = batch["error"] if "error" in batch.column_names else pa.array([""] * n)
-    ok = np.asarray(batch["embedding"].is_valid())
-    names = np.array(model.classes, dtype=object)
-    predicted = np.full(n, None, dtype=object)
-    score = np.zeros(n, dtype=np.float32)
-    if ok.any():
-        embedded = batch["embedding"].filter(pa.array(ok))
-        index, probability = model.predict(matrix(embedded, dim))
-        predicted[ok], score[ok] = names[index], probability
-    labels = batch["label"].to_pylist() if "label" in batch.column_names else [None] * n
-    correct = [
-        None if not label or p is None else p == label for label, p in zip(labels, predicted, strict=True)
-    ]
-    return pa.table(
-        {
-            "path": batch["path"],
-            "predicted_label": pa.array(predicted.tolist(), pa.string()),
-            "score": pa.array(score),
-            "label": pa.array([label or None for label in labels], pa.string()),
-            "correct": pa.array(correct, pa.bool_()),
-            "error": error,
-        }
-    )
 
 
 def backbone_config(model: Model, config: PredictConfig, weights: str) -> ExtractConfig:
@@ -166,6 +135,7 @@ def backbone_config(model: Model, config: PredictConfig, weights: str) -> Extrac
         decode=backbone["preprocessing"].get("decode", "cpu"),
         batch_size=config.batch_size,
         num_actors=config.num_actors,
+        device=config.device,
         allow_schemes=config.allow_schemes,
         overwrite=config.overwrite,
     )

@@ -4,12 +4,9 @@ one-vs-rest linear SVM (squared hinge, as scikit-learn's LinearSVC)."""
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
 import pickle
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,16 +17,16 @@ import ray
 import torch
 
 import raytl
-from raytl import logs, report, split, storage
+from raytl import logs, report, split, storage, training
+from raytl.classifier import METRICS_FILE, MODEL_FILE, MODEL_JSON, LinearHead, Model
 from raytl.config import Backend, ClassWeight, ConfigError, Kernel, ProbeHead, TrainConfig
 from raytl.embeddings import Embeddings, EmbeddingsError, check_same_backbone, matrix, open_embeddings
-from raytl.head import METRICS_FILE, MODEL_FILE, MODEL_JSON, LinearHead, Model
 from raytl.metrics import report as classification_report
 
 log = logging.getLogger(__name__)
 
-# Embeddings up to this share of the cluster's object store are cached there for the epochs.
-_CACHE_FRACTION = 0.25
+CHECKPOINT_FILE = "head.pt"  # inside each Ray Train checkpoint
+
 # A worker keeps its shard of the splits in memory (CPU or GPU) after the first epoch up to this size.
 _WORKER_CACHE_BYTES = 2 * 1024**3
 # Workers report metrics and write a checkpoint at most this often (and after the last epoch).
@@ -99,7 +96,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         metrics.update(
             best_epoch=kept[-1] if kept else None, selected_by=selection(config.head == ProbeHead.SVM)
         )
-    storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), _json(metrics))
+    storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), training.json_bytes(metrics))
     report.write_quietly(config.model_dir)
     return metrics
 
@@ -228,7 +225,7 @@ def cache_if_small(
     """Hold both splits in the object store when they fit easily: every epoch then skips re-reading and
     re-splitting the Parquet. Larger datasets stream from storage each epoch."""
     rows = train.rows + (val.rows if val else 0)
-    budget = ray.cluster_resources().get("object_store_memory", 0) * _CACHE_FRACTION
+    budget = training.cache_budget()
     if rows * (train.dim * 4 + 80) > budget:  # x, y and the path
         return train_rows, val_rows
     return train_rows.materialize(), val_rows.materialize()
@@ -278,7 +275,7 @@ def fit_ray(
 
     fs, path = storage.pyarrow_filesystem(config.model_dir)
     n_rows, dim = sum(plan.train_counts.values()) + sum(plan.val_counts.values()), len(mean)
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    use_gpu = training.uses_gpu(config.device)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -299,7 +296,7 @@ def fit_ray(
             # Each worker keeps its shard in memory after the first epoch when it is small enough.
             "in_memory": n_rows * (dim * 4 + 8) / config.workers <= _WORKER_CACHE_BYTES,
         },
-        scaling_config=scaling(config.workers, use_gpu),
+        scaling_config=training.scaling(config.workers, use_gpu),
         run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 (the default); mypy resolves V1
             name="train",
             storage_path=path,
@@ -311,52 +308,15 @@ def fit_ray(
         ),
         # The workers take x and y; paths stay for the evaluation's sample.
         datasets={"train": train_rows.select_columns(["x", "y"]), "val": val_rows.select_columns(["x", "y"])},
-        dataset_config=in_order(),
-        torch_config=TorchConfig(backend=collective_backend(use_gpu)),
+        dataset_config=training.in_order(),
+        torch_config=TorchConfig(backend=training.collective_backend(use_gpu)),
     )
     result = trainer.fit()
     assert result.checkpoint is not None, "the last epoch always reports a checkpoint"
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(os.path.join(directory, "head.pt"), weights_only=True)
+    state = training.load(result.checkpoint, CHECKPOINT_FILE)
     head = LinearHead(torch.from_numpy(mean), torch.from_numpy(std), len(plan.classes))
     head.load_state_dict(state["best_head"])  # the best epoch by selection_key
     return head, state["history"]
-
-
-def collective_backend(use_gpu: bool) -> str:
-    """NCCL where a GPU node's CUDA works (asked on a GPU node, not on the driver); gloo otherwise."""
-    if not use_gpu:
-        return "gloo"
-    return "nccl" if ray.get(_cuda_works.options(num_gpus=1).remote()) else "gloo"
-
-
-@ray.remote(num_cpus=0)
-def _cuda_works() -> bool:
-    return torch.cuda.is_available()
-
-
-def in_order() -> Any:
-    """Ray Train's ingest with Ray Data's preserve_order: each worker gets the same rows, in the same order,
-    on every run (the split otherwise follows which blocks finish first), so that --seed fixes the head."""
-    from ray.data import DataContext
-    from ray.train import DataConfig
-
-    options = copy.deepcopy(DataContext.get_current().execution_options)  # the defaults Train would take
-    options.preserve_order = True
-    return DataConfig(execution_options=options)
-
-
-def scaling(workers: int, use_gpu: bool, cpus: float = 0.25) -> Any:
-    """Ray Train workers: one GPU (and a CPU to feed it) each on GPU clusters, `cpus` each otherwise."""
-    from ray.train import ScalingConfig
-
-    return ScalingConfig(
-        num_workers=workers,
-        use_gpu=use_gpu,
-        # A linear head needs little CPU; the Ray Data tasks that feed it need the rest. A worker
-        # holding a whole CPU on a small node starves them and training never gets a batch.
-        resources_per_worker={"CPU": 1, "GPU": 1} if use_gpu else {"CPU": cpus},
-    )
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
@@ -374,38 +334,26 @@ def train_loop(cfg: dict[str, Any]) -> None:
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
     weights = torch.tensor(cfg["weights"], dtype=torch.float32, device=device)
     train, val = Shard("train", cfg, device), Shard("val", cfg, device)
-    history: list[dict] = []
+    history = training.History("train", cfg)
     best, best_head, stale, start = NOTHING_YET, copy.deepcopy(head.state_dict()), 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group resumes where the last checkpoint left off
-        with checkpoint.as_directory() as directory:
-            state = torch.load(os.path.join(directory, "head.pt"), weights_only=True)
+        state = training.load(checkpoint, CHECKPOINT_FILE)
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        history, best, best_head, stale = state["history"], state["best"], state["best_head"], state["stale"]
-        start = state["epoch"] + 1
-    last_report = started = time.monotonic()
-    first = start
+        best, best_head, stale, start = state["best"], state["best_head"], state["stale"], state["epoch"] + 1
+        history = training.History("train", cfg, state["history"], start)
+    last_report = time.monotonic()
     for epoch in range(start, cfg["epochs"]):
-        train_loss, train_acc = run_epoch(model, head, optimizer, weights, cfg, train.batches(epoch), device)
-        val_loss, val_acc = run_epoch(model, head, None, weights, cfg, val.batches(None), device)
+        train_metrics = run_epoch(model, head, optimizer, weights, cfg, train.batches(epoch), device)
+        val_metrics = run_epoch(model, head, None, weights, cfg, val.batches(None), device)
         schedule.step()
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "train_accuracy": train_acc,
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-            }
-        )
-        if cfg["show_epochs"] and ray.train.get_context().get_world_rank() == 0:
-            logs.show_epoch(logs.epoch_line("train", history[-1], cfg["epochs"], started, first))
-        key = selection_key(history[-1], cfg["svm"])
+        record = history.add(epoch, train_metrics, val_metrics)
+        key = selection_key(record, cfg["svm"])
         if improves(key, best):
             best, best_head, stale = key, copy.deepcopy(head.state_dict()), 0
-            history[-1]["selected"] = True
+            record["selected"] = True
         else:
             stale += 1
         done = stale >= cfg["patience"] or epoch == cfg["epochs"] - 1
@@ -417,12 +365,12 @@ def train_loop(cfg: dict[str, Any]) -> None:
                 "best_head": best_head,
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
-                "history": history,
+                "history": history.records,
                 "best": best,
                 "stale": stale,
                 "epoch": epoch,
             }
-            _report(history[-1], state)
+            training.report(record, state, CHECKPOINT_FILE)
             last_report = time.monotonic()
         if done:
             break
@@ -502,17 +450,6 @@ class Shard:
             yield batch["x"], batch["y"]
         if self.cfg["in_memory"]:
             self.cached = (torch.cat([x for x, _ in keep]), torch.cat([y for _, y in keep]))
-
-
-def _report(metrics: dict, state: dict) -> None:
-    import ray.train
-
-    if ray.train.get_context().get_world_rank() != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as directory:
-        torch.save(state, os.path.join(directory, "head.pt"))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
 def run_epoch(model, head, optimizer, weights, cfg, batches, device) -> tuple[float, float]:
@@ -635,7 +572,3 @@ def evaluate(model: Model, rows: ray.data.Dataset) -> tuple[dict[str, Any], pa.T
         total += part["matrix"].sum(0).reshape(k, k)
         sampler.add(part["sample"])
     return classification_report(total, model.classes), sampler.table()
-
-
-def _json(data: dict) -> bytes:
-    return json.dumps(data, indent=2, default=float).encode()

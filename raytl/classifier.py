@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import skops.io
 import torch
 from torch import nn
 
 from raytl import storage
+from raytl.embeddings import matrix
 
 MODEL_FILE = "model.pt"
 MODEL_JSON = "model.json"
@@ -21,6 +23,22 @@ METRICS_FILE = "metrics.json"
 # --kernel rbf: the fitted scikit-learn pipeline in skops' format, which loads only the types it names (no
 # pickle: a MODEL_DIR from elsewhere, or a `kernel` flipped in model.json, cannot run code in predict).
 KERNEL_FILE = "kernel.skops"
+
+
+def read_model_dir(model_dir: str, *names: str, finished: bool = False) -> list[Any]:
+    """MODEL_DIR's files `names` (JSON ones parsed); any of them missing is one sentence naming them all."""
+    try:
+        return [
+            (storage.read_json if name.endswith(".json") else storage.read_bytes)(
+                storage.join(model_dir, name)
+            )
+            for name in names
+        ]
+    except FileNotFoundError:
+        kind = "finished raytl model" if finished else "raytl model"
+        raise storage.StorageError(
+            f"MODEL_DIR {storage.redact(model_dir)} holds no {kind} ({' and '.join(names)})."
+        ) from None
 
 
 class LinearHead(nn.Module):
@@ -95,13 +113,7 @@ class Model:
 
     @classmethod
     def load(cls, model_dir: str) -> Model:
-        try:
-            info = storage.read_json(storage.join(model_dir, MODEL_JSON))
-            data = storage.read_bytes(storage.join(model_dir, MODEL_FILE))
-        except FileNotFoundError:
-            raise storage.StorageError(
-                f"MODEL_DIR {storage.redact(model_dir)} holds no raytl model ({MODEL_JSON} and {MODEL_FILE})."
-            ) from None
+        info, data = read_model_dir(model_dir, MODEL_JSON, MODEL_FILE)
         arrays = _tensors(data, storage.join(model_dir, MODEL_FILE))
         _check(info, arrays, model_dir)
         kernel = None
@@ -165,3 +177,32 @@ def _kernel(model_dir: str) -> Any:
             f"{storage.redact(uri)} is not a scikit-learn model raytl can load "
             f"({storage.describe_error(exc)})."
         ) from None
+
+
+def classify(batch: pa.Table, model: Model, dim: int) -> pa.Table:
+    """Rows with `embedding` (null where decoding failed) -> path, predicted_label, score, label, correct,
+    error."""
+    n = batch.num_rows
+    error = batch["error"] if "error" in batch.column_names else pa.array([""] * n)
+    ok = np.asarray(batch["embedding"].is_valid())
+    names = np.array(model.classes, dtype=object)
+    predicted = np.full(n, None, dtype=object)
+    score = np.zeros(n, dtype=np.float32)
+    if ok.any():
+        embedded = batch["embedding"].filter(pa.array(ok))
+        index, probability = model.predict(matrix(embedded, dim))
+        predicted[ok], score[ok] = names[index], probability
+    labels = batch["label"].to_pylist() if "label" in batch.column_names else [None] * n
+    correct = [
+        None if not label or p is None else p == label for label, p in zip(labels, predicted, strict=True)
+    ]
+    return pa.table(
+        {
+            "path": batch["path"],
+            "predicted_label": pa.array(predicted.tolist(), pa.string()),
+            "score": pa.array(score),
+            "label": pa.array([label or None for label in labels], pa.string()),
+            "correct": pa.array(correct, pa.bool_()),
+            "error": error,
+        }
+    )

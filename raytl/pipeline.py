@@ -1,0 +1,191 @@
+"""The Ray Data stages every image command is made of: listed paths -> decode (CPU tasks) -> embed (model
+actors) -> Parquet parts. extract runs them whole; predict and finetune take the stages they need."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+
+import raytl
+from raytl import doneset, output, storage, writer
+from raytl.config import ConfigError, Decode, ExtractConfig
+from raytl.embedder import Embedder, Resources, on_actors
+from raytl.errors import ExtractError
+from raytl.models import IMAGENET_MEAN, IMAGENET_STD
+from raytl.preprocess import Transform, decode_batch, fetch_batch
+from raytl.reader import Corpus, manifest_rows
+from raytl.shards import read_shards
+
+log = logging.getLogger(__name__)
+
+
+# Parquet part files stay near this size whatever D is (25088-d flattened pool5 rows are 100 KB each).
+_TARGET_FILE_BYTES = 256 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A storage failure raised inside a Ray task reaches the driver wrapped by Ray: unwrap it."""
+    try:
+        yield
+    except Exception as exc:
+        remote = isinstance(exc, ray.exceptions.RayError)
+        if isinstance(exc, (storage.StorageError, ExtractError)) and not remote:
+            raise
+        # Ray Data re-raises a task's exception as RayTaskError(UserCodeException), keeping the original
+        # only as text in the remote traceback (and a RayTaskError(StorageError) *is* a StorageError,
+        # whose message is that whole traceback): its last StorageError line is the sentence.
+        found = _STORAGE_ERROR.findall(_ANSI.sub("", str(exc)))
+        if not found:
+            raise
+        raise storage.StorageError(found[-1].strip()) from None
+
+
+_STORAGE_ERROR = re.compile(r"raytl\.(?:errors|storage)\.StorageError: (.+)")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def written(
+    rows: ray.data.Dataset, config: ExtractConfig, resources: Resources, metadata: dict
+) -> ray.data.Dataset:
+    """The last stage: `embedded` rows written as Parquet parts of OUTPUT; yields each part's counts."""
+    dim = metadata["dim"]
+    rows_per_file = max(1, min(rows_per_part(config, resources), _TARGET_FILE_BYTES // (4 * dim)))
+    return rows.map_batches(
+        writer.write_part,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+        fn_kwargs={"output": config.output, "schema": writer.embeddings_schema(dim, metadata)},
+        batch_size=rows_per_file,
+        batch_format="pyarrow",
+        # Mostly waiting on storage. Reserving any CPU starves it on a small node: with decode tasks and
+        # the model actor holding every CPU, parts were only written once decoding had finished.
+        num_cpus=0,
+    )
+
+
+# The work a killed driver can lose is what the writers hold, up to a part each: without --rows-per-file,
+# parts are sized to come about every PART_SECONDS_ENV seconds (default 60). Ray Data's writers are stateless
+# tasks fed fixed-size batches, so the size is planned from the expected rate rather than timed.
+PART_SECONDS_ENV = "RAYTL_PART_SECONDS"
+
+
+_PART_SECONDS = 60.0
+
+
+# VGG16 images a second on one CPU model actor at 224 px: 2 AVX2 cores in fp32 (bench/extract.py; AMX bf16 is
+# ~7x, so parts come sooner there). GPU clusters keep the largest parts: a GPU fills one in seconds.
+_CPU_RATE_224 = 5.0
+
+
+_ROWS_PER_PART = 8192
+
+
+def rows_per_part(config: ExtractConfig, resources: Resources) -> int:
+    """--rows-per-file, else about _PART_SECONDS of the expected embedding rate (at most 8192 rows)."""
+    if config.rows_per_file:
+        return config.rows_per_file
+    if resources.use_gpu:
+        return _ROWS_PER_PART
+    actors = config.num_actors[0] if isinstance(config.num_actors, tuple) else config.num_actors or 1
+    rate = _CPU_RATE_224 * (224 / config.image_size) ** 2 * actors
+    return int(min(_ROWS_PER_PART, max(64, rate * part_seconds())))
+
+
+def part_seconds() -> float:
+    """About how much work a part holds on CPU clusters (RAYTL_PART_SECONDS, default 60 s)."""
+    value = os.environ.get(PART_SECONDS_ENV, "")
+    try:
+        seconds = float(value) if value else _PART_SECONDS
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ConfigError(f"{PART_SECONDS_ENV} must be a positive number of seconds, not {value!r}.")
+    return seconds
+
+
+def embedded(
+    config: ExtractConfig,
+    corpus: Corpus,
+    weights_ref: Any,
+    resources: Resources,
+    done: output.Done = output.NOTHING,
+) -> ray.data.Dataset:
+    """Rows (path, label, embedding, error): decoded by CPU tasks, embedded by the model actor pool."""
+    transform = Transform(config.image_size, config.resize, config.max_pixels)
+    on_device = config.decode == Decode.GPU  # CPU tasks then only fetch and check headers
+    rows = decoded(config, corpus, listing(config, corpus, done), transform)
+    device_decode = transform if on_device else None
+    return on_actors(rows, Embedder, weights_ref, config, resources, device_decode)
+
+
+def listing(config: ExtractConfig, corpus: Corpus, done: output.Done) -> ray.data.Dataset:
+    """Rows (path, label) still to read, in blocks of --decode-batch rows (of one shard for shards)."""
+    if corpus.manifest is None:  # listed on the driver (loose files: done ones dropped by `pending`)
+        # One table, split by a streaming repartition: from_arrow of many small tables runs a Ray task per
+        # table (get_table_block_metadata_schema), hundreds at once, and those short-lived workers are where
+        # Ray's core worker was seen to abort ("Mutex corrupt", #17 item 25).
+        rows = 1 if corpus.shards else config.decode_batch
+        return ray.data.from_arrow(corpus.table).repartition(target_num_rows_per_block=rows)
+    skip = doneset.build(done.dataset()) if done.rows else None
+    return manifest_rows(corpus.manifest, config.decode_batch, skip)
+
+
+def decoded(
+    config: ExtractConfig, corpus: Corpus, rows: ray.data.Dataset, transform: Transform
+) -> ray.data.Dataset:
+    """Rows (path, label, image or JPEG data, error) from CPU tasks: loose files a batch a task, or a
+    whole tar shard a task, streamed out in batches."""
+    if corpus.shards:
+        return rows.map_batches(
+            read_shards,  # type: ignore[arg-type]
+            fn_kwargs={
+                "transform": transform,
+                "label_field": config.label_field,
+                "batch_size": config.decode_batch,
+                "skip": corpus.skip,
+                "keep": ray.put(set(corpus.keep.to_pylist())) if corpus.keep is not None else None,
+            },
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=1,
+        )
+    return rows.map_batches(
+        fetch_batch if config.decode == Decode.GPU else decode_batch,  # type: ignore[arg-type]
+        fn_kwargs={"transform": transform},
+        batch_size=config.decode_batch,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+
+
+def embeddings_metadata(config: ExtractConfig, weights_id: str, dim: int) -> dict[str, Any]:
+    """The JSON stored under the Parquet schema key `raytl`: how every embedding was made."""
+    return {
+        "model": "vgg16",
+        "weights": weights_id,
+        "layer": str(config.layer),
+        "pool": str(config.pool) if config.layer == "pool5" else None,
+        "dim": dim,
+        "image_size": config.image_size,
+        "precision": str(config.precision),
+        "preprocessing": {
+            "exif_transpose": True,
+            "to_rgb": True,
+            "resize": config.resize,
+            "interpolation": "bilinear",
+            "antialias": True,
+            "center_crop": config.image_size,
+            "decode": str(config.decode),
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
+        "raytl_version": raytl.__version__,
+    }

@@ -1,0 +1,118 @@
+"""What raytl's two Ray Train programs (`train`: a linear head on embeddings; `finetune`: the network on
+images) share: workers and their collective backend, ordered ingest, checkpoints saved, reported and
+loaded, and the budget for caching a split in the object store."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import ray
+import torch
+
+from raytl import logs
+from raytl.config import Device
+
+# A split up to this share of the cluster's object store is cached there for the epochs.
+CACHE_FRACTION = 0.25
+
+
+def cache_budget() -> float:
+    """Bytes of the object store a split may be cached in."""
+    return ray.cluster_resources().get("object_store_memory", 0) * CACHE_FRACTION
+
+
+def report(metrics: dict, state: dict, name: str) -> None:
+    """Every worker reports; rank 0 attaches the checkpoint, `state` saved as `name` (every rank holds the
+    same weights)."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save(state, os.path.join(directory, name))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def load(checkpoint: Any, name: str) -> dict:
+    """The state a `report` saved in checkpoint as `name`."""
+    with checkpoint.as_directory() as directory:
+        return torch.load(os.path.join(directory, name), weights_only=True)
+
+
+def json_bytes(data: dict) -> bytes:
+    """metrics.json and friends: indented, numpy scalars as floats."""
+    return json.dumps(data, indent=2, default=float).encode()
+
+
+def uses_gpu(device: Device) -> bool:
+    """--device: cuda asks for GPU workers even when no GPU is up (an autoscaler adds GPU nodes)."""
+    return device == Device.CUDA or (device == Device.AUTO and ray.cluster_resources().get("GPU", 0) >= 1)
+
+
+def collective_backend(use_gpu: bool) -> str:
+    """NCCL where a GPU node's CUDA works (asked on a GPU node, not on the driver); gloo otherwise."""
+    if not use_gpu:
+        return "gloo"
+    return "nccl" if ray.get(_cuda_works.options(num_gpus=1).remote()) else "gloo"
+
+
+@ray.remote(num_cpus=0)
+def _cuda_works() -> bool:
+    return torch.cuda.is_available()
+
+
+def in_order() -> Any:
+    """Ray Train's ingest with Ray Data's preserve_order: each worker gets the same rows, in the same order,
+    on every run (the split otherwise follows which blocks finish first), so that --seed fixes the head."""
+    from ray.data import DataContext
+    from ray.train import DataConfig
+
+    options = copy.deepcopy(DataContext.get_current().execution_options)  # the defaults Train would take
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
+def scaling(workers: int, use_gpu: bool, cpus: float = 0.25) -> Any:
+    """Ray Train workers: one GPU (and a CPU to feed it) each on GPU clusters, `cpus` each otherwise."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=workers,
+        use_gpu=use_gpu,
+        # A linear head needs little CPU; the Ray Data tasks that feed it need the rest. A worker
+        # holding a whole CPU on a small node starves them and training never gets a batch.
+        resources_per_worker={"CPU": 1, "GPU": 1} if use_gpu else {"CPU": cpus},
+    )
+
+
+class History:
+    """The epochs' metrics (a list of dicts, kept in checkpoints); each epoch added is shown as a line by
+    rank 0 when the command shows epochs."""
+
+    def __init__(self, command: str, cfg: dict[str, Any], records: list[dict] | None = None, first: int = 0):
+        self.command, self.epochs, self.show = command, cfg["epochs"], cfg["show_epochs"]
+        self.records: list[dict] = records or []
+        self.first, self.started = first, time.monotonic()
+
+    def add(self, epoch: int, train: tuple[float, float], val: tuple[float, float], **extra: Any) -> dict:
+        """Record an epoch's (loss, accuracy) on both splits and anything else; returns the record."""
+        import ray.train
+
+        record = {
+            "epoch": epoch,
+            "train_loss": train[0],
+            "train_accuracy": train[1],
+            "val_loss": val[0],
+            "val_accuracy": val[1],
+            **extra,
+        }
+        self.records.append(record)
+        if self.show and ray.train.get_context().get_world_rank() == 0:
+            logs.show_epoch(logs.epoch_line(self.command, record, self.epochs, self.started, self.first))
+        return record
