@@ -33,7 +33,10 @@ MAX_ERRORS = "--max-errors must be a count of files (0, 1, ...) or a share below
         ({"image_size": 16}, "--image-size must be an integer between 32 and 2048, not 16."),
         ({"image_size": 64, "resize_size": 60}, "--resize-size must be at least --image-size (64), not 60."),
         ({"batch_size": 0}, "--batch-size must be an integer at least 1, not 0."),
-        ({"num_actors": -1}, "--num-actors must be an integer at least 1, not -1."),
+        (
+            {"num_actors": -1},
+            "--num-actors must be a count (4) or a range MIN-MAX (1-8; MIN at least 1), not -1.",
+        ),
         ({"layer": "fc6", "pool": "max"}, "--pool max applies to --layer pool5 only, not --layer fc6."),
         ({"output": ""}, "OUTPUT is empty: give a directory or URI to write embeddings to."),
     ],

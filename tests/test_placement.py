@@ -49,7 +49,7 @@ actors = list_actors(detail=True, limit=10000)
 embedders = [a for a in actors if "Embedder" in a.class_name]
 trainers = [a for a in actors if a.class_name == "RayTrainWorker"]
 decoders = [t for t in list_tasks(detail=True, limit=10000) if "decode_batch" in t.name]
-print(json.dumps({
+print("RESULT", json.dumps({
     "embedded": summary["embedded"],
     "gpu_nodes": sorted(n.node_id for n in gpu_nodes),
     "embedder_nodes": sorted(a.node_id for a in embedders),
@@ -73,7 +73,8 @@ def on_a_cluster(script: str, *args) -> dict:
         [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # Ray forwards its workers' and raylets' lines to the script's stdout too, sometimes after the result.
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
 
 
 def test_model_actors_run_on_gpu_nodes_with_one_gpu_each(tmp_path):
@@ -149,7 +150,7 @@ hosts = sorted({a.node_id for a in embedders()})
 lost = next(n for n in gpu_nodes if n.node_id == embedders("ALIVE")[0].node_id)
 cluster.remove_node(lost, allow_graceful=False)
 job.join()
-print(json.dumps({
+print("RESULT", json.dumps({
     "embedded": result["embedded"],
     "gpu_nodes": sorted(n.node_id for n in gpu_nodes),
     "embedder_nodes": hosts,
