@@ -129,9 +129,8 @@ def embedded(
 def listing(config: ExtractConfig, corpus: Corpus, done: output.Done) -> ray.data.Dataset:
     """Rows (path, label) still to read, in blocks of --decode-batch rows (of one shard for shards)."""
     if corpus.manifest is None:  # listed on the driver (loose files: done ones dropped by `pending`)
-        # One table, split by a streaming repartition: from_arrow of many small tables runs a Ray task per
-        # table (get_table_block_metadata_schema), hundreds at once, and those short-lived workers are where
-        # Ray's core worker was seen to abort ("Mutex corrupt", #17 item 25).
+        # One table, split by a streaming repartition: from_arrow of many small tables would run a Ray task
+        # per table (get_table_block_metadata_schema), hundreds at once, for the same blocks.
         rows = 1 if corpus.shards else config.decode_batch
         return ray.data.from_arrow(corpus.table).repartition(target_num_rows_per_block=rows)
     skip = doneset.build(done.dataset()) if done.rows else None
