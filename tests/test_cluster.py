@@ -46,3 +46,101 @@ def test_nodes_run_the_locked_versions(config):
     assert config["setup_commands"] == [
         "pip install -q -c /home/ray/raytl/requirements/lock.txt -e /home/ray/raytl"
     ]
+
+
+# --- k8s/: the same cluster on Kubernetes with KubeRay ------------------------------------------------------
+
+
+def k8s_manifests() -> dict[str, dict]:
+    folder = os.path.join(ROOT, "k8s")
+    manifests = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".yaml"):
+            with open(os.path.join(folder, name)) as f:
+                (manifests[name],) = yaml.safe_load_all(f)  # one object a file
+    return manifests
+
+
+def containers(template: dict) -> list[dict]:
+    return template["spec"]["containers"]
+
+
+def test_k8s_cluster_scales_gpus_from_zero_on_the_locked_ray(config):
+    """The RayCluster mirrors cluster.yaml: a head that takes no Ray work, a GPU group from zero under
+    KubeRay's autoscaler, a CPU group; its image is built from Ray's image of cluster.yaml with raytl
+    installed from the lock."""
+    cluster = k8s_manifests()["raycluster.yaml"]
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    spec = cluster["spec"]
+    assert spec["rayVersion"] == ray.__version__ and spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert set(groups) == {"gpu", "cpu"}
+    assert groups["gpu"]["minReplicas"] == 0 and groups["gpu"]["maxReplicas"] >= 1
+    with open(os.path.join(ROOT, "k8s", "Dockerfile")) as f:
+        dockerfile = f.read().splitlines()
+    assert f"FROM {config['docker']['image']}" in dockerfile
+    assert any(line.startswith("RUN pip install") and "-c /home/ray/raytl/requirements/lock.txt" in line
+               for line in dockerfile)  # fmt: skip
+    images = {
+        c["image"] for g in [spec["headGroupSpec"], *groups.values()] for c in containers(g["template"])
+    }
+    assert len(images) == 1  # every pod runs the same raytl
+
+
+def test_k8s_pods_fit_what_raytl_asks_for():
+    """A GPU pod holds one model actor (1 CPU, 1 GPU, embedder.ACTOR_MEMORY) or one Ray Train worker
+    (1 CPU, 1 GPU) with CPUs left to decode; CPU pods have no GPU; requests equal limits (Ray reads the
+    limits as the node's resources)."""
+    from raytl.embedder import ACTOR_MEMORY
+
+    def gib(quantity: str) -> float:
+        assert quantity.endswith("Gi"), quantity
+        return float(quantity[:-2])
+
+    groups = {g["groupName"]: g for g in k8s_manifests()["raycluster.yaml"]["spec"]["workerGroupSpecs"]}
+    (gpu,) = containers(groups["gpu"]["template"])
+    (cpu,) = containers(groups["cpu"]["template"])
+    for container in (gpu, cpu):
+        assert container["resources"]["requests"] == container["resources"]["limits"]
+    gpu_limits, cpu_limits = gpu["resources"]["limits"], cpu["resources"]["limits"]
+    assert gpu_limits["nvidia.com/gpu"] == "1" and int(gpu_limits["cpu"]) >= 2
+    assert (
+        gib(gpu_limits["memory"]) * 1024**3 >= 2 * ACTOR_MEMORY
+    )  # the actor, and the object store beside it
+    assert "nvidia.com/gpu" not in cpu_limits and int(cpu_limits["cpu"]) >= 2
+
+
+def test_k8s_credentials_come_from_a_secret_never_from_runtime_env():
+    manifests = k8s_manifests()
+    spec = manifests["raycluster.yaml"]["spec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        for container in containers(group["template"]):
+            assert container["envFrom"] == [{"secretRef": {"name": "raytl-s3", "optional": True}}]
+            assert "env" not in container
+    for name, manifest in manifests.items():
+        text = yaml.safe_dump(manifest)
+        assert "AWS_SECRET_ACCESS_KEY" not in text and "AWS_ACCESS_KEY_ID" not in text, name
+        assert "runtimeEnvYAML" not in manifest["spec"] or "AWS_" not in manifest["spec"]["runtimeEnvYAML"]
+
+
+def test_k8s_jobs_run_each_verb_on_the_cluster_with_arguments_raytl_accepts():
+    """A RayJob per verb, on the RayCluster (clusterSelector); each entrypoint is a raytl command line
+    that raytl's own parser accepts and whose config validates, asking for GPUs (--device cuda)."""
+    import shlex
+
+    from raytl.cli import build_parser, config_of
+    from raytl.config import Device
+
+    manifests = k8s_manifests()
+    cluster = manifests["raycluster.yaml"]["metadata"]["name"]
+    jobs = {name: m for name, m in manifests.items() if m["kind"] == "RayJob"}
+    assert set(jobs) == {f"rayjob-{verb}.yaml" for verb in ("extract", "train", "finetune", "predict")}
+    for name, job in jobs.items():
+        verb = name.removeprefix("rayjob-").removesuffix(".yaml")
+        assert job["apiVersion"] == "ray.io/v1" and job["metadata"]["name"] == f"raytl-{verb}"
+        assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster}
+        program, *argv = shlex.split(job["spec"]["entrypoint"])
+        assert program == "raytl" and argv[0] == verb
+        config = config_of(build_parser().parse_args(argv), verb)
+        assert config.device == Device.CUDA, name
