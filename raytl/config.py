@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import Field, asdict, dataclass, field, fields, make_dataclass
-from typing import Any, get_type_hints
+from typing import Any, Self, get_type_hints
 
 from raytl.errors import ConfigError
 
@@ -25,7 +25,7 @@ class Choice(str, enum.Enum):
     """An option with a fixed set of string values."""
 
     @classmethod
-    def parse(cls, value: str | Choice, option: str) -> Choice:
+    def parse(cls, value: str | Choice, option: str) -> Self:
         try:
             return cls(value)
         except ValueError:
@@ -73,6 +73,10 @@ DEVICE = (
 NUM_ACTORS = (
     "model actors: N, or MIN-MAX for a pool that grows while there is work and room (default: from one "
     "up to as many as Ray can place with GPUs, one on CPU)"
+)
+WORKERS = (
+    "Ray Train workers, one GPU each where the cluster has GPUs: N, or MIN-MAX to train on as many as "
+    "Ray can place, resized from the last checkpoint as nodes come and go (Ray Train's elastic training)"
 )
 ALLOW_SCHEMES = (
     "schemes a manifest may name besides its own filesystem's, e.g. file,https (default: none; an S3 "
@@ -225,20 +229,21 @@ def parsed(cls: type, options: dict[str, Any]) -> dict[str, Any]:
             options[name] = kind.parse(value, flag(known[name]))
     if "allow_schemes" in known:
         options["allow_schemes"] = parse_schemes(options.get("allow_schemes"))
-    if options.get("num_actors") is not None:
-        options["num_actors"] = parse_actors(options["num_actors"])
+    for name in ("num_actors", "workers"):
+        if options.get(name) is not None:
+            options[name] = parse_count(options[name], flag(known[name]))
     return options
 
 
-def parse_actors(value: Any) -> int | tuple[int, int]:
-    """--num-actors: a pool of N actors (`4`), or one that grows from MIN to MAX (`1-8`, or (1, 8))."""
+def parse_count(value: Any, option: str = "--num-actors") -> int | tuple[int, int]:
+    """--num-actors, --workers: N (`4`), or a range from MIN to MAX (`1-8`, or (1, 8))."""
     parts = (
         value.split("-") if isinstance(value, str) else value if isinstance(value, (tuple, list)) else [value]
     )
     counts = [_count(p) for p in parts]
     if len(counts) not in (1, 2) or None in counts or counts[0] > counts[-1]:  # type: ignore[operator]
         raise ConfigError(
-            f"--num-actors must be a count (4) or a range MIN-MAX (1-8; MIN at least 1), not {value!r}."
+            f"{option} must be a count (4) or a range MIN-MAX (1-8; MIN at least 1), not {value!r}."
         )
     return counts[0] if len(counts) == 1 else (counts[0], counts[1])  # type: ignore[return-value]
 
@@ -352,7 +357,7 @@ class TrainConfig:
     backend: Backend = option(Backend.RAY, "ray: Ray Train, data-parallel; sklearn: on one node")
     head: ProbeHead = option(ProbeHead.LOGREG, "logreg: softmax; svm: one-vs-rest squared hinge (LinearSVC)")
     kernel: Kernel = option(Kernel.LINEAR, "svm: rbf is scikit-learn's SVC (--backend sklearn; small data)")
-    workers: int = option(2, "Ray Train workers, one GPU each where the cluster has GPUs")
+    workers: int | tuple[int, int] = option(2, WORKERS)
     device: Device = option(Device.AUTO, DEVICE)
     epochs: int = option(100, "at most this many epochs")
     patience: int = option(10, "stop after this many epochs without a better kept epoch")
@@ -376,7 +381,7 @@ class TrainConfig:
         if not self.embeddings or not self.model_dir:
             raise ConfigError("train takes EMBEDDINGS and MODEL_DIR, and neither may be empty.")
         _check_val_fraction(self)
-        _positive_fields(self, "workers", "epochs", "patience", "batch_size")
+        _positive_fields(self, "epochs", "patience", "batch_size")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, not {self.lr!r}.")
         if self.l2 is not None and self.l2 < 0:
@@ -433,7 +438,7 @@ class FinetuneConfig:
         None, "linear warm-up from lr/100, then cosine decay (default 1; half the run when --epochs is 1)"
     )
     batch_size: int = option(32, "images per step per worker; the global batch is workers x batch size")
-    workers: int = option(2, "Ray Train workers, one GPU each where the cluster has GPUs")
+    workers: int | tuple[int, int] = option(2, WORKERS)
     device: Device = option(Device.AUTO, DEVICE)
     image_size: int = option(224, "training crop and validation centre crop, in pixels")
     resize_size: int | None = option(None, "validation: shorter side before the crop (default size*256/224)")
@@ -459,7 +464,7 @@ class FinetuneConfig:
         """Raise ConfigError on the first bad value."""
         _check_paths(self, "model_dir", "the model")
         _check_val_fraction(self)
-        _positive_fields(self, "epochs", "batch_size", "workers", "decode_batch", "max_pixels")
+        _positive_fields(self, "epochs", "batch_size", "decode_batch", "max_pixels")
         _positive("--max-failures", self.max_failures, low=0)
         _positive("--image-size", self.image_size, low=32, high=2048)
         if self.resize_size is not None and self.resize_size < self.image_size:

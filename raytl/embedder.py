@@ -171,7 +171,7 @@ def on_actors(
     resources: Resources,
     device_decode: Transform | None = None,
 ) -> Any:
-    """rows.map_batches(embedder) on the model actor pool (`actor_pool`). `options`: an ExtractConfig or
+    """rows.map_batches(embedder) on the model actor pool (`actor_pool`). `options`: pipeline.Stages or
     an EmbedConfig (layer, pool, precision, batch_size, num_actors, compile)."""
     pool = actor_pool(options.num_actors, resources)
     gpu = resources.use_gpu

@@ -9,13 +9,14 @@ import math
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from typing import Any
 
 import ray
 
 import raytl
 from raytl import doneset, output, storage, writer
-from raytl.config import ConfigError, Decode, ExtractConfig
+from raytl.config import ConfigError, Decode, Device, ExtractConfig, Layer, Pool, Precision
 from raytl.embedder import Embedder, Resources, on_actors
 from raytl.errors import ExtractError
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD
@@ -24,6 +25,37 @@ from raytl.reader import Corpus, manifest_rows
 from raytl.shards import read_shards
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """What the image stages need to know, whichever command runs them: how files are read and decoded,
+    how crops are made, and the model actors. extract's own options make one (`of`); predict makes one
+    from the settings recorded with the model's embeddings, finetune from its options."""
+
+    layer: Layer
+    pool: Pool
+    precision: Precision
+    image_size: int
+    resize: int  # the shorter side before the centre crop
+    max_pixels: int
+    decode_batch: int
+    decode: Decode = Decode.CPU
+    label_field: str | None = None
+    batch_size: int | None = None  # per forward pass (None: 256 on GPU, 32 on CPU)
+    num_actors: int | tuple[int, int] | None = None
+    device: Device = Device.AUTO
+    compile: bool = False
+
+    @classmethod
+    def of(cls, config: Any) -> Stages:
+        """The stages as a config with these fields (extract's) sets them."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+    @property
+    def transform(self) -> Transform:
+        """The evaluation crop (DESIGN.md)."""
+        return Transform(self.image_size, self.resize, self.max_pixels)
 
 
 # Parquet part files stay near this size whatever D is (25088-d flattened pool5 rows are 100 KB each).
@@ -112,34 +144,32 @@ def part_seconds() -> float:
 
 
 def embedded(
-    config: ExtractConfig,
+    stages: Stages,
     corpus: Corpus,
     weights_ref: Any,
     resources: Resources,
     done: output.Done = output.NOTHING,
 ) -> ray.data.Dataset:
     """Rows (path, label, embedding, error): decoded by CPU tasks, embedded by the model actor pool."""
-    transform = Transform(config.image_size, config.resize, config.max_pixels)
-    on_device = config.decode == Decode.GPU  # CPU tasks then only fetch and check headers
-    rows = decoded(config, corpus, listing(config, corpus, done), transform)
+    transform = stages.transform
+    on_device = stages.decode == Decode.GPU  # CPU tasks then only fetch and check headers
+    rows = decoded(stages, corpus, listing(stages.decode_batch, corpus, done), transform)
     device_decode = transform if on_device else None
-    return on_actors(rows, Embedder, weights_ref, config, resources, device_decode)
+    return on_actors(rows, Embedder, weights_ref, stages, resources, device_decode)
 
 
-def listing(config: ExtractConfig, corpus: Corpus, done: output.Done) -> ray.data.Dataset:
+def listing(decode_batch: int, corpus: Corpus, done: output.Done) -> ray.data.Dataset:
     """Rows (path, label) still to read, in blocks of --decode-batch rows (of one shard for shards)."""
     if corpus.manifest is None:  # listed on the driver (loose files: done ones dropped by `pending`)
         # One table, split by a streaming repartition: from_arrow of many small tables would run a Ray task
         # per table (get_table_block_metadata_schema), hundreds at once, for the same blocks.
-        rows = 1 if corpus.shards else config.decode_batch
+        rows = 1 if corpus.shards else decode_batch
         return ray.data.from_arrow(corpus.table).repartition(target_num_rows_per_block=rows)
     skip = doneset.build(done.dataset()) if done.rows else None
-    return manifest_rows(corpus.manifest, config.decode_batch, skip)
+    return manifest_rows(corpus.manifest, decode_batch, skip)
 
 
-def decoded(
-    config: ExtractConfig, corpus: Corpus, rows: ray.data.Dataset, transform: Transform
-) -> ray.data.Dataset:
+def decoded(stages: Stages, corpus: Corpus, rows: ray.data.Dataset, transform: Transform) -> ray.data.Dataset:
     """Rows (path, label, image or JPEG data, error) from CPU tasks: loose files a batch a task, or a
     whole tar shard a task, streamed out in batches."""
     if corpus.shards:
@@ -147,8 +177,8 @@ def decoded(
             read_shards,  # type: ignore[arg-type]
             fn_kwargs={
                 "transform": transform,
-                "label_field": config.label_field,
-                "batch_size": config.decode_batch,
+                "label_field": stages.label_field,
+                "batch_size": stages.decode_batch,
                 "skip": corpus.skip,
                 "keep": ray.put(set(corpus.keep.to_pylist())) if corpus.keep is not None else None,
             },
@@ -157,32 +187,32 @@ def decoded(
             num_cpus=1,
         )
     return rows.map_batches(
-        fetch_batch if config.decode == Decode.GPU else decode_batch,  # type: ignore[arg-type]
+        fetch_batch if stages.decode == Decode.GPU else decode_batch,  # type: ignore[arg-type]
         fn_kwargs={"transform": transform},
-        batch_size=config.decode_batch,
+        batch_size=stages.decode_batch,
         batch_format="numpy",
         num_cpus=1,
     )
 
 
-def embeddings_metadata(config: ExtractConfig, weights_id: str, dim: int) -> dict[str, Any]:
+def embeddings_metadata(stages: Stages, weights_id: str, dim: int) -> dict[str, Any]:
     """The JSON stored under the Parquet schema key `raytl`: how every embedding was made."""
     return {
         "model": "vgg16",
         "weights": weights_id,
-        "layer": str(config.layer),
-        "pool": str(config.pool) if config.layer == "pool5" else None,
+        "layer": str(stages.layer),
+        "pool": str(stages.pool) if stages.layer == "pool5" else None,
         "dim": dim,
-        "image_size": config.image_size,
-        "precision": str(config.precision),
+        "image_size": stages.image_size,
+        "precision": str(stages.precision),
         "preprocessing": {
             "exif_transpose": True,
             "to_rgb": True,
-            "resize": config.resize,
+            "resize": stages.resize,
             "interpolation": "bilinear",
             "antialias": True,
-            "center_crop": config.image_size,
-            "decode": str(config.decode),
+            "center_crop": stages.image_size,
+            "decode": str(stages.decode),
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
         },

@@ -9,6 +9,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -78,12 +79,24 @@ def in_order() -> Any:
     return DataConfig(execution_options=options)
 
 
-def scaling(workers: int, use_gpu: bool, cpus: float = 0.25) -> Any:
-    """Ray Train workers: one GPU (and a CPU to feed it) each on GPU clusters, `cpus` each otherwise."""
+def fewest(workers: int | tuple[int, int]) -> int:
+    """The fewest Ray Train workers --workers allows: N, or MIN of MIN-MAX."""
+    return workers[0] if isinstance(workers, tuple) else workers
+
+
+def most(workers: int | tuple[int, int]) -> int:
+    """The most Ray Train workers --workers allows: N, or MAX of MIN-MAX."""
+    return workers[1] if isinstance(workers, tuple) else workers
+
+
+def scaling(workers: int | tuple[int, int], use_gpu: bool, cpus: float = 0.25) -> Any:
+    """Ray Train workers: one GPU (and a CPU to feed it) each on GPU clusters, `cpus` each otherwise.
+    MIN-MAX is Ray Train's elastic training: it starts with as many as it can place (at least MIN), and
+    restarts the group from the last checkpoint, larger or smaller, as nodes join or leave."""
     from ray.train import ScalingConfig
 
     return ScalingConfig(
-        num_workers=workers,
+        num_workers=workers,  # type: ignore[arg-type]  # Train V2 (the default) takes (MIN, MAX); mypy sees V1
         use_gpu=use_gpu,
         # A linear head needs little CPU; the Ray Data tasks that feed it need the rest. A worker
         # holding a whole CPU on a small node starves them and training never gets a batch.
@@ -91,12 +104,30 @@ def scaling(workers: int, use_gpu: bool, cpus: float = 0.25) -> Any:
     )
 
 
+@dataclass(frozen=True)
+class WorkerLogs:
+    """The driver's logging choices that its Ray Train workers follow."""
+
+    show_epochs: bool  # a line per epoch, written by rank 0
+    ray_debug: bool  # Ray Train's own worker output left on
+
+    @classmethod
+    def of_driver(cls) -> WorkerLogs:
+        return cls(logs.show_epochs(), logs.ray_debug())
+
+    def apply(self) -> None:
+        """Called first in a worker."""
+        logs.quiet_train_worker(self.ray_debug)
+
+
 class History:
     """The epochs' metrics (a list of dicts, kept in checkpoints); each epoch added is shown as a line by
     rank 0 when the command shows epochs."""
 
-    def __init__(self, command: str, cfg: dict[str, Any], records: list[dict] | None = None, first: int = 0):
-        self.command, self.epochs, self.show = command, cfg["epochs"], cfg["show_epochs"]
+    def __init__(
+        self, command: str, epochs: int, show: WorkerLogs, records: list[dict] | None = None, first: int = 0
+    ) -> None:
+        self.command, self.epochs, self.show = command, epochs, show.show_epochs
         self.records: list[dict] = records or []
         self.first, self.started = first, time.monotonic()
 

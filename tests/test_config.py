@@ -126,6 +126,15 @@ def test_command_modules_import_shared_layers_never_each_other():
             if any(n.startswith("raytl.commands.") or n == "raytl.commands" for n in names):
                 importers.add(str(path.relative_to(package)))
     assert importers == {"cli.py", "__init__.py", "quickstart.py"}
+    # predict and finetune run the image stages with a pipeline.Stages of their own, never an extract config
+    # (whose rules about OUTPUT and SOURCE would silently become theirs).
+    for command in ("predict", "finetune"):
+        calls = [
+            node
+            for node in ast.walk(ast.parse((package / "commands" / f"{command}.py").read_text()))
+            if isinstance(node, ast.Call) and ast.unparse(node.func).startswith("ExtractConfig")
+        ]
+        assert calls == [], command
 
 
 def test_every_option_has_one_home_in_the_configs():

@@ -267,7 +267,11 @@ def test_a_rerun_with_other_options_is_refused(tmp_path, capsys):
         ({"warmup_epochs": 6}, "--warmup-epochs must be at least 0 and less than --epochs (6)"),
         ({"label_smoothing": 1.5}, "--label-smoothing must be in [0, 1)"),
         ({"min_crop_scale": 0}, "--min-crop-scale must be in (0, 1]"),
-        ({"workers": 0}, "--workers must be an integer at least 1, not 0"),
+        ({"workers": 0}, "--workers must be a count (4) or a range MIN-MAX (1-8; MIN at least 1), not '0'."),
+        (
+            {"workers": "3-2"},
+            "--workers must be a count (4) or a range MIN-MAX (1-8; MIN at least 1), not '3-2'.",
+        ),
     ],
 )
 def test_bad_options_get_one_sentence(tmp_path, capsys, change, message):
@@ -343,8 +347,8 @@ def test_train_transform_crops_and_flips_at_random():
     ],
 )
 def test_freeze_leaves_exactly_the_later_blocks_trainable(freeze, head, first_trained):
-    cfg = {"head": head, "freeze": freeze, "seed": 0, "image_size": 32, "classes": 3}
-    network = finetune.build_network(random_state_dict(1), cfg)
+    config = FinetuneConfig.create(source="in", model_dir="out", head=head, freeze=freeze, image_size=32)
+    network = finetune.build_network(random_state_dict(1), config, classes=3)
     trainable = {n for n, p in network.named_parameters() if p.requires_grad}
     conv = {int(n.split(".")[2]) for n in trainable if n.startswith("trunk.features.")}
     assert conv == (

@@ -1,116 +1,24 @@
-"""`ray job submit` of jobs/extract.py then jobs/train.py against a local head node and the loopback S3."""
+"""`ray job submit` of jobs/extract.py then jobs/train.py to a cluster of their own, with the loopback S3."""
 
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import AWS_ENV, upload_dir
+from clusters import start_head, stop
+from conftest import upload_dir
 from images import write_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-@pytest.fixture
-def head_node(tmp_path_factory, s3_endpoint):
-    """`ray start --head --block` on free ports with its own temp dir; stopped even when the test fails."""
-    temp_dir = str(tmp_path_factory.mktemp("rayhead"))
-    gcs, dashboard, client, agent, metrics = _free_ports(5)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *AWS_ENV, "AWS_ENDPOINT_URL")}
-    env["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 turns on token auth for `ray start` by default
-    head = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ray.scripts.scripts",
-            "start",
-            "--head",
-            "--block",
-            f"--port={gcs}",
-            f"--dashboard-port={dashboard}",
-            "--dashboard-host=127.0.0.1",
-            "--include-dashboard=true",
-            f"--ray-client-server-port={client}",
-            f"--dashboard-agent-listen-port={agent}",
-            f"--metrics-export-port={metrics}",
-            "--num-cpus=2",
-            "--object-store-memory=400000000",
-            f"--temp-dir={temp_dir}",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        _wait_for_job_api(address, env, head)
-        yield address, env
-    finally:
-        _stop(head, temp_dir)
-
-
-def _wait_for_job_api(address, env, head, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert head.poll() is None, "ray start --head exited"
-        probe = subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "job", "list", "--address", address],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if probe.returncode == 0:
-            return
-        time.sleep(2)
-    raise TimeoutError(f"the job API at {address} did not come up")
-
-
-def _stop(head, temp_dir):
-    """Stop this head node's processes only (`ray stop` would stop the test session's Ray too)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in _pids_mentioning(temp_dir) + [head.pid]:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        time.sleep(2)
-    head.wait(timeout=30)
-
-
-def _pids_mentioning(text):
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    pids.append(int(pid))
-        except OSError:
-            pass
-    return [p for p in pids if p != os.getpid()]
-
-
 def _submit(address, env, *args):
-    runtime_env = {"env_vars": {**AWS_ENV, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}}
+    # No runtime_env: the credentials are in the nodes' environment, where the README says they belong.
     return subprocess.run(
         [
             sys.executable,
@@ -122,8 +30,6 @@ def _submit(address, env, *args):
             address,
             "--working-dir",
             ROOT,
-            "--runtime-env-json",
-            json.dumps(runtime_env),
             "--",
             "python",
             *args,
@@ -147,8 +53,19 @@ def _succeeded(address, env, proc):
     assert JobSubmissionClient(address).get_job_status(job.group(1)) == JobStatus.SUCCEEDED
 
 
+@pytest.fixture
+def head_node(tmp_path_factory, s3_endpoint):
+    """A Ray cluster of this test's own (clusters.py): a head with 2 CPUs and the job API. The S3 settings
+    are in the environment of its `ray start`, as the README advises, never in a job's runtime_env."""
+    # A short path: Ray's socket paths inside it must stay under the 107 bytes a Unix socket allows.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    head = start_head(str(tmp_path_factory.mktemp("rayhead")), env)
+    yield head
+    stop(head)
+
+
 def test_submit_extract_then_train(head_node, tmp_path, bucket):
-    address, env = head_node
+    address, env = head_node.dashboard, head_node.env
     good = write_corpus(tmp_path / "corpus", {"cat": [1], "dog": [2]}, broken=True, strays=True)
     source = upload_dir(tmp_path / "corpus", bucket, "corpus")
     extract = _submit(

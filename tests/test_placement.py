@@ -7,12 +7,14 @@ where Ray placed them is real.
 """
 
 import json
+import os
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
 import pytest
-from images import write_corpus
+from clusters import start_head, stop
+from images import write_colour_corpus, write_corpus
 
 SCRIPT = r"""
 import json, sys
@@ -45,10 +47,11 @@ plan = train.Plan(["a", "b"], None, {"a": int((y == 0).sum()), "b": int((y == 1)
 config = TrainConfig.create(embeddings=sys.argv[2], model_dir=sys.argv[3], workers=2, epochs=3)
 _, history = train.fit_ray(rows, rows, plan, config, x.mean(0), x.std(0) + 1e-6, 0.01)
 metrics = {"history": history}
-actors = list_actors(detail=True, limit=10000)
+actors = list_actors(address=cluster.address, detail=True, limit=10000)
 embedders = [a for a in actors if "Embedder" in a.class_name]
 trainers = [a for a in actors if a.class_name == "RayTrainWorker"]
-decoders = [t for t in list_tasks(detail=True, limit=10000) if "decode_batch" in t.name]
+tasks = list_tasks(address=cluster.address, detail=True, limit=10000)
+decoders = [t for t in tasks if "decode_batch" in t.name]
 print("RESULT", json.dumps({
     "embedded": summary["embedded"],
     "gpu_nodes": sorted(n.node_id for n in gpu_nodes),
@@ -72,7 +75,9 @@ def on_a_cluster(script: str, *args) -> dict:
     proc = subprocess.run(
         [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # Ray's progress lines fill stderr: on failure, show the script's own output and the error lines.
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "Traceback" in line]
+    assert proc.returncode == 0, "\n".join([proc.stdout[-2000:], *errors[-30:], proc.stderr[-1500:]])
     # Ray forwards its workers' and raylets' lines to the script's stdout too, sometimes after the result.
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
 
@@ -124,7 +129,7 @@ job.start()
 def embedders(state=None):
     for attempt in range(5):  # the state API can time out while the machine is busy
         try:
-            actors = list_actors(detail=True, limit=10000, timeout=30)
+            actors = list_actors(address=cluster.address, detail=True, limit=10000, timeout=30)
             break
         except Exception:
             if attempt == 4:
@@ -175,6 +180,133 @@ def test_gpus_from_zero_a_growing_pool_and_a_lost_gpu_node(tmp_path):
     assert got["embedder_gpus"] == [1.0]
     paths = pq.read_table(tmp_path / "out", columns=["path"]).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 299
+
+
+AUTOSCALED = r"""
+import json, sys
+import ray
+from ray.util.state import list_actors
+
+address, source, output = sys.argv[1:4]
+ray.init(address=address, logging_level="ERROR")
+gpus_at_start = ray.cluster_resources().get("GPU", 0)
+
+import raytl
+
+summary = raytl.extract(
+    source, output, weights="random", image_size=64, decode_batch=8, batch_size=8, rows_per_file=24,
+    device="cuda", num_actors="1-2")
+actors = list_actors(address=address, detail=True, limit=10000, timeout=60)
+embedders = [a for a in actors if "Embedder" in a.class_name]
+gpus = {n["NodeID"]: n["Resources"].get("GPU", 0) for n in ray.nodes()}  # dead nodes too
+print("RESULT", json.dumps({
+    "gpus_at_start": gpus_at_start,
+    "embedded": summary["embedded"],
+    "embedder_nodes": sorted({a.node_id for a in embedders if a.node_id}),  # not those never placed
+    "gpu_nodes": sorted(node for node, count in gpus.items() if count),
+    "head": ray.get_runtime_context().get_node_id(),
+}))
+"""
+
+
+@pytest.fixture
+def autoscaling_head(tmp_path_factory, s3_endpoint):
+    """A cluster of its own (clusters.py): a head with 2 CPUs and no GPU, under Ray's fake autoscaler with a
+    GPU node type that scales from zero to two."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    head = start_head(str(tmp_path_factory.mktemp("rayhead")), env, max_gpu_nodes=2)  # a short path
+    yield head
+    stop(head)
+
+
+def test_the_autoscaler_starts_gpu_nodes_for_device_cuda(autoscaling_head, tmp_path):
+    """On a cluster whose GPU node type scales from zero (Ray's fake autoscaler, `autoscaling_head`),
+    extract --device cuda makes the autoscaler start GPU nodes; the model actors run there only, and a pool
+    that may grow to two (--num-actors 1-2) does, on two GPU nodes. Every image is in OUTPUT once."""
+    good = write_corpus(
+        tmp_path / "corpus", {"a": list(range(1, 12)), "b": list(range(12, 24))}, broken=False, strays=False
+    )
+    got = on_a_cluster(AUTOSCALED, autoscaling_head.gcs, tmp_path / "corpus", tmp_path / "out")
+    assert got["gpus_at_start"] == 0 and got["embedded"] == len(good) == 299
+    assert len(got["embedder_nodes"]) == 2 and set(got["embedder_nodes"]) <= set(got["gpu_nodes"])
+    assert got["head"] not in got["gpu_nodes"]
+    paths = pq.read_table(tmp_path / "out", columns=["path"]).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == 299
+
+
+LOST_TRAINER = r"""
+import json, os, re, sys, threading, time
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # decoding; no GPU
+gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, logging_level="ERROR")
+
+import raytl
+
+source, model_dir = sys.argv[1], sys.argv[2]
+result = {}
+job = threading.Thread(target=lambda: result.update(raytl.finetune(
+    source, model_dir, weights="random", image_size=32, epochs=4, batch_size=4, lr=0.2, warmup_epochs=0.5,
+    device="cuda", workers="1-2")))
+job.start()
+
+
+def wait(what, condition):
+    deadline = time.monotonic() + 300
+    while not condition():
+        assert time.monotonic() < deadline and job.is_alive(), what
+        time.sleep(0.2)
+
+
+def checkpoints():
+    snapshot = os.path.join(model_dir, "train", "checkpoint_manager_snapshot.json")
+    if not os.path.exists(snapshot):
+        return set()
+    with open(snapshot) as f:
+        return set(re.findall(r"checkpoint_\d{4}-\d\d-\d\d_[\d.-]+", f.read()))
+
+
+def trainer_nodes():
+    actors = list_actors(address=cluster.address, detail=True, limit=10000, timeout=30)
+    return sorted(a.node_id for a in actors if a.class_name == "RayTrainWorker" and a.state == "ALIVE")
+
+
+wait("a checkpoint", checkpoints)
+hosts = trainer_nodes()
+# A spot GPU node taken back mid-run, with the Ray Train worker on it.
+cluster.remove_node(next(n for n in gpu_nodes if n.node_id == hosts[0]), allow_graceful=False)
+job.join()
+print("RESULT", json.dumps({
+    "gpu_nodes": sorted(n.node_id for n in gpu_nodes),
+    "trainer_nodes": hosts,
+    "history": result["history"],
+    "resumed": result["resumed_at_epochs"],
+    "accuracy": result["accuracy"],
+    "model": sorted(os.listdir(model_dir)),
+}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_a_lost_training_node_shrinks_the_workers_and_resumes(tmp_path):
+    """finetune --device cuda --workers 1-2 on two GPU nodes: a worker on each. One node is removed after
+    the first checkpoint: Ray Train's elastic group carries on with one worker from the last checkpoint, and
+    the run writes MODEL_DIR."""
+    write_colour_corpus(tmp_path / "corpus", per_class=8, seed=0)
+    got = on_a_cluster(LOST_TRAINER, tmp_path / "corpus", tmp_path / "model")
+    assert got["trainer_nodes"] == got["gpu_nodes"]  # one worker on each GPU node, none on the head
+    epochs = [record["epoch"] for record in got["history"]]
+    resumed = got["resumed"]
+    assert epochs == list(range(4)) and len(resumed) == 1 and 1 <= resumed[0] < 4, (epochs, resumed)
+    workers = [record["workers"] for record in got["history"]]
+    assert workers == [2] * resumed[0] + [1] * (4 - resumed[0])
+    assert {"model.json", "model.pt", "backbone.pt", "metrics.json"} <= set(got["model"])
+    assert 0 <= got["accuracy"] <= 1
 
 
 def test_device_and_actor_pool_options():

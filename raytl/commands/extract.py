@@ -34,14 +34,15 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     if skipped:
         log.warning("resuming: %d images are already in %s and are skipped", skipped, config.output)
     dim = embedding_dim(config.layer, config.pool, config.image_size)
-    metadata = pipeline.embeddings_metadata(config, weights.id, dim)
+    stages = pipeline.Stages.of(config)
+    metadata = pipeline.embeddings_metadata(stages, weights.id, dim)
     log.info("extract config: %s", config.to_json())
     started = time.perf_counter()
     counts: dict[str, int] = {}
     if total != 0:
         logs.init_ray()
         resources = pipeline.Resources.of_cluster(config.device)
-        rows = pipeline.embedded(config, todo, ray.put(weights.state_dict), resources, done)
+        rows = pipeline.embedded(stages, todo, ray.put(weights.state_dict), resources, done)
         stats = pipeline.written(rows, config, resources, metadata)
         progress = logs.Progress("extract", total)
 

@@ -7,7 +7,7 @@ import io
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ import raytl
 from raytl import logs, pipeline, report, shards, split, storage, training
 from raytl import metrics as classification
 from raytl.classifier import METRICS_FILE, MODEL_FILE, MODEL_JSON, Model, classify
-from raytl.config import ConfigError, ExtractConfig, FinetuneConfig, Freeze, Head, Layer, Optimizer, Pool
+from raytl.config import ConfigError, FinetuneConfig, Freeze, Head, Layer, Optimizer, Pool
 from raytl.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -63,7 +63,7 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
     best, latest = best_and_latest(result)
     backbone_spec = save_model(config, classes, layer, weights.state_dict, weights.id, best)
     model = Model.load(config.model_dir)
-    metrics, sample = evaluate(model, backbone_config(config, backbone_spec, layer), val)
+    metrics, sample = evaluate(model, backbone_stages(config, layer), backbone_spec, val)
     report.write_validation(config.model_dir, sample)
     metrics.update(
         head=str(config.head),
@@ -126,10 +126,9 @@ def split_corpus(config: FinetuneConfig) -> tuple[Images, Images, list[str]]:
         raise ConfigError(f"class {empty[0]!r} has no training images left after the validation split.")
     if val.table.num_rows == 0:
         raise ConfigError("the validation split is empty: give --val or a larger --val-fraction.")
-    if train.table.num_rows < config.workers:
-        raise ConfigError(
-            f"--workers {config.workers} is more than the {train.table.num_rows} training images."
-        )
+    workers = training.most(config.workers)
+    if train.table.num_rows < workers:
+        raise ConfigError(f"--workers {workers} is more than the {train.table.num_rows} training images.")
     return train, val, classes
 
 
@@ -254,14 +253,10 @@ def image_dataset(
 ) -> ray.data.Dataset:
     """Decoding and augmentation as CPU tasks (a batch of files, or a shard, a task); re-executed, with new
     random crops, every epoch."""
-    # extract's reading stage, configured as this run reads: batch size, label member
-    reading = ExtractConfig.create(
-        source=config.source, manifest=config.manifest, output=config.model_dir,
-        decode_batch=config.decode_batch, label_field=config.label_field,
-    )  # fmt: skip
+    stages = backbone_stages(config, Layer.POOL5)  # its reading settings: batch size, label member
     corpus = images.corpus()
-    rows = pipeline.listing(reading, corpus, NOTHING)
-    return pipeline.decoded(reading, corpus, rows, transform).map_batches(
+    rows = pipeline.listing(config.decode_batch, corpus, NOTHING)
+    return pipeline.decoded(stages, corpus, rows, transform).map_batches(
         labelled,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
         fn_kwargs={"classes": classes},
         batch_size=None,
@@ -308,21 +303,19 @@ def fit(config: FinetuneConfig, train: Images, val: Images, classes: list[str], 
     total = ray.cluster_resources()
     use_gpu = training.uses_gpu(config.device)
     # On CPU clusters half the CPUs train and half decode: augmentation runs again every epoch.
-    cpus = 1.0 if use_gpu else max(0.25, total.get("CPU", 1) / (2 * config.workers))
-    per_worker = train.table.num_rows // config.workers  # Ray Train splits the stream equally
+    cpus = 1.0 if use_gpu else max(0.25, total.get("CPU", 1) / (2 * training.fewest(config.workers)))
     fs, path = storage.pyarrow_filesystem(config.model_dir)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            **asdict(config),
-            "classes": len(classes),
-            "weights_ref": weights_ref,
-            "steps_per_epoch": max(1, math.ceil(per_worker / config.batch_size)),
-            "trunk_lr": config.trunk_lr,
-            "warmup_epochs": config.warmup,
-            "show_epochs": logs.show_epochs(),
-            "ray_debug": logs.ray_debug(),
-            "threads": max(1, int(cpus)),
+            "plan": WorkerPlan(
+                config,
+                len(classes),
+                weights_ref,
+                train_images=train.table.num_rows,
+                threads=max(1, int(cpus)),
+                logs=training.WorkerLogs.of_driver(),
+            )
         },
         scaling_config=training.scaling(config.workers, use_gpu, cpus),
         run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 (the default); mypy resolves V1
@@ -342,6 +335,18 @@ def fit(config: FinetuneConfig, train: Images, val: Images, classes: list[str], 
     return trainer.fit()
 
 
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What every Ray Train worker gets: the options, and what the driver derived for them."""
+
+    config: FinetuneConfig
+    classes: int
+    weights_ref: Any  # the starting VGG16 state_dict, in the object store
+    train_images: int
+    threads: int  # torch threads of a CPU worker (its share of the CPUs)
+    logs: training.WorkerLogs
+
+
 class Network(nn.Module):
     """VGG16 cut at pool5 (averaged) or fc7, then dropout and a new linear layer over the classes."""
 
@@ -357,32 +362,31 @@ class Network(nn.Module):
         return self.head(self.dropout(self.trunk(x)))
 
 
-def build_network(state_dict: dict, cfg: dict[str, Any]) -> Network:
+def build_network(state_dict: dict, config: FinetuneConfig, classes: int) -> Network:
     """The network with conv blocks up to --freeze frozen (no gradients, no optimiser state)."""
-    head = Head(cfg["head"])
-    layer = Layer.FC7 if head == Head.FC7 else Layer.POOL5
+    layer = Layer.FC7 if config.head == Head.FC7 else Layer.POOL5
     trunk = VGG16Trunk.from_state_dict(state_dict, layer, Pool.AVG)
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(config.seed)
     network = Network(
         trunk,
-        embedding_dim(layer, Pool.AVG, cfg["image_size"]),
-        cfg["classes"],
-        dropout=0.5 if head == Head.FC7 else 0.0,
+        embedding_dim(layer, Pool.AVG, config.image_size),
+        classes,
+        dropout=0.5 if config.head == Head.FC7 else 0.0,
     )
-    for module in trunk.features[: BLOCK_ENDS[Freeze(cfg["freeze"])]]:
+    for module in trunk.features[: BLOCK_ENDS[config.freeze]]:
         module.requires_grad_(False)
     return network
 
 
-def make_optimizer(network: Network, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(network: Network, config: FinetuneConfig) -> torch.optim.Optimizer:
     """Two groups: the new head at --lr, the unfrozen VGG16 layers at --backbone-lr."""
     trunk = [p for p in network.trunk.parameters() if p.requires_grad]
-    groups = [{"params": list(network.head.parameters()), "lr": cfg["lr"]}]
+    groups = [{"params": list(network.head.parameters()), "lr": config.lr}]
     if trunk:
-        groups.append({"params": trunk, "lr": cfg["trunk_lr"]})
-    if Optimizer(cfg["optimizer"]) == Optimizer.SGD:
-        return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"])
-    return torch.optim.AdamW(groups, weight_decay=cfg["weight_decay"])
+        groups.append({"params": trunk, "lr": config.trunk_lr})
+    if config.optimizer == Optimizer.SGD:
+        return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -393,25 +397,30 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train_loop(cfg: dict[str, Any]) -> None:
+def train_loop(loop_config: dict[str, WorkerPlan]) -> None:
     """One Ray Train worker: build the network, resume if there is a checkpoint, then train and validate
     an epoch at a time, reporting metrics and a checkpoint after each."""
     import ray.train
     import ray.train.torch
 
-    logs.quiet_train_worker(cfg["ray_debug"])
+    plan = loop_config["plan"]
+    config = plan.config
+    plan.logs.apply()
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
-        torch.set_num_threads(cfg["threads"])  # Ray's OMP_NUM_THREADS follows the (fractional) CPU request
-    network = build_network(ray.get(cfg["weights_ref"]), cfg)
-    runner = Runner(network, cfg, device)
-    optimizer = make_optimizer(network, cfg)
-    steps = cfg["steps_per_epoch"]
+        torch.set_num_threads(plan.threads)  # Ray's OMP_NUM_THREADS follows the (fractional) CPU request
+    network = build_network(ray.get(plan.weights_ref), config, plan.classes)
+    runner = Runner(network, config, device)
+    optimizer = make_optimizer(network, config)
+    # Each worker's steps an epoch: Ray Train splits the stream equally among however many workers run
+    # now (with --workers MIN-MAX, a group restarted after a resize may be larger or smaller).
+    workers = ray.train.get_context().get_world_size()
+    steps = max(1, math.ceil(plan.train_images // workers / config.batch_size))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: warmup_cosine(step, round(cfg["warmup_epochs"] * steps), cfg["epochs"] * steps),
+        lambda step: warmup_cosine(step, round(config.warmup * steps), config.epochs * steps),
     )
-    history, resumed, start, state = training.History("finetune", cfg), [], 0, {}
+    history, resumed, start, state = training.History("finetune", config.epochs, plan.logs), [], 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group, or a rerun of the same command: carry on where it stopped
         state = training.load(checkpoint, STATE_FILE)
@@ -421,14 +430,14 @@ def train_loop(cfg: dict[str, Any]) -> None:
         runner.scaler.load_state_dict(state["scaler"])
         start = state["epoch"] + 1
         history, resumed = (
-            training.History("finetune", cfg, state["history"], start),
+            training.History("finetune", config.epochs, plan.logs, state["history"], start),
             [*state["resumed"], start],
         )
-    for epoch in range(start, cfg["epochs"]):
+    for epoch in range(start, config.epochs):
         loss, accuracy, failed = runner.train_epoch(optimizer, schedule, ray.train.get_dataset_shard("train"))
         val_metrics = runner.validate(ray.train.get_dataset_shard("val"))
         lr = schedule.get_last_lr()[0]
-        history.add(epoch, (loss, accuracy), val_metrics, failed_images=failed, lr=lr)
+        history.add(epoch, (loss, accuracy), val_metrics, failed_images=failed, lr=lr, workers=workers)
         state = {
             "trainable": trainable_state(network),
             "optimizer": optimizer.state_dict(),
@@ -439,7 +448,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
             "resumed": resumed,
         }
         training.report(history.records[-1], state, STATE_FILE)
-    if start >= cfg["epochs"] and history.records:  # resumed after the last epoch: hand the driver its result
+    if start >= config.epochs and history.records:  # resumed after the last epoch: hand the driver its result
         training.report(history.records[-1], state, STATE_FILE)
 
 
@@ -453,13 +462,13 @@ class Runner:
     """Steps and evaluates one worker's DDP model on uint8 batches: normalisation on the device, autocast
     (bf16 on CUDA and fast-bf16 CPUs), channels_last for reduced precision, a grad scaler for fp16."""
 
-    def __init__(self, network: Network, cfg: dict[str, Any], device: torch.device) -> None:
+    def __init__(self, network: Network, config: FinetuneConfig, device: torch.device) -> None:
         import ray.train.torch
 
         from raytl.config import Precision
 
-        self.cfg, self.device = cfg, device
-        self.precision = resolve_precision(Precision(cfg["precision"]), device)
+        self.config, self.device = config, device
+        self.precision = resolve_precision(config.precision, device)
         self.dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self.precision)
         self.channels_last = self.dtype is not None
         if self.channels_last:
@@ -470,7 +479,7 @@ class Runner:
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def batches(self, shard: Any, shuffle: bool) -> Any:
-        size = self.cfg["batch_size"]
+        size = self.config.batch_size
         return shard.iter_torch_batches(
             batch_size=size,
             dtypes={"image": torch.uint8, "y": torch.int64, "ok": torch.bool},
@@ -495,7 +504,7 @@ class Runner:
             ok, y = batch["ok"], batch["y"]
             logits = self.forward(batch["image"])
             per_image = nn.functional.cross_entropy(
-                logits, y, reduction="none", label_smoothing=self.cfg["label_smoothing"]
+                logits, y, reduction="none", label_smoothing=self.config.label_smoothing
             )
             # Images that failed to decode weigh zero; the step still happens on every worker (DDP).
             weight = ok.float()
@@ -573,12 +582,13 @@ def save_model(
     uri = storage.join(config.model_dir, BACKBONE_FILE)
     storage.write_bytes(uri, buffer.getvalue())
     digest = hashlib.sha256(buffer.getvalue()).hexdigest()[:16]
-    spec = backbone_config(config, uri, layer)
     dim = embedding_dim(layer, Pool.AVG, config.image_size)
     info = {
         "kind": "finetune",
         "head": str(config.head),
-        "backbone": pipeline.embeddings_metadata(spec, f"{storage.redact(uri)}#sha256:{digest}", dim),
+        "backbone": pipeline.embeddings_metadata(
+            backbone_stages(config, layer), f"{storage.redact(uri)}#sha256:{digest}", dim
+        ),
         "initial_weights": weights_id,
         "best_epoch": best["epoch"],
         "config": json.loads(config.to_json()),
@@ -596,17 +606,14 @@ def save_model(
     return uri
 
 
-def backbone_config(config: FinetuneConfig, backbone_uri: str, layer: Layer) -> ExtractConfig:
+def backbone_stages(config: FinetuneConfig, layer: Layer) -> pipeline.Stages:
     """How predict (and the final evaluation) runs the fine-tuned layers: DESIGN.md's eval transforms."""
-    return ExtractConfig.create(
-        source=config.source or config.manifest,
-        output=config.model_dir,
-        weights=backbone_uri,
+    return pipeline.Stages(
         layer=layer,
         pool=Pool.AVG,
         precision=config.precision,
         image_size=config.image_size,
-        resize_size=config.resize,
+        resize=config.resize,
         max_pixels=config.max_pixels,
         decode_batch=config.decode_batch,
         label_field=config.label_field,
@@ -639,12 +646,14 @@ def batch_evaluation(batch: pa.Table, model: Model) -> dict[str, np.ndarray]:
     }
 
 
-def evaluate(model: Model, config: ExtractConfig, val: Images) -> tuple[dict[str, Any], pa.Table]:
+def evaluate(
+    model: Model, stages: pipeline.Stages, weights_uri: str, val: Images
+) -> tuple[dict[str, Any], pa.Table]:
     """Metrics of the saved model on every validation image, through predict's own image path, and a
     sample of the rows (misclassified ones first) for the report."""
-    weights = load_weights(config.weights, config.layer)
+    weights = load_weights(weights_uri, stages.layer)
     rows = pipeline.embedded(
-        config, val.corpus(), ray.put(weights.state_dict), pipeline.Resources.of_cluster(config.device)
+        stages, val.corpus(), ray.put(weights.state_dict), pipeline.Resources.of_cluster(stages.device)
     )
     k = len(model.classes)
     total, failed, sampler = np.zeros((k, k), dtype=np.int64), 0, report.Sampler()

@@ -14,7 +14,7 @@ import ray
 
 from raytl import logs, pipeline, storage, writer
 from raytl.classifier import Model, classify
-from raytl.config import Decode, ExtractConfig, PredictConfig
+from raytl.config import Decode, ExtractConfig, Layer, Pool, Precision, PredictConfig
 from raytl.embeddings import check_same_backbone, is_embeddings, open_embeddings
 from raytl.models import WeightsError, load_weights
 from raytl.output import check_apart, prepare_output
@@ -81,14 +81,14 @@ def _images_input(config: PredictConfig, model: Model) -> tuple[Callable[[], Any
     """INPUT holds images: embedded as the model's embeddings were (its recorded backbone settings), with
     its weights (or --weights when they moved); (rows builder, dimension)."""
     spec = config.weights or default_weights(model, config.model_dir)
-    stages = backbone_config(model, config, spec)
-    corpus = list_corpus(stages.source, stages.manifest, stream=True, allow_schemes=stages.allow_schemes)
+    stages = backbone_stages(model, config)
+    corpus = list_corpus(config.source, config.manifest, stream=True, allow_schemes=config.allow_schemes)
     if corpus.shards and stages.decode == Decode.GPU:
         # Shards are decoded by CPU tasks (read_shards); the model's GPU-decoded crops differ from
         # Pillow's by at most 2 grey levels.
         log.warning("the model's embeddings were decoded on GPU; tar shards are decoded on CPU")
         stages = replace(stages, decode=Decode.CPU)
-    backbone = load_weights(stages.weights, stages.layer, stages.seed)
+    backbone = load_weights(spec, stages.layer, weights_spec(model.info["backbone"]["weights"])[1])
     expected = model.info["backbone"]["weights"]
     if _content(backbone.id) != _content(expected) and not config.weights:
         raise WeightsError(
@@ -117,27 +117,22 @@ def _summary(config: PredictConfig, counts: dict[str, int], wall: float) -> dict
     }
 
 
-def backbone_config(model: Model, config: PredictConfig, weights: str) -> ExtractConfig:
-    """The extract settings the model's embeddings were made with (from their `raytl` metadata)."""
+def backbone_stages(model: Model, config: PredictConfig) -> pipeline.Stages:
+    """The image stages as the model's embeddings were made (their `raytl` metadata), on predict's actors."""
     backbone = model.info["backbone"]
-    _, seed = weights_spec(backbone["weights"])
-    return ExtractConfig.create(
-        source=config.source,
-        output=config.output,
-        manifest=config.manifest,
-        weights=weights,
-        seed=seed,
-        layer=backbone["layer"],
-        pool=backbone.get("pool") or "avg",
-        precision=backbone.get("precision", "auto"),
-        image_size=backbone["image_size"],
-        resize_size=backbone["preprocessing"]["resize"],
-        decode=backbone["preprocessing"].get("decode", "cpu"),
+    preprocessing = backbone["preprocessing"]
+    return pipeline.Stages(
+        layer=Layer.parse(backbone["layer"], "the model's layer"),
+        pool=Pool.parse(backbone.get("pool") or "avg", "the model's pool"),
+        precision=Precision.parse(backbone.get("precision", "auto"), "the model's precision"),
+        image_size=int(backbone["image_size"]),
+        resize=int(preprocessing["resize"]),
+        max_pixels=ExtractConfig.max_pixels,  # extract's default
+        decode_batch=ExtractConfig.decode_batch,
+        decode=Decode.parse(preprocessing.get("decode", "cpu"), "the model's decode"),
         batch_size=config.batch_size,
         num_actors=config.num_actors,
         device=config.device,
-        allow_schemes=config.allow_schemes,
-        overwrite=config.overwrite,
     )
 
 

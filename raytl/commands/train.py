@@ -43,6 +43,24 @@ class Plan:
     val_counts: dict[str, int]
 
 
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What every Ray Train worker gets: the options, and what the driver learnt of the data."""
+
+    config: TrainConfig
+    mean: np.ndarray  # per embedding dimension, over the training split
+    std: np.ndarray
+    classes: int
+    weights: list[float]  # per class (--class-weight)
+    l2: float  # the penalty the head's loss adds (--c)
+    in_memory: bool  # each worker keeps its shard in memory after the first epoch (it is small enough)
+    logs: training.WorkerLogs
+
+    @property
+    def svm(self) -> bool:
+        return self.config.head == ProbeHead.SVM
+
+
 def run(config: TrainConfig) -> dict[str, Any]:
     """Check inputs, fit the probe, write MODEL_DIR (model, model.json, metrics.json); returns metrics."""
     train = open_embeddings(config.embeddings)
@@ -279,22 +297,16 @@ def fit_ray(
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "mean": mean,
-            "std": std,
-            "classes": len(plan.classes),
-            "weights": class_weights(plan, config.class_weight),
-            "l2": l2,
-            "svm": config.head == ProbeHead.SVM,
-            "show_epochs": logs.show_epochs(),
-            "ray_debug": logs.ray_debug(),
-            "lr": config.lr,
-            "epochs": config.epochs,
-            "patience": config.patience,
-            "batch_size": config.batch_size,
-            "seed": config.seed,
-            "report_seconds": _REPORT_SECONDS,
-            # Each worker keeps its shard in memory after the first epoch when it is small enough.
-            "in_memory": n_rows * (dim * 4 + 8) / config.workers <= _WORKER_CACHE_BYTES,
+            "plan": WorkerPlan(
+                config,
+                mean,
+                std,
+                len(plan.classes),
+                class_weights(plan, config.class_weight),
+                l2,
+                in_memory=n_rows * (dim * 4 + 8) / training.fewest(config.workers) <= _WORKER_CACHE_BYTES,
+                logs=training.WorkerLogs.of_driver(),
+            )
         },
         scaling_config=training.scaling(config.workers, use_gpu),
         run_config=RunConfig(  # type: ignore[call-arg]  # Train V2 (the default); mypy resolves V1
@@ -319,22 +331,24 @@ def fit_ray(
     return head, state["history"]
 
 
-def train_loop(cfg: dict[str, Any]) -> None:
+def train_loop(loop_config: dict[str, WorkerPlan]) -> None:
     """One Ray Train worker: stream its shard, step, validate, report, checkpoint, stop early."""
     import ray.train
     import ray.train.torch
 
-    logs.quiet_train_worker(cfg["ray_debug"])
-    torch.manual_seed(cfg["seed"])
+    plan = loop_config["plan"]
+    config = plan.config
+    plan.logs.apply()
+    torch.manual_seed(config.seed)
     # A worker holding a GPU whose CUDA does not work trains on its CPU (collective_backend chose gloo).
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-    head = LinearHead(torch.tensor(cfg["mean"]), torch.tensor(cfg["std"]), cfg["classes"])
+    head = LinearHead(torch.tensor(plan.mean), torch.tensor(plan.std), plan.classes)
     model = ray.train.torch.prepare_model(head, move_to_device=device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
-    weights = torch.tensor(cfg["weights"], dtype=torch.float32, device=device)
-    train, val = Shard("train", cfg, device), Shard("val", cfg, device)
-    history = training.History("train", cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    weights = torch.tensor(plan.weights, dtype=torch.float32, device=device)
+    train, val = Shard("train", plan, device), Shard("val", plan, device)
+    history = training.History("train", config.epochs, plan.logs)
     best, best_head, stale, start = NOTHING_YET, copy.deepcopy(head.state_dict()), 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group resumes where the last checkpoint left off
@@ -343,23 +357,23 @@ def train_loop(cfg: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         best, best_head, stale, start = state["best"], state["best_head"], state["stale"], state["epoch"] + 1
-        history = training.History("train", cfg, state["history"], start)
+        history = training.History("train", config.epochs, plan.logs, state["history"], start)
     last_report = time.monotonic()
-    for epoch in range(start, cfg["epochs"]):
-        train_metrics = run_epoch(model, head, optimizer, weights, cfg, train.batches(epoch), device)
-        val_metrics = run_epoch(model, head, None, weights, cfg, val.batches(None), device)
+    for epoch in range(start, config.epochs):
+        train_metrics = run_epoch(model, head, optimizer, weights, plan, train.batches(epoch), device)
+        val_metrics = run_epoch(model, head, None, weights, plan, val.batches(None), device)
         schedule.step()
         record = history.add(epoch, train_metrics, val_metrics)
-        key = selection_key(record, cfg["svm"])
+        key = selection_key(record, plan.svm)
         if improves(key, best):
             best, best_head, stale = key, copy.deepcopy(head.state_dict()), 0
             record["selected"] = True
         else:
             stale += 1
-        done = stale >= cfg["patience"] or epoch == cfg["epochs"] - 1
+        done = stale >= config.patience or epoch == config.epochs - 1
         # Reporting is a barrier and writes a checkpoint: do it every report_seconds (as agreed by all
         # workers, so each calls report equally often) and at the end, not after every short epoch.
-        if done or _all_agree(time.monotonic() - last_report >= cfg["report_seconds"], device):
+        if done or _all_agree(time.monotonic() - last_report >= _REPORT_SECONDS, device):
             state = {
                 "head": head.state_dict(),
                 "best_head": best_head,
@@ -416,20 +430,20 @@ def _all_agree(flag: bool, device: torch.device) -> bool:
 
 class Shard:
     """This worker's share of a split: streamed by Ray Data; kept in memory after the first pass when it
-    fits (cfg["in_memory"]), so that later epochs cost no pipeline start-up."""
+    fits (plan.in_memory), so that later epochs cost no pipeline start-up."""
 
-    def __init__(self, name: str, cfg: dict[str, Any], device: torch.device) -> None:
-        self.name, self.cfg, self.device = name, cfg, device
+    def __init__(self, name: str, plan: WorkerPlan, device: torch.device) -> None:
+        self.name, self.plan, self.device = name, plan, device
         self.cached: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def batches(self, shuffle_seed: int | None) -> Any:
         """(x, y) batches; shuffled (seeded per epoch) when shuffle_seed is given."""
-        size = self.cfg["batch_size"]
+        size, seed = self.plan.config.batch_size, self.plan.config.seed
         if self.cached is not None:
             x, y = self.cached
             order = torch.arange(len(y), device=self.device)
             if shuffle_seed is not None:
-                generator = torch.Generator().manual_seed(self.cfg["seed"] * 100_003 + shuffle_seed)
+                generator = torch.Generator().manual_seed(seed * 100_003 + shuffle_seed)
                 order = torch.randperm(len(y), generator=generator).to(self.device)
             for start in range(0, len(y), size):
                 index = order[start : start + size]
@@ -443,16 +457,16 @@ class Shard:
             dtypes={"x": torch.float32, "y": torch.int64},
             device=self.device,
             local_shuffle_buffer_size=4 * size if shuffle_seed is not None else None,
-            local_shuffle_seed=self.cfg["seed"] if shuffle_seed is not None else None,
+            local_shuffle_seed=seed if shuffle_seed is not None else None,
         ):
-            if self.cfg["in_memory"]:
+            if self.plan.in_memory:
                 keep.append((batch["x"], batch["y"]))
             yield batch["x"], batch["y"]
-        if self.cfg["in_memory"]:
+        if self.plan.in_memory:
             self.cached = (torch.cat([x for x, _ in keep]), torch.cat([y for _, y in keep]))
 
 
-def run_epoch(model, head, optimizer, weights, cfg, batches, device) -> tuple[float, float]:
+def run_epoch(model, head, optimizer, weights, plan: WorkerPlan, batches, device) -> tuple[float, float]:
     """One pass over this worker's batches; returns the loss and accuracy over all workers."""
     model.train(optimizer is not None)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # weighted loss, weight, correct
@@ -460,9 +474,9 @@ def run_epoch(model, head, optimizer, weights, cfg, batches, device) -> tuple[fl
     for x, y in batches:
         with torch.set_grad_enabled(optimizer is not None):
             logits = model(x)
-            per_row = (squared_hinge(logits, y) if cfg["svm"] else cross_entropy(logits, y)) * weights[y]
+            per_row = (squared_hinge(logits, y) if plan.svm else cross_entropy(logits, y)) * weights[y]
             if optimizer is not None:
-                loss = per_row.sum() / weights[y].sum() + 0.5 * cfg["l2"] * head.linear.weight.pow(2).sum()
+                loss = per_row.sum() / weights[y].sum() + 0.5 * plan.l2 * head.linear.weight.pow(2).sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
