@@ -163,6 +163,13 @@ def actor_pool(num_actors: int | tuple[int, int] | None, resources: Resources) -
     return ray.data.ActorPoolStrategy(size=1)
 
 
+# A model actor that Ray Data gives up on while it still waits for a GPU node (a pool that grows and
+# shrinks on an autoscaling cluster) counts as an actor that died during initialisation, and Ray Data's
+# default allowance for those is none: the whole run failed (seen with Ray's fake autoscaler, Ray 2.60).
+# The weights are checked on the driver before any actor starts, so replacing a few costs nothing.
+_ACTOR_INIT_DEATHS = 3
+
+
 def on_actors(
     rows: Any,
     embedder: type[Embedder],
@@ -173,6 +180,11 @@ def on_actors(
 ) -> Any:
     """rows.map_batches(embedder) on the model actor pool (`actor_pool`). `options`: pipeline.Stages or
     an EmbedConfig (layer, pool, precision, batch_size, num_actors, compile)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    if 0 <= context.max_consecutive_actor_init_deaths < _ACTOR_INIT_DEATHS:  # -1 is no limit
+        context.max_consecutive_actor_init_deaths = _ACTOR_INIT_DEATHS
     pool = actor_pool(options.num_actors, resources)
     gpu = resources.use_gpu
     batch_size = options.batch_size or (256 if gpu else 32)
