@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import skops.io
 import torch
 from torch import nn
 
@@ -107,6 +106,8 @@ class Model:
         torch.save(tensors, buffer)
         storage.write_bytes(storage.join(model_dir, MODEL_FILE), buffer.getvalue())
         if self.kernel is not None:
+            import skops.io  # here, not at the top: it imports all of scikit-learn (~5 s a process)
+
             storage.write_bytes(storage.join(model_dir, KERNEL_FILE), skops.io.dumps(self.kernel))
         info = dict(self.info, classes=self.classes)
         storage.write_bytes(storage.join(model_dir, MODEL_JSON), json.dumps(info, indent=2).encode())
@@ -154,6 +155,8 @@ def _check(info: Any, arrays: dict[str, np.ndarray], model_dir: str) -> None:
 def _kernel(model_dir: str) -> Any:
     """The RBF SVC pipeline, loaded by skops with only the types scikit-learn's and numpy's own estimators
     need; anything else in the file is refused, never run."""
+    import skops.io  # here, not at the top: it imports all of scikit-learn (~5 s a process)
+
     uri = storage.join(model_dir, KERNEL_FILE)
     try:
         data = storage.read_bytes(uri)

@@ -182,6 +182,10 @@ def test_gpus_from_zero_a_growing_pool_and_a_lost_gpu_node(tmp_path):
 
 LOST_TRAINER = r"""
 import json, os, re, sys, threading, time
+
+# After a node is lost, Ray Train first tries the old group size again (the dead node's resources still
+# show for a moment) and waits this long for a placement group before it shrinks; 60 s by default.
+os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
