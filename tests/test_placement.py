@@ -1,5 +1,6 @@
-"""Placement on a multi-node cluster: model actors hold one GPU each and run only on GPU nodes, and with
---device cuda they wait for GPU nodes that join after the job started (what an autoscaler does).
+"""Placement on a multi-node cluster: model actors and Ray Train workers hold one GPU each and run only on
+GPU nodes; with --device cuda they wait for GPU nodes that join after the job started (what an autoscaler
+does); runs go on when a node is lost.
 
 A `ray.cluster_utils.Cluster` (several raylets on this machine, some declaring a GPU) runs in a
 subprocess, apart from the test session's Ray. Without CUDA the actors fall back to the CPU, but
@@ -14,59 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 from images import write_colour_corpus, write_corpus
 
-SCRIPT = r"""
-import json, sys
-import ray
-from ray.cluster_utils import Cluster
-from ray.util.state import list_actors, list_tasks
-
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # the head is the CPU-only node
-gpu_nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
-cluster.wait_for_nodes()
-ray.init(address=cluster.address, logging_level="ERROR")
-
-from raytl.commands import extract
-from raytl.config import ExtractConfig
-
-summary = extract.run(ExtractConfig.create(
-    source=sys.argv[1], output=sys.argv[2], weights="random", image_size=32, decode_batch=4))
-# Ray Train's placement, with the probe's own fit_ray and scaling, on the embeddings just written (the
-# label pass, evaluation and report of train.run add nothing here but time).
-import numpy as np
-import pyarrow.parquet as pq
-from raytl.commands import train
-from raytl.config import TrainConfig
-
-table = pq.read_table(sys.argv[2])
-x = np.stack([np.asarray(e, np.float32) for e in table["embedding"].to_pylist()])
-y = np.array([["a", "b"].index(label) for label in table["label"].to_pylist()])
-rows = ray.data.from_items([{"x": xi, "y": int(yi)} for xi, yi in zip(x, y)])
-plan = train.Plan(["a", "b"], None, {"a": int((y == 0).sum()), "b": int((y == 1).sum())}, {"a": 1, "b": 1})
-config = TrainConfig.create(embeddings=sys.argv[2], model_dir=sys.argv[3], workers=2, epochs=3)
-_, history = train.fit_ray(rows, rows, plan, config, x.mean(0), x.std(0) + 1e-6, 0.01)
-metrics = {"history": history}
-actors = list_actors(address=cluster.address, detail=True, limit=10000)
-embedders = [a for a in actors if "Embedder" in a.class_name]
-trainers = [a for a in actors if a.class_name == "RayTrainWorker"]
-tasks = list_tasks(address=cluster.address, detail=True, limit=10000)
-decoders = [t for t in tasks if "decode_batch" in t.name]
-print("RESULT", json.dumps({
-    "embedded": summary["embedded"],
-    "gpu_nodes": sorted(n.node_id for n in gpu_nodes),
-    "embedder_nodes": sorted(a.node_id for a in embedders),
-    "embedder_gpus": [a.required_resources.get("GPU", 0) for a in embedders],
-    "decode_nodes": sorted({t.node_id for t in decoders}),
-    "decode_gpus": sorted({t.required_resources.get("GPU", 0) for t in decoders}),
-    "trainer_nodes": sorted(a.node_id for a in trainers),
-    # Ray Train places its workers in a placement group: their GPU shows as GPU_group_* bundle resources
-    "trainer_gpus": [max(v for k, v in a.required_resources.items() if k.startswith("GPU"))
-                     for a in trainers],
-    "epochs": len(metrics["history"]),
-}))
-ray.shutdown()
-cluster.shutdown()
-"""
-
 
 def on_a_cluster(script: str, *args) -> dict:
     """Run a script that starts its own multi-node cluster; the JSON object it prints last."""
@@ -78,20 +26,6 @@ def on_a_cluster(script: str, *args) -> dict:
     assert proc.returncode == 0, "\n".join([proc.stdout[-2000:], *errors[-30:], proc.stderr[-1500:]])
     # Ray forwards its workers' and raylets' lines to the script's stdout too, sometimes after the result.
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
-
-
-def test_model_actors_run_on_gpu_nodes_with_one_gpu_each(tmp_path):
-    good = write_corpus(tmp_path / "corpus", {"a": [1, 2], "b": [3]}, broken=False, strays=False)
-    got = on_a_cluster(SCRIPT, tmp_path / "corpus", tmp_path / "out", tmp_path / "model")
-    assert got["embedded"] == len(good) == 39
-    # one actor per GPU in the cluster, each holding one GPU, each on its own GPU node
-    assert got["embedder_nodes"] == got["gpu_nodes"]
-    assert got["embedder_gpus"] == [1.0, 1.0]
-    # decoding asks for no GPU and may run anywhere
-    assert got["decode_gpus"] == [0.0] and got["decode_nodes"]
-    # Ray Train workers too: one GPU each, on the GPU nodes only (training on their CPUs here)
-    assert got["trainer_nodes"] == got["gpu_nodes"] and got["trainer_gpus"] == [1.0, 1.0]
-    assert got["epochs"] == 3
 
 
 def test_train_workers_ask_for_one_gpu_each_on_gpu_clusters():
@@ -109,7 +43,7 @@ FROM_ZERO = r"""
 import json, os, sys, threading, time
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
+from ray.util.state import list_actors, list_tasks
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # no GPU up when the job starts
 ray.init(address=cluster.address, logging_level="ERROR")
@@ -153,31 +87,65 @@ hosts = sorted({a.node_id for a in embedders()})
 lost = next(n for n in gpu_nodes if n.node_id == embedders("ALIVE")[0].node_id)
 cluster.remove_node(lost, allow_graceful=False)
 job.join()
+tasks = list_tasks(address=cluster.address, detail=True, limit=10000, timeout=30)
+decoders = [t for t in tasks if "decode_batch" in t.name]
+
+# Ray Train's placement on the same cluster, two GPU nodes up again: the probe's own fit_ray and scaling on
+# the embeddings just written (train.run's label pass, evaluation and report add nothing here but time).
+live = [n for n in gpu_nodes if n is not lost] + [cluster.add_node(num_cpus=1, num_gpus=1)]
+cluster.wait_for_nodes()
+import numpy as np
+import pyarrow.parquet as pq
+from raytl.commands import train
+from raytl.config import TrainConfig
+
+table = pq.read_table(output)
+x = np.stack([np.asarray(e, np.float32) for e in table["embedding"].to_pylist()])
+y = np.array([["a", "b"].index(label) for label in table["label"].to_pylist()])
+rows = ray.data.from_items([{"x": xi, "y": int(yi)} for xi, yi in zip(x, y)])
+plan = train.Plan(["a", "b"], None, {"a": int((y == 0).sum()), "b": int((y == 1).sum())}, {"a": 1, "b": 1})
+config = TrainConfig.create(embeddings=output, model_dir=sys.argv[3], workers=2, epochs=2)
+_, history = train.fit_ray(rows, rows, plan, config, x.mean(0), x.std(0) + 1e-6, 0.01)
+trainers = [a for a in list_actors(address=cluster.address, detail=True, limit=10000, timeout=30)
+            if a.class_name == "RayTrainWorker"]
 print("RESULT", json.dumps({
     "embedded": result["embedded"],
     "gpu_nodes": sorted(n.node_id for n in gpu_nodes),
     "embedder_nodes": hosts,
     "embedder_gpus": sorted({a.required_resources.get("GPU", 0) for a in embedders()}),
+    "decode_nodes": sorted({t.node_id for t in decoders}),
+    "decode_gpus": sorted({t.required_resources.get("GPU", 0) for t in decoders}),
+    "live_gpu_nodes": sorted(n.node_id for n in live),
+    "trainer_nodes": sorted(a.node_id for a in trainers),
+    # Ray Train places its workers in a placement group: their GPU shows as GPU_group_* bundle resources
+    "trainer_gpus": [max(v for k, v in a.required_resources.items() if k.startswith("GPU"))
+                     for a in trainers],
+    "epochs": len(history),
 }))
 ray.shutdown()
 cluster.shutdown()
 """
 
 
-def test_gpus_from_zero_a_growing_pool_and_a_lost_gpu_node(tmp_path):
+def test_gpus_from_zero_a_growing_pool_a_lost_gpu_node_and_training_on_gpu_nodes(tmp_path):
     """--device cuda on a cluster with no GPU up (a GPU group scaling from zero): the model actors ask for
     a GPU anyway instead of running on CPU; GPU nodes that join afterwards take them, and a pool allowed
-    to grow to two (--num-actors 1-2) places an actor on each. Then one GPU node is removed mid-run (a
-    spot node taken back): the run finishes, and every image is in OUTPUT exactly once."""
+    to grow to two (--num-actors 1-2) places an actor on each, each holding one GPU; decoding asks for no
+    GPU. Then one GPU node is removed mid-run (a spot node taken back): the run finishes, and every image
+    is in OUTPUT exactly once. With two GPU nodes up again, the probe's Ray Train workers hold one GPU each
+    and sit exactly on the GPU nodes (training on their CPUs here: Ray places, torch sees no CUDA)."""
     good = write_corpus(
         tmp_path / "corpus", {"a": list(range(1, 12)), "b": list(range(12, 24))}, broken=False, strays=False
     )
-    got = on_a_cluster(FROM_ZERO, tmp_path / "corpus", tmp_path / "out")
+    got = on_a_cluster(FROM_ZERO, tmp_path / "corpus", tmp_path / "out", tmp_path / "model")
     assert got["embedded"] == len(good) == 299
     assert got["embedder_nodes"] == got["gpu_nodes"]  # both GPU nodes, never the CPU-only head
     assert got["embedder_gpus"] == [1.0]
+    assert got["decode_gpus"] == [0.0] and got["decode_nodes"]
     paths = pq.read_table(tmp_path / "out", columns=["path"]).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == 299
+    assert got["trainer_nodes"] == got["live_gpu_nodes"] and got["trainer_gpus"] == [1.0, 1.0]
+    assert got["epochs"] == 2
 
 
 LOST_TRAINER = r"""
