@@ -8,6 +8,7 @@ The Python API runs what the CLI runs, with the CLI's options as keywords (`--im
     raytl.train("s3://bucket/embeddings", "s3://bucket/models/probe", head="svm")
     raytl.predict("s3://bucket/models/probe", "s3://bucket/new", "s3://bucket/predictions")
     raytl.finetune("s3://bucket/images", "s3://bucket/models/ft", epochs=5)
+    raytl.export("s3://bucket/models/ft", "model.pt2")  # for plain PyTorch, raytl not needed
     rows = raytl.embed(ray.data.read_images("s3://bucket/images"))  # a Ray Dataset with `embedding`
 
 Nothing heavy is imported until a function runs (`import raytl` loads neither torch nor Ray), and bad
@@ -60,6 +61,17 @@ def predict(model_dir: str, input: str | None, output: str, **options: Any) -> d
 
     config = PredictConfig.create(model_dir=model_dir, source=input, output=output, **options)
     from raytl.commands import predict as command
+
+    return command.run(config)
+
+
+def export(model_dir: str, output: str, **options: Any) -> dict[str, Any]:
+    """`raytl export MODEL_DIR OUT`: the model as one torch.export file (.pt2) that plain PyTorch loads;
+    returns the summary."""
+    from raytl.config import ExportConfig
+
+    config = ExportConfig.create(model_dir=model_dir, output=output, **options)
+    from raytl.commands import export as command
 
     return command.run(config)
 

@@ -14,7 +14,10 @@ import torch
 from torch import nn
 
 from raytl import storage
+from raytl.config import Layer
 from raytl.embeddings import matrix
+from raytl.errors import WeightsError
+from raytl.models import Weights, load_weights
 
 MODEL_FILE = "model.pt"
 MODEL_JSON = "model.json"
@@ -209,3 +212,41 @@ def classify(batch: pa.Table, model: Model, dim: int) -> pa.Table:
             "error": error,
         }
     )
+
+
+# --- the backbone a model's embeddings came from -----------------------------------------------------------
+
+
+def backbone_weights(model: Model, model_dir: str, weights: str | None = None) -> Weights:
+    """The tensors of the model's backbone: from where the model's embeddings were made (a fine-tuned
+    backbone lives in MODEL_DIR itself), or from `weights` when they moved; other weights are refused."""
+    backbone = model.info["backbone"]
+    spec = weights or default_weights(model, model_dir)
+    layer = Layer.parse(backbone["layer"], "the model's layer")
+    loaded = load_weights(spec, layer, weights_spec(backbone["weights"])[1])
+    if weights_content(loaded.id) != weights_content(backbone["weights"]) and not weights:
+        raise WeightsError(
+            f"the backbone weights changed since the model was trained: {loaded.id} != {backbone['weights']}."
+        )
+    return loaded
+
+
+def default_weights(model: Model, model_dir: str) -> str:
+    """The --weights the model's backbone came from; a fine-tuned backbone lives in MODEL_DIR itself."""
+    if model.info.get("kind") == "finetune":
+        return storage.join(model_dir, "backbone.pt")
+    return weights_spec(model.info["backbone"]["weights"])[0]
+
+
+def weights_content(weights_id: str) -> str:
+    """What identifies weights: a file's digest (files may move with their MODEL_DIR), else the id."""
+    return weights_id.rsplit("#sha256:", 1)[-1]
+
+
+def weights_spec(weights_id: str) -> tuple[str, int]:
+    """A weights id from the metadata back to a --weights value (and seed)."""
+    if weights_id == "torchvision:VGG16_Weights.IMAGENET1K_V1":
+        return "imagenet", 0
+    if weights_id.startswith("random:seed="):
+        return "random", int(weights_id.split("=", 1)[1])
+    return weights_id.split("#sha256:", 1)[0], 0

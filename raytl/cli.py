@@ -14,6 +14,7 @@ import raytl
 from raytl import logs, storage
 from raytl.config import (
     Choice,
+    ExportConfig,
     ExtractConfig,
     FinetuneConfig,
     PackConfig,
@@ -122,6 +123,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "Classify INPUT (embeddings, or images: a class-per-folder SOURCE or --manifest) with MODEL_DIR.",
         "raytl predict s3://bucket/models/probe s3://bucket/new-images s3://bucket/predictions",
     ),
+    "export": (
+        "export a trained model as one .pt2 file for plain PyTorch",
+        "Export MODEL_DIR's model (a probe or a fine-tuned network) to OUT, one torch.export file (.pt2) "
+        "that turns uint8 RGB crops into class scores with plain PyTorch; class names and preprocessing "
+        "inside.",
+        "raytl export s3://bucket/models/probe model.pt2",
+    ),
     "quickstart": (
         "run the main job on a small built-in corpus",
         "Build a small labelled image corpus from scikit-learn's digits and run raytl on it.",
@@ -163,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train": run_train,
         "finetune": run_finetune,
         "predict": run_predict,
+        "export": run_export,
         "pack": run_pack,
         "quickstart": run_quickstart,
         "list": run_list,
@@ -235,6 +244,7 @@ CONFIGS: dict[str, Any] = {
     "train": TrainConfig,
     "finetune": FinetuneConfig,
     "predict": PredictConfig,
+    "export": ExportConfig,
     "pack": PackConfig,
 }
 
@@ -244,6 +254,9 @@ def add_command(p: argparse.ArgumentParser, verb: str) -> None:
     if verb == "train":
         p.add_argument("embeddings", metavar="EMBEDDINGS", help="a raytl embeddings dataset (folder or URI)")
         p.add_argument("model_dir", metavar="MODEL_DIR", help="where the model, metrics and checkpoints go")
+    if verb == "export":
+        p.add_argument("model_dir", metavar="MODEL_DIR", help="a model written by raytl train or finetune")
+        p.add_argument("output", metavar="OUT", help="the file to write (.pt2; a path or URI)")
     if verb in PATHS:
         names = PATHS[verb]
         replaced = next(n for n in names if n in ("SOURCE", "INPUT"))
@@ -331,6 +344,24 @@ def run_predict(args: argparse.Namespace) -> int:
     ]
     logs.summary_table("raytl predict", [*rows, ("output", summary["output"])])
     print(json.dumps({k: summary.get(k) for k in ("predicted", "failed", "accuracy", "output")}))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from raytl.commands import export
+
+    summary = export.run(config_of(args, "export"))
+    logs.summary_table(
+        "raytl export",
+        [
+            ("classes", len(summary["classes"])),
+            ("input", summary["input"]),
+            ("scores", summary["scores"]),
+            ("size", f"{summary['bytes'] / 1e6:.1f} MB"),
+            ("file", summary["output"]),
+        ],
+    )
+    print(json.dumps({k: summary[k] for k in ("output", "bytes", "classes")}))
     return 0
 
 

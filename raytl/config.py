@@ -562,6 +562,26 @@ class PackConfig:
         return config
 
 
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything `raytl export` needs; build with `ExportConfig.create` to validate."""
+
+    model_dir: str
+    output: str  # OUT: the .pt2 file
+    weights: str | None = option(None, "the backbone weights, if they moved since the model was trained")
+    overwrite: bool = option(False, "replace OUT if it exists")
+
+    @classmethod
+    def create(cls, **options: Any) -> ExportConfig:
+        """Validate every value; raises ConfigError with one clear sentence."""
+        config = cls(**absolute(parsed(cls, options), "model_dir", "output"))
+        if not config.model_dir or not config.output:
+            raise ConfigError("export takes MODEL_DIR and OUT, and neither may be empty.")
+        if not config.output.endswith(".pt2"):
+            raise ConfigError(f"OUT must name a .pt2 file (torch.export's format), not {config.output!r}.")
+        return config
+
+
 def _json(config: Any) -> str:
     from raytl.storage import redact  # light at import time: the CLI builds configs before anything heavy
 

@@ -119,3 +119,38 @@ def assert_user_error(capsys, args: list[str], message: str) -> str:
     assert message in ours[0], ours[0]
     assert SECRET_KEY not in err
     return ours[0]
+
+
+# Loads an exported model (raytl export) with plain torch, as a user without raytl would, and scores crops.
+_EXPORTED = r"""
+import json, sys
+import numpy as np
+import torch
+
+extra = {"raytl.json": ""}
+program = torch.export.load(sys.argv[1], extra_files=extra)
+scores = program.module()(torch.from_numpy(np.load(sys.argv[2])))
+print(json.dumps({
+    "info": json.loads(extra["raytl.json"]),
+    "scores": scores.tolist(),
+    "raytl_imported": sorted(m for m in sys.modules if m.split(".")[0] == "raytl"),
+}))
+"""
+
+
+def exported_scores(pt2, crops, tmp_path) -> dict:
+    """Run an exported .pt2 on uint8 crops (N, S, S, 3) in a fresh Python that never imports raytl: its
+    raytl.json, the scores, and the raytl modules it imported (none)."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    np.save(tmp_path / "crops.npy", crops)
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXPORTED, str(pt2), str(tmp_path / "crops.npy")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])

@@ -105,8 +105,8 @@ def test_the_cli_answers_help_and_usage_errors_without_torch_or_ray():
 
 
 def test_command_modules_import_shared_layers_never_each_other():
-    """A command module (extract, train, finetune, predict, pack) builds on raytl's shared layers (pipeline,
-    training, classifier, ...); only the CLI, the Python API and the quickstart import commands."""
+    """A command module (extract, train, finetune, predict, export, pack) builds on raytl's shared layers
+    (pipeline, training, classifier, ...); only the CLI, the Python API and the quickstart import commands."""
     import ast
     import pathlib
 
@@ -114,7 +114,7 @@ def test_command_modules_import_shared_layers_never_each_other():
 
     package = pathlib.Path(raytl.__file__).parent
     commands = {p.stem for p in (package / "commands").glob("*.py")} - {"__init__"}
-    assert commands == {"extract", "train", "finetune", "predict", "pack"}
+    assert commands == {"extract", "train", "finetune", "predict", "export", "pack"}
     importers = set()
     for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -145,7 +145,15 @@ def test_every_option_has_one_home_in_the_configs():
     import dataclasses
 
     from raytl.cli import build_parser
-    from raytl.config import ExtractConfig, FinetuneConfig, PackConfig, PredictConfig, TrainConfig, flag
+    from raytl.config import (
+        ExportConfig,
+        ExtractConfig,
+        FinetuneConfig,
+        PackConfig,
+        PredictConfig,
+        TrainConfig,
+        flag,
+    )
 
     parser = build_parser()
     verbs = {a.dest: a for a in parser._actions if isinstance(a, argparse._SubParsersAction)}
@@ -155,6 +163,7 @@ def test_every_option_has_one_home_in_the_configs():
         ("train", TrainConfig),
         ("finetune", FinetuneConfig),
         ("predict", PredictConfig),
+        ("export", ExportConfig),
         ("pack", PackConfig),
     ):
         actions = {a.dest: a for a in commands[verb]._actions}
@@ -197,5 +206,7 @@ def test_python_api_keywords_are_the_flags():
         raytl.finetune("s", "m", val="v", val_fraction=0.3)
     with pytest.raises(ConfigError, match="INPUT is empty"):
         raytl.predict("m", None, "out")
+    with pytest.raises(ConfigError, match="OUT must name a .pt2 file"):
+        raytl.export("m", "model.onnx")
     with pytest.raises(ConfigError, match="embed has no option 'source'"):
         raytl.embed(None, source="x")

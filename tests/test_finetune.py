@@ -16,16 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
-from conftest import assert_user_error, upload_dir
+from conftest import assert_user_error, exported_scores, upload_dir
 from images import random_state_dict, write_colour_corpus
 from PIL import Image
 
 import raytl
-from raytl.classifier import Model
+from raytl.classifier import Model, default_weights, weights_content
 from raytl.cli import main
-from raytl.commands import finetune, predict
+from raytl.commands import finetune
 from raytl.config import FinetuneConfig, Freeze, Head
-from raytl.preprocess import TrainTransform, crop_box
+from raytl.preprocess import TrainTransform, Transform, crop_box
 
 # A tiny learnable problem (three colours, 32 px) that a random VGG16 with a trained head separates in a
 # few epochs on two CPU workers.
@@ -39,6 +39,7 @@ OPTIONS = {
     "warmup_epochs": 0.5,
     "min_crop_scale": 0.5,
     "workers": 2,
+    "precision": "fp32",  # as on CPUs without fast bf16, on every CPU: the exported model computes in fp32
 }
 
 
@@ -237,6 +238,26 @@ def test_finetune_and_predict_read_tar_shards(resumed_run):
         assert row["score"] == pytest.approx(twin["score"], rel=1e-4)
 
 
+def test_the_exported_network_scores_images_as_predict_does_without_raytl(resumed_run, tmp_path):
+    """raytl export of the fine-tuned model to S3 -> one .pt2 that plain torch runs (raytl never imported)
+    on the images' uint8 crops: the labels and probabilities of raytl predict on the same images."""
+    fs, model_dir = resumed_run["fs"], resumed_run["model_dir"]
+    raytl.export(model_dir, "s3://raytl-finetune/exported/ft.pt2")
+    fs.get("raytl-finetune/exported/ft.pt2", str(tmp_path / "ft.pt2"))
+    raytl.predict(model_dir, resumed_run["new"], str(tmp_path / "pred"))
+    rows = pq.read_table(tmp_path / "pred").to_pylist()
+    backbone = Model.load(model_dir).info["backbone"]
+    transform = Transform(int(backbone["image_size"]), int(backbone["preprocessing"]["resize"]))
+    crops = np.stack([transform(fs.cat(r["path"].removeprefix("s3://"))) for r in rows])
+    got = exported_scores(tmp_path / "ft.pt2", crops, tmp_path)
+    scores = np.array(got["scores"])
+    assert got["raytl_imported"] == [] and scores.shape == (18, 3)
+    assert got["info"]["model"]["kind"] == "finetune" and got["info"]["scores"] == "softmax probabilities"
+    assert [got["info"]["classes"][i] for i in scores.argmax(1)] == [r["predicted_label"] for r in rows]
+    np.testing.assert_allclose(scores.max(1), [r["score"] for r in rows], atol=1e-4)
+    np.testing.assert_allclose(scores.sum(1), 1, atol=1e-5)
+
+
 def test_a_finished_model_dir_is_not_overwritten(resumed_run, capsys):
     args = _cli(resumed_run["source"], resumed_run["model_dir"], resumed_run["options"])
     assert_user_error(capsys, args, "already holds a finished model; pass --overwrite")
@@ -390,7 +411,7 @@ def test_predict_finds_a_moved_model_dir(tmp_path):
         np.zeros(2),
         {"kind": "finetune", "backbone": {"weights": "s3://old/place/backbone.pt#sha256:ab"}},
     )
-    assert predict.default_weights(model, "/new/place") == "/new/place/backbone.pt"
-    assert predict._content("file:///x/backbone.pt#sha256:ab") == predict._content(
+    assert default_weights(model, "/new/place") == "/new/place/backbone.pt"
+    assert weights_content("file:///x/backbone.pt#sha256:ab") == weights_content(
         model.info["backbone"]["weights"]
     )

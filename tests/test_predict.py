@@ -4,13 +4,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import assert_user_error
+from conftest import assert_user_error, exported_scores
 from images import random_state_dict, write_corpus
 
 import raytl
 from raytl.classifier import Model
 from raytl.commands import extract, train
 from raytl.config import ExtractConfig, TrainConfig
+from raytl.preprocess import Transform
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,45 @@ def test_images_and_embeddings_give_the_same_predictions(trained, model):
     assert sorted(e["path"].rsplit("/", 1)[-1] for e in errors) == sorted(
         ["empty.jpg", "notes-as-image.jpg", "truncated.jpg", "bomb.png"]
     )
+
+
+@pytest.mark.parametrize("model", ["model", "model-svm"])
+def test_an_exported_model_scores_images_as_predict_does_without_raytl(trained, model, tmp_path, capsys):
+    """raytl export -> one .pt2 that plain torch loads (raytl never imported) and runs on the images' uint8
+    crops: the labels and scores (logreg: probability; SVM: margin) of raytl predict on the same images."""
+    summary = raytl.export(str(trained / model), str(tmp_path / "m.pt2"))
+    raytl.predict(str(trained / model), str(trained / "corpus"), str(tmp_path / "pred"))
+    rows = pq.read_table(tmp_path / "pred").to_pylist()
+    backbone = Model.load(str(trained / model)).info["backbone"]
+    transform = Transform(int(backbone["image_size"]), int(backbone["preprocessing"]["resize"]))
+    crops = np.stack([transform(open(r["path"], "rb").read()) for r in rows])
+    got = exported_scores(tmp_path / "m.pt2", crops, tmp_path)
+    assert got["raytl_imported"] == [] and len(rows) == 52
+    info, scores = got["info"], np.array(got["scores"])
+    assert info["classes"] == summary["classes"] == ["cat", "dog"] and scores.shape == (52, 2)
+    assert info["scores"] == ("SVM margins" if model == "model-svm" else "softmax probabilities")
+    assert info["preprocessing"]["crop"] == 32 and info["backbone"] == backbone
+    assert [info["classes"][i] for i in scores.argmax(1)] == [r["predicted_label"] for r in rows]
+    np.testing.assert_allclose(scores.max(1), [r["score"] for r in rows], atol=1e-4)
+    assert_user_error(
+        capsys, ["export", str(trained / model), str(tmp_path / "m.pt2")], "exists; pass --overwrite"
+    )
+
+
+def test_export_errors(trained, tmp_path, capsys):
+    out = str(tmp_path / "m.pt2")
+    assert_user_error(capsys, ["export", str(tmp_path / "nomodel"), out], "holds no raytl model")
+    assert_user_error(
+        capsys, ["export", str(trained / "model"), str(tmp_path / "m.onnx")], "OUT must name a .pt2 file"
+    )
+    train.run(
+        TrainConfig.create(
+            embeddings=str(trained / "emb"), model_dir=str(tmp_path / "rbf"), backend="sklearn", head="svm",
+            kernel="rbf", val_fraction=0.25,
+        )
+    )  # fmt: skip
+    assert_user_error(capsys, ["export", str(tmp_path / "rbf"), out], "train it with --kernel linear")
+    assert not (tmp_path / "m.pt2").exists()
 
 
 def test_prediction_schema(trained):

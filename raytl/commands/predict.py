@@ -13,10 +13,9 @@ import pyarrow as pa
 import ray
 
 from raytl import logs, pipeline, storage, writer
-from raytl.classifier import Model, classify
+from raytl.classifier import Model, backbone_weights, classify
 from raytl.config import Decode, ExtractConfig, Layer, Pool, Precision, PredictConfig
 from raytl.embeddings import check_same_backbone, is_embeddings, open_embeddings
-from raytl.models import WeightsError, load_weights
 from raytl.output import check_apart, prepare_output
 from raytl.reader import list_corpus
 
@@ -80,7 +79,6 @@ def _embeddings_input(config: PredictConfig, model: Model) -> tuple[Callable[[],
 def _images_input(config: PredictConfig, model: Model) -> tuple[Callable[[], Any], int]:
     """INPUT holds images: embedded as the model's embeddings were (its recorded backbone settings), with
     its weights (or --weights when they moved); (rows builder, dimension)."""
-    spec = config.weights or default_weights(model, config.model_dir)
     stages = backbone_stages(model, config)
     corpus = list_corpus(config.source, config.manifest, stream=True, allow_schemes=config.allow_schemes)
     if corpus.shards and stages.decode == Decode.GPU:
@@ -88,12 +86,7 @@ def _images_input(config: PredictConfig, model: Model) -> tuple[Callable[[], Any
         # Pillow's by at most 2 grey levels.
         log.warning("the model's embeddings were decoded on GPU; tar shards are decoded on CPU")
         stages = replace(stages, decode=Decode.CPU)
-    backbone = load_weights(spec, stages.layer, weights_spec(model.info["backbone"]["weights"])[1])
-    expected = model.info["backbone"]["weights"]
-    if _content(backbone.id) != _content(expected) and not config.weights:
-        raise WeightsError(
-            f"the backbone weights changed since the model was trained: {backbone.id} != {expected}."
-        )
+    backbone = backbone_weights(model, config.model_dir, config.weights)
 
     def rows() -> Any:
         weights_ref = ray.put(backbone.state_dict)
@@ -134,27 +127,6 @@ def backbone_stages(model: Model, config: PredictConfig) -> pipeline.Stages:
         num_actors=config.num_actors,
         device=config.device,
     )
-
-
-def default_weights(model: Model, model_dir: str) -> str:
-    """The --weights the model's backbone came from; a fine-tuned backbone lives in MODEL_DIR itself."""
-    if model.info.get("kind") == "finetune":
-        return storage.join(model_dir, "backbone.pt")
-    return weights_spec(model.info["backbone"]["weights"])[0]
-
-
-def _content(weights_id: str) -> str:
-    """What identifies weights: a file's digest (files may move with their MODEL_DIR), else the id."""
-    return weights_id.rsplit("#sha256:", 1)[-1]
-
-
-def weights_spec(weights_id: str) -> tuple[str, int]:
-    """A weights id from the metadata back to a --weights value (and seed)."""
-    if weights_id == "torchvision:VGG16_Weights.IMAGENET1K_V1":
-        return "imagenet", 0
-    if weights_id.startswith("random:seed="):
-        return "random", int(weights_id.split("=", 1)[1])
-    return weights_id.split("#sha256:", 1)[0], 0
 
 
 def _init_ray() -> None:

@@ -1,0 +1,127 @@
+"""`raytl export`: a trained model (a probe or a fine-tuned network) as one file that classifies images with
+plain PyTorch, raytl not installed.
+
+The file is torch.export's ExportedProgram (`.pt2`), loaded with `torch.export.load(OUT).module()`.
+TorchScript, the older format, is deprecated in the torch raytl locks (its own warning says to use
+torch.export); a `.pt2` holds the graph and the weights in one zip, loads in Python without the model's
+code, and is what `torch.onnx.export` and AOTInductor (C++ serving) take as input. Inside it, as
+`raytl.json`, are the class names, what the scores mean, the preprocessing and the embeddings' metadata.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+import raytl
+from raytl import storage
+from raytl.classifier import Model, backbone_weights
+from raytl.config import ConfigError, ExportConfig, Layer, Pool
+from raytl.models import IMAGENET_MEAN, IMAGENET_STD, VGG16Trunk
+
+INFO_FILE = "raytl.json"  # the extra file inside OUT
+
+
+class Portable(nn.Module):
+    """uint8 RGB crops (N, S, S, 3) -> (N, classes) scores, as `raytl predict` computes them: the backbone
+    on normalised pixels, the head on standardised embeddings, then softmax probabilities (a logistic
+    regression or fine-tuned head) or the SVM's margins."""
+
+    def __init__(self, trunk: nn.Module, model: Model, image_size: int) -> None:
+        super().__init__()
+        self.trunk, self.image_size = trunk, image_size
+        self.softmax = model.info.get("head") != "svm"
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        for name in ("mean", "std", "weight", "bias"):
+            self.register_buffer(name, torch.from_numpy(getattr(model, name)).float())
+
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.image_size
+        torch._check(images.shape[1] == size and images.shape[2] == size and images.shape[3] == 3)
+        x = images.permute(0, 3, 1, 2).float().contiguous()
+        x = x.div(255).sub(self.pixel_mean).div(self.pixel_std)
+        logits = ((self.trunk(x) - self.mean) / self.std) @ self.weight.T + self.bias
+        return torch.softmax(logits, dim=1) if self.softmax else logits
+
+
+def run(config: ExportConfig) -> dict[str, Any]:
+    """Export MODEL_DIR's model to OUT; returns the summary."""
+    model = Model.load(config.model_dir)
+    if model.kernel is not None:
+        raise ConfigError(
+            f"MODEL_DIR {storage.redact(config.model_dir)} holds an RBF-kernel SVM (scikit-learn's SVC), "
+            "which has no linear layer to export; train it with --kernel linear to export it."
+        )
+    fs, path = storage.filesystem(config.output)
+    if not config.overwrite and fs.exists(path):
+        raise storage.StorageError(
+            f"OUT {storage.redact(config.output)} exists; pass --overwrite to replace it or choose another "
+            "OUT."
+        )
+    backbone = model.info["backbone"]
+    weights = backbone_weights(model, config.model_dir, config.weights)
+    trunk = VGG16Trunk.from_state_dict(
+        weights.state_dict,
+        Layer.parse(backbone["layer"], "the model's layer"),
+        Pool.parse(backbone.get("pool") or "avg", "the model's pool"),
+    )
+    size = int(backbone["image_size"])
+    portable = Portable(trunk, model, size).eval()
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.export.export(portable, (example,), dynamic_shapes={"images": {0: batch}})
+    info = describe(model, config.model_dir)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={INFO_FILE: json.dumps(info, indent=2)})
+    storage.write_bytes(config.output, buffer.getvalue())
+    return {
+        "model_dir": storage.redact(config.model_dir),
+        "output": storage.redact(config.output),
+        "bytes": buffer.tell(),
+        "classes": model.classes,
+        "input": info["input"],
+        "scores": info["scores"],
+    }
+
+
+def describe(model: Model, model_dir: str) -> dict[str, Any]:
+    """OUT's raytl.json: what goes in, what comes out, and how the images must be prepared."""
+    backbone = model.info["backbone"]
+    size, resize = int(backbone["image_size"]), int(backbone["preprocessing"]["resize"])
+    return {
+        "format": "raytl-export/1",
+        "raytl": raytl.__version__,
+        "torch": torch.__version__,
+        "input": f"uint8 RGB crops, shape (N, {size}, {size}, 3), prepared as `preprocessing` says",
+        "scores": "SVM margins" if model.info.get("head") == "svm" else "softmax probabilities",
+        "classes": model.classes,
+        "preprocessing": {
+            "steps": [
+                "EXIF orientation applied, converted to RGB",
+                f"shorter side resized to {resize} px (bilinear, antialiased)",
+                f"centre crop of {size} x {size} px",
+            ],
+            "resize": resize,
+            "crop": size,
+            # inside the program: pixels / 255, then these per channel
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
+        "precision": "fp32",
+        "model": {k: v for k, v in model.info.items() if k != "backbone"},
+        "backbone": backbone,
+        "model_dir": storage.redact(model_dir),
+    }
