@@ -15,7 +15,11 @@ from dataclasses import dataclass
 
 # A GPU node type that the autoscaler starts from zero, as cluster.yaml's and k8s/raycluster.yaml's: each
 # "GPU" is only a resource here (torch sees no CUDA), but where Ray places work is real.
-GPU_NODE = {"resources": {"CPU": 1, "GPU": 1, "object_store_memory": 200_000_000}, "node_config": {}}
+# `memory` as a cloud provider reports it (raytl's model actors reserve 3 GiB): see fakenodes.py.
+GPU_NODE = {
+    "resources": {"CPU": 1, "GPU": 1, "memory": 8 * 1024**3, "object_store_memory": 200_000_000},
+    "node_config": {},
+}
 _COMMANDS = (
     "initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
     "head_start_ray_commands", "worker_start_ray_commands", "cluster_synced_files", "rsync_exclude",
@@ -51,7 +55,8 @@ def autoscaling_config(gcs_port: int, head_cpus: int, max_gpu_nodes: int) -> dic
         # Long enough that a node is not taken back between two tasks of a run (which fails them).
         "idle_timeout_minutes": 1,
         "provider": {
-            "type": "fake_multinode",
+            "type": "external",
+            "module": "fakenodes.MemoryFakeProvider",  # Ray's fake_multinode, with node memory
             "gcs_address": f"127.0.0.1:{gcs_port}",
             "use_node_id_as_ip": True,
             "disable_node_updaters": True,
@@ -83,6 +88,9 @@ def start_head(temp_dir: str, env: dict[str, str], max_gpu_nodes: int = 0, head_
             json.dump(autoscaling_config(gcs, head_cpus, max_gpu_nodes), f)
         autoscaling = [f"--autoscaling-config={config}"]
         env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")  # the provider requires the first
+        # The autoscaler (started by `ray start`) imports the provider from tests/.
+        tests = os.path.dirname(os.path.abspath(__file__))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (tests, env.get("PYTHONPATH")) if p)
     process = subprocess.Popen(
         [
             sys.executable,
