@@ -1,6 +1,6 @@
 """Placement on a multi-node cluster: model actors and Ray Train workers hold one GPU each and run only on
-GPU nodes; with --device cuda they wait for GPU nodes that join after the job started, and make Ray's
-(fake multi-node) autoscaler start them; runs go on when a node is lost.
+GPU nodes; with --device cuda they wait for GPU nodes that join after the job started (what an autoscaler
+does); runs go on when a node is lost.
 
 A `ray.cluster_utils.Cluster` (several raylets on this machine, some declaring a GPU) runs in a
 subprocess, apart from the test session's Ray. Without CUDA the actors fall back to the CPU, but
@@ -8,13 +8,11 @@ where Ray placed them is real.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
 import pytest
-from clusters import start_head, stop
 from images import write_colour_corpus, write_corpus
 
 
@@ -148,62 +146,6 @@ def test_gpus_from_zero_a_growing_pool_a_lost_gpu_node_and_training_on_gpu_nodes
     assert len(paths) == len(set(paths)) == 299
     assert got["trainer_nodes"] == got["live_gpu_nodes"] and got["trainer_gpus"] == [1.0, 1.0]
     assert got["epochs"] == 2
-
-
-AUTOSCALED = r"""
-import json, sys
-import ray
-from ray.data import DataContext
-from ray.util.state import list_actors
-
-address, source, output = sys.argv[1:4]
-ray.init(address=address, logging_level="ERROR")
-gpus_at_start = ray.cluster_resources().get("GPU", 0)
-# The pool's two actors start before any batch is handed out, so that both GPU nodes host one however
-# fast the run would otherwise end (Ray Data waits without limit unless told; this bounds it).
-DataContext.get_current().wait_for_min_actors_s = 300
-
-import raytl
-
-summary = raytl.extract(
-    source, output, weights="random", image_size=64, decode_batch=8, batch_size=8, rows_per_file=24,
-    device="cuda", num_actors="2")
-actors = list_actors(address=address, detail=True, limit=10000, timeout=60)
-embedders = [a for a in actors if "Embedder" in a.class_name]
-gpus = {n["NodeID"]: n["Resources"].get("GPU", 0) for n in ray.nodes()}  # dead nodes too
-print("RESULT", json.dumps({
-    "gpus_at_start": gpus_at_start,
-    "embedded": summary["embedded"],
-    "embedder_nodes": sorted({a.node_id for a in embedders if a.node_id}),  # not those never placed
-    "gpu_nodes": sorted(node for node, count in gpus.items() if count),
-    "head": ray.get_runtime_context().get_node_id(),
-}))
-"""
-
-
-@pytest.fixture
-def autoscaling_head(tmp_path_factory, s3_endpoint):
-    """A cluster of its own (clusters.py): a head with 2 CPUs and no GPU, under Ray's fake autoscaler with a
-    GPU node type that scales from zero to two."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    head = start_head(str(tmp_path_factory.mktemp("rayhead")), env, max_gpu_nodes=2)  # a short path
-    yield head
-    stop(head)
-
-
-def test_the_autoscaler_starts_gpu_nodes_for_device_cuda(autoscaling_head, tmp_path):
-    """On a cluster whose GPU node type scales from zero (Ray's fake autoscaler, `autoscaling_head`),
-    extract --device cuda --num-actors 2 makes the autoscaler start two GPU nodes; the model actors run
-    there, one on each, and nowhere else. Every image is in OUTPUT once."""
-    good = write_corpus(
-        tmp_path / "corpus", {"a": list(range(1, 12)), "b": list(range(12, 24))}, broken=False, strays=False
-    )
-    got = on_a_cluster(AUTOSCALED, autoscaling_head.gcs, tmp_path / "corpus", tmp_path / "out")
-    assert got["gpus_at_start"] == 0 and got["embedded"] == len(good) == 299
-    assert len(got["embedder_nodes"]) == 2 and set(got["embedder_nodes"]) <= set(got["gpu_nodes"])
-    assert got["head"] not in got["gpu_nodes"]
-    paths = pq.read_table(tmp_path / "out", columns=["path"]).column("path").to_pylist()
-    assert len(paths) == len(set(paths)) == 299
 
 
 LOST_TRAINER = r"""
