@@ -9,6 +9,7 @@ The Python API runs what the CLI runs, with the CLI's options as keywords (`--im
     raytl.predict("s3://bucket/models/probe", "s3://bucket/new", "s3://bucket/predictions")
     raytl.finetune("s3://bucket/images", "s3://bucket/models/ft", epochs=5)
     raytl.export("s3://bucket/models/ft", "model.pt2")  # for plain PyTorch, raytl not needed
+    raytl.serve("s3://bucket/models/ft", replicas=2)  # HTTP on Ray Serve: POST an image, get JSON
     rows = raytl.embed(ray.data.read_images("s3://bucket/images"))  # a Ray Dataset with `embedding`
 
 Nothing heavy is imported until a function runs (`import raytl` loads neither torch nor Ray), and bad
@@ -72,6 +73,17 @@ def export(model_dir: str, output: str, **options: Any) -> dict[str, Any]:
 
     config = ExportConfig.create(model_dir=model_dir, output=output, **options)
     from raytl.commands import export as command
+
+    return command.run(config)
+
+
+def serve(model_dir: str, **options: Any) -> dict[str, Any]:
+    """`raytl serve MODEL_DIR`: deploy the model on Ray Serve (HTTP: POST an image, get JSON) and return
+    once it is ready, with its URL; it serves until `ray.serve.delete(name)` or the end of Ray."""
+    from raytl.config import ServeConfig
+
+    config = ServeConfig.create(model_dir=model_dir, **options)
+    from raytl.commands import serve as command
 
     return command.run(config)
 

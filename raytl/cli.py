@@ -19,6 +19,7 @@ from raytl.config import (
     FinetuneConfig,
     PackConfig,
     PredictConfig,
+    ServeConfig,
     TrainConfig,
     flag,
 )
@@ -130,6 +131,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "inside.",
         "raytl export s3://bucket/models/probe model.pt2",
     ),
+    "serve": (
+        "serve a trained model over HTTP with Ray Serve",
+        "Serve MODEL_DIR's model (a probe or a fine-tuned network) on Ray Serve: POST an image's bytes, get "
+        '{"label", "score", "scores"} as JSON. Runs until Ctrl-C.',
+        "raytl serve s3://bucket/models/probe --replicas 1-4 --port 8000\n"
+        "  curl --data-binary @cat.jpg http://127.0.0.1:8000/",
+    ),
     "quickstart": (
         "run the main job on a small built-in corpus",
         "Build a small labelled image corpus from scikit-learn's digits and run raytl on it.",
@@ -172,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune": run_finetune,
         "predict": run_predict,
         "export": run_export,
+        "serve": run_serve,
         "pack": run_pack,
         "quickstart": run_quickstart,
         "list": run_list,
@@ -245,6 +254,7 @@ CONFIGS: dict[str, Any] = {
     "finetune": FinetuneConfig,
     "predict": PredictConfig,
     "export": ExportConfig,
+    "serve": ServeConfig,
     "pack": PackConfig,
 }
 
@@ -254,8 +264,9 @@ def add_command(p: argparse.ArgumentParser, verb: str) -> None:
     if verb == "train":
         p.add_argument("embeddings", metavar="EMBEDDINGS", help="a raytl embeddings dataset (folder or URI)")
         p.add_argument("model_dir", metavar="MODEL_DIR", help="where the model, metrics and checkpoints go")
-    if verb == "export":
+    if verb in ("export", "serve"):
         p.add_argument("model_dir", metavar="MODEL_DIR", help="a model written by raytl train or finetune")
+    if verb == "export":
         p.add_argument("output", metavar="OUT", help="the file to write (.pt2; a path or URI)")
     if verb in PATHS:
         names = PATHS[verb]
@@ -362,6 +373,27 @@ def run_export(args: argparse.Namespace) -> int:
         ],
     )
     print(json.dumps({k: summary[k] for k in ("output", "bytes", "classes")}))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from ray import serve as ray_serve
+
+    from raytl.commands import serve
+
+    summary = serve.run(config_of(args, "serve"))
+    logs.summary_table(
+        "raytl serve",
+        [(k, summary[k]) for k in ("url", "model_dir", "device", "replicas", "max_batch_size")],
+    )
+    print(json.dumps({k: summary[k] for k in ("url", "name")}), flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.delete(summary["name"])
     return 0
 
 

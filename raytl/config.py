@@ -78,6 +78,8 @@ WORKERS = (
     "Ray Train workers, one GPU each where the cluster has GPUs: N, or MIN-MAX to train on as many as "
     "Ray can place, resized from the last checkpoint as nodes come and go (Ray Train's elastic training)"
 )
+MLFLOW_URI = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI; neither: not tracked); needs raytl[mlflow]"
+MLFLOW_RUN_NAME = "MLflow run name (default: MODEL_DIR's last part)"
 ALLOW_SCHEMES = (
     "schemes a manifest may name besides its own filesystem's, e.g. file,https (default: none; an S3 "
     "manifest names S3 objects only)"
@@ -229,7 +231,7 @@ def parsed(cls: type, options: dict[str, Any]) -> dict[str, Any]:
             options[name] = kind.parse(value, flag(known[name]))
     if "allow_schemes" in known:
         options["allow_schemes"] = parse_schemes(options.get("allow_schemes"))
-    for name in ("num_actors", "workers"):
+    for name in ("num_actors", "workers", "replicas"):
         if options.get(name) is not None:
             options[name] = parse_count(options[name], flag(known[name]))
     return options
@@ -367,6 +369,9 @@ class TrainConfig:
     class_weight: ClassWeight = option(ClassWeight.NONE, "balanced: each class weighted n / (classes * n_c)")
     seed: int = option(0, "seeds the split and the shuffles")
     overwrite: bool = option(False, "replace a model already in MODEL_DIR")
+    mlflow_uri: str | None = option(None, MLFLOW_URI)
+    mlflow_experiment: str = option("raytl", "MLflow experiment of the run (made if missing)")
+    mlflow_run_name: str | None = option(None, MLFLOW_RUN_NAME)
 
     @classmethod
     def create(cls, **options: Any) -> TrainConfig:
@@ -386,10 +391,15 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, not {self.lr!r}.")
         if self.l2 is not None and self.l2 < 0:
             raise ConfigError(f"--l2 must be zero or positive, not {self.l2!r}.")
+        _check_tracking(self)
         if self.kernel == Kernel.RBF and (self.head != ProbeHead.SVM or self.backend != Backend.SKLEARN):
             raise ConfigError(
                 "--kernel rbf is scikit-learn's SVC on one node: give it with --head svm --backend sklearn."
             )
+
+    def to_json(self) -> str:
+        """The whole config as JSON (passwords in URIs and secret keys redacted), for logs and trackers."""
+        return _json(self)
 
 
 class Head(Choice):
@@ -451,6 +461,9 @@ class FinetuneConfig:
     max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
     seed: int = option(0, "seeds the split, the head's initial weights and --weights random")
     overwrite: bool = option(False, "discard a model or an unfinished run already in MODEL_DIR")
+    mlflow_uri: str | None = option(None, MLFLOW_URI)
+    mlflow_experiment: str = option("raytl", "MLflow experiment of the run (made if missing)")
+    mlflow_run_name: str | None = option(None, MLFLOW_RUN_NAME)
 
     @classmethod
     def create(cls, **options: Any) -> FinetuneConfig:
@@ -488,6 +501,7 @@ class FinetuneConfig:
         if not self.weights:
             raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
         _check_label_field(self.label_field)
+        _check_tracking(self)
 
     @property
     def resize(self) -> int:
@@ -582,10 +596,62 @@ class ExportConfig:
         return config
 
 
+REPLICAS = (
+    "replicas: N, or MIN-MAX to scale with the requests in flight (one GPU each where the cluster has GPUs)"
+)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `raytl serve` needs; build with `ServeConfig.create` to validate."""
+
+    model_dir: str
+    weights: str | None = option(None, "the backbone weights, if they moved since the model was trained")
+    replicas: int | tuple[int, int] = option(1, REPLICAS)
+    max_batch_size: int = option(16, "images a replica scores in one forward pass")
+    batch_wait_ms: float = option(10.0, "how long a replica waits for more images to fill a batch")
+    max_upload_mb: float = option(25.0, "larger uploads are refused (413)")
+    max_pixels: int = option(89_478_485, "larger images are refused (decompression bombs; Pillow's limit)")
+    device: Device = option(Device.AUTO, DEVICE)
+    host: str = option("127.0.0.1", "where the HTTP proxy listens (0.0.0.0: every interface)")
+    port: int = option(8000, "the HTTP port")
+    route_prefix: str = option("/", "the classifier's URL path")
+    name: str = option("raytl", "the Serve application's name")
+
+    @classmethod
+    def create(cls, **options: Any) -> ServeConfig:
+        """Validate every value; raises ConfigError with one clear sentence."""
+        options = parsed(cls, options)
+        config = cls(**absolute(options, "model_dir"))
+        if not config.model_dir:
+            raise ConfigError("serve takes MODEL_DIR, and it may not be empty.")
+        _positive_fields(config, "max_batch_size", "max_pixels")
+        _positive("--port", config.port, low=1, high=65535)
+        if not (isinstance(config.batch_wait_ms, int | float) and config.batch_wait_ms >= 0):
+            raise ConfigError(f"--batch-wait-ms must be zero or more, not {config.batch_wait_ms!r}.")
+        if not (isinstance(config.max_upload_mb, int | float) and config.max_upload_mb > 0):
+            raise ConfigError(f"--max-upload-mb must be positive, not {config.max_upload_mb!r}.")
+        if not config.route_prefix.startswith("/"):
+            raise ConfigError(f"--route-prefix must start with /, not {config.route_prefix!r}.")
+        return config
+
+
 def _json(config: Any) -> str:
     from raytl.storage import redact  # light at import time: the CLI builds configs before anything heavy
 
     return redact(json.dumps({k: str(v) if isinstance(v, Choice) else v for k, v in asdict(config).items()}))
+
+
+def _check_tracking(config: Any) -> None:
+    """--mlflow-uri needs MLflow's client (an extra); the experiment needs a name."""
+    import importlib.util
+
+    if config.mlflow_uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(
+            '--mlflow-uri needs MLflow\'s client: pip install -c requirements/lock.txt "raytl[mlflow]".'
+        )
+    if not config.mlflow_experiment:
+        raise ConfigError("--mlflow-experiment is empty: name the MLflow experiment to log the run in.")
 
 
 def _check_label_field(label: str | None) -> None:

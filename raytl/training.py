@@ -17,6 +17,7 @@ import torch
 
 from raytl import logs
 from raytl.config import Device
+from raytl.tracking import UNTRACKED, Tracker
 
 # A split up to this share of the cluster's object store is cached there for the epochs.
 CACHE_FRACTION = 0.25
@@ -106,14 +107,15 @@ def scaling(workers: int | tuple[int, int], use_gpu: bool, cpus: float = 0.25) -
 
 @dataclass(frozen=True)
 class WorkerLogs:
-    """The driver's logging choices that its Ray Train workers follow."""
+    """The driver's logging and tracking choices that its Ray Train workers follow."""
 
     show_epochs: bool  # a line per epoch, written by rank 0
     ray_debug: bool  # Ray Train's own worker output left on
+    tracker: Tracker = UNTRACKED  # where rank 0 logs each epoch's metrics (MLflow)
 
     @classmethod
-    def of_driver(cls) -> WorkerLogs:
-        return cls(logs.show_epochs(), logs.ray_debug())
+    def of_driver(cls, tracker: Tracker = UNTRACKED) -> WorkerLogs:
+        return cls(logs.show_epochs(), logs.ray_debug(), tracker)
 
     def apply(self) -> None:
         """Called first in a worker."""
@@ -121,13 +123,13 @@ class WorkerLogs:
 
 
 class History:
-    """The epochs' metrics (a list of dicts, kept in checkpoints); each epoch added is shown as a line by
-    rank 0 when the command shows epochs."""
+    """The epochs' metrics (a list of dicts, kept in checkpoints); rank 0 shows each epoch added as a line
+    (when the command shows epochs) and logs it to the run's tracker."""
 
     def __init__(
         self, command: str, epochs: int, show: WorkerLogs, records: list[dict] | None = None, first: int = 0
     ) -> None:
-        self.command, self.epochs, self.show = command, epochs, show.show_epochs
+        self.command, self.epochs, self.show, self.tracker = command, epochs, show.show_epochs, show.tracker
         self.records: list[dict] = records or []
         self.first, self.started = first, time.monotonic()
 
@@ -144,6 +146,8 @@ class History:
             **extra,
         }
         self.records.append(record)
-        if self.show and ray.train.get_context().get_world_rank() == 0:
-            logs.show_epoch(logs.epoch_line(self.command, record, self.epochs, self.started, self.first))
+        if ray.train.get_context().get_world_rank() == 0:
+            if self.show:
+                logs.show_epoch(logs.epoch_line(self.command, record, self.epochs, self.started, self.first))
+            self.tracker.log_epoch(record)
         return record

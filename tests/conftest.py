@@ -12,6 +12,8 @@ import pytest
 # about ten, some in clusters of their own that inherit this environment) then waits out a poll at every
 # step. A shorter interval changes no result; it only lets the suite fit its 15 minutes.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The tests track runs in MLflow's file store (a folder), which MLflow 3 takes only when asked to.
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 # Fake credentials, distinct enough that a test can prove the secret never leaks into any output.
 SECRET_KEY = "raytl-test-secret-4b9e1f7c2d"
@@ -154,3 +156,39 @@ def exported_scores(pt2, crops, tmp_path) -> dict:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def predict_models(ray_session, tmp_path_factory):
+    """extract (32 px, weights from a file) -> train (sklearn backend: logreg in model/, svm in model-svm/)
+    on a small corpus (52 images, 4 broken files): what test_predict and test_serve classify."""
+    import torch
+    from images import random_state_dict, write_corpus
+
+    from raytl.commands import extract, train
+    from raytl.config import ExtractConfig, TrainConfig
+
+    tmp = tmp_path_factory.mktemp("predict")
+    write_corpus(tmp / "corpus", {"cat": [1, 2], "dog": [3, 4]}, broken=True, strays=True)
+    torch.save(random_state_dict(21), tmp / "w.pt")
+    extract.run(
+        ExtractConfig.create(
+            source=str(tmp / "corpus"),
+            output=str(tmp / "emb"),
+            weights=str(tmp / "w.pt"),
+            image_size=32,
+            precision="fp32",
+        )
+    )
+    for head in ("logreg", "svm"):
+        model_dir = "model" if head == "logreg" else f"model-{head}"
+        train.run(
+            TrainConfig.create(
+                embeddings=str(tmp / "emb"),
+                model_dir=str(tmp / model_dir),
+                backend="sklearn",
+                head=head,
+                val_fraction=0.25,
+            )  # fmt: skip
+        )
+    return tmp

@@ -105,8 +105,9 @@ def test_the_cli_answers_help_and_usage_errors_without_torch_or_ray():
 
 
 def test_command_modules_import_shared_layers_never_each_other():
-    """A command module (extract, train, finetune, predict, export, pack) builds on raytl's shared layers
-    (pipeline, training, classifier, ...); only the CLI, the Python API and the quickstart import commands."""
+    """A command module (extract, train, finetune, predict, export, serve, pack) builds on raytl's shared
+    layers (pipeline, training, classifier, ...); only the CLI, the Python API and the quickstart import
+    commands."""
     import ast
     import pathlib
 
@@ -114,7 +115,7 @@ def test_command_modules_import_shared_layers_never_each_other():
 
     package = pathlib.Path(raytl.__file__).parent
     commands = {p.stem for p in (package / "commands").glob("*.py")} - {"__init__"}
-    assert commands == {"extract", "train", "finetune", "predict", "export", "pack"}
+    assert commands == {"extract", "train", "finetune", "predict", "export", "serve", "pack"}
     importers = set()
     for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -151,6 +152,7 @@ def test_every_option_has_one_home_in_the_configs():
         FinetuneConfig,
         PackConfig,
         PredictConfig,
+        ServeConfig,
         TrainConfig,
         flag,
     )
@@ -164,6 +166,7 @@ def test_every_option_has_one_home_in_the_configs():
         ("finetune", FinetuneConfig),
         ("predict", PredictConfig),
         ("export", ExportConfig),
+        ("serve", ServeConfig),
         ("pack", PackConfig),
     ):
         actions = {a.dest: a for a in commands[verb]._actions}
@@ -208,5 +211,9 @@ def test_python_api_keywords_are_the_flags():
         raytl.predict("m", None, "out")
     with pytest.raises(ConfigError, match="OUT must name a .pt2 file"):
         raytl.export("m", "model.onnx")
+    with pytest.raises(ConfigError, match="--route-prefix must start with /, not 'api'"):
+        raytl.serve("m", route_prefix="api")
+    with pytest.raises(ConfigError, match="--mlflow-experiment is empty"):
+        raytl.train("e", "m", mlflow_experiment="")
     with pytest.raises(ConfigError, match="embed has no option 'source'"):
         raytl.embed(None, source="x")

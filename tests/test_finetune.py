@@ -101,7 +101,12 @@ def resumed_run(ray_session, tmp_path_factory, s3_endpoint):
     assert main(["pack", loose, "s3://raytl-finetune/shards", "--shard-size", "25"]) == 0
     source = "s3://raytl-finetune/shards/{00000..00002}.tar"
     model_dir = "s3://raytl-finetune/models/ft"
-    options = dict(OPTIONS, weights="s3://raytl-finetune/weights/w.pt", label_field="json:label")
+    options = dict(
+        OPTIONS,
+        weights="s3://raytl-finetune/weights/w.pt",
+        label_field="json:label",
+        mlflow_uri=str(tmp / "mlruns"),  # MLflow's file store: the killed run and its resumption
+    )
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, use_listings_cache=False)
 
     # 1. `raytl finetune` as its own driver on this Ray cluster, killed after its first checkpoint.
@@ -177,6 +182,33 @@ def test_resumed_after_the_driver_and_a_worker_were_killed(resumed_run):
     )
     assert stored["resumed_at_epochs"] == resumed and stored["accuracy"] == metrics["accuracy"]
     assert stored["confusion_matrix"] and sum(map(sum, stored["confusion_matrix"])) == 12
+
+
+def test_the_resumed_run_continues_its_mlflow_run(resumed_run):
+    """The killed driver's MLflow run is the one the rerun continues and finishes: every epoch is there
+    (those trained again after a kill logged again: the latest point of each step is the kept one)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(resumed_run["options"]["mlflow_uri"])
+    experiment = client.get_experiment_by_name("raytl").experiment_id
+    (run,) = client.search_runs(
+        [experiment], filter_string="tags.`raytl.model_dir` = '" + resumed_run["model_dir"] + "'"
+    )
+    assert run.info.status == "FINISHED" and run.data.tags["raytl.command"] == "finetune"
+    assert run.info.run_name == "ft" and run.data.params["freeze"] == "block4"
+    assert run.data.params["backbone.layer"] == "pool5" and run.data.params["backbone.dim"] == "512"
+    history = resumed_run["metrics"]["history"]
+    for key in ("train_loss", "val_accuracy", "lr", "workers"):
+        latest: dict[int, tuple[int, float]] = {}
+        for point in client.get_metric_history(run.info.run_id, key):
+            if point.step not in latest or point.timestamp >= latest[point.step][0]:
+                latest[point.step] = (point.timestamp, point.value)
+        assert sorted(latest) == [h["epoch"] for h in history], key
+        assert [latest[h["epoch"]][1] for h in history] == pytest.approx([h[key] for h in history]), key
+    assert run.data.metrics["accuracy"] == pytest.approx(resumed_run["metrics"]["accuracy"])
+    assert {"metrics.json", "report.html", "report"} == {
+        a.path for a in client.list_artifacts(run.info.run_id)
+    }
 
 
 def test_model_dir_in_s3_holds_what_predict_needs(resumed_run):

@@ -3,9 +3,7 @@
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from conftest import assert_user_error, exported_scores
-from images import random_state_dict, write_corpus
 
 import raytl
 from raytl.classifier import Model
@@ -15,32 +13,8 @@ from raytl.preprocess import Transform
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
-    """extract (32 px, weights from a file) -> train (sklearn backend) on a small corpus."""
-    tmp = tmp_path_factory.mktemp("predict")
-    write_corpus(tmp / "corpus", {"cat": [1, 2], "dog": [3, 4]}, broken=True, strays=True)
-    torch.save(random_state_dict(21), tmp / "w.pt")
-    extract.run(
-        ExtractConfig.create(
-            source=str(tmp / "corpus"),
-            output=str(tmp / "emb"),
-            weights=str(tmp / "w.pt"),
-            image_size=32,
-            precision="fp32",
-        )
-    )
-    for head in ("logreg", "svm"):
-        model_dir = "model" if head == "logreg" else f"model-{head}"
-        train.run(
-            TrainConfig.create(
-                embeddings=str(tmp / "emb"),
-                model_dir=str(tmp / model_dir),
-                backend="sklearn",
-                head=head,
-                val_fraction=0.25,
-            )  # fmt: skip
-        )
-    return tmp
+def trained(predict_models):
+    return predict_models
 
 
 @pytest.mark.parametrize("model", ["model", "model-svm"])

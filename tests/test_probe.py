@@ -46,6 +46,8 @@ def ray_run(ray_session, data):
         embeddings="s3://raytl-probe/emb/train",
         model_dir="s3://raytl-probe/models/probe",
         workers=2,
+        mlflow_uri=str(data["tmp"] / "mlruns"),  # MLflow's file store
+        mlflow_experiment="probes",
     )
     return {"metrics": train.run(config), "paths": paths, "config": config}
 
@@ -78,6 +80,47 @@ def test_model_dir_in_s3_holds_model_metrics_and_checkpoints(ray_run):
     assert any("/train/checkpoint_" in f for f in files)
     for f in files:
         assert SECRET_KEY.encode() not in fs.cat_file(f)
+
+
+def test_the_run_is_in_mlflow_with_its_options_epochs_and_files(ray_run, data, tmp_path):
+    """Read back with MLflow's own client: the options and the embeddings' metadata as params, one point
+    per epoch for each curve (logged by rank 0), the final metrics, and MODEL_DIR's files as artifacts."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(str(data["tmp"] / "mlruns"))
+    (run,) = client.search_runs([client.get_experiment_by_name("probes").experiment_id])
+    run_id, metrics = run.info.run_id, ray_run["metrics"]
+    assert run.info.run_name == "probe" and run.info.status == "FINISHED"
+    assert run.data.tags["raytl.command"] == "train"
+    assert run.data.tags["raytl.model_dir"] == "s3://raytl-probe/models/probe"
+    params = run.data.params
+    assert (params["head"], params["workers"], params["lr"], params["epochs"]) == (
+        "logreg",
+        "2",
+        "0.01",
+        "100",
+    )
+    assert params["embeddings"] == "s3://raytl-probe/emb/train" and params["backbone.dim"] == "24"
+    assert params["backbone.model"] == "vgg16" and params["backbone.preprocessing.resize"] == "37"
+    assert not {"mlflow_uri", "mlflow_experiment", "overwrite"} & set(params)
+    history = metrics["history"]
+    assert len(history) >= 5
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+        points = sorted(client.get_metric_history(run_id, key), key=lambda p: p.step)
+        assert [p.step for p in points] == [h["epoch"] for h in history], key
+        np.testing.assert_allclose([p.value for p in points], [h[key] for h in history], rtol=1e-6)
+    assert run.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert run.data.metrics["macro_f1"] == pytest.approx(metrics["macro_f1"])
+    assert run.data.metrics["best_epoch"] == metrics["best_epoch"]
+    assert {a.path for a in client.list_artifacts(run_id)} == {"metrics.json", "report.html", "report"}
+    figures = {a.path for a in client.list_artifacts(run_id, "report")}
+    assert figures == {
+        f"report/{n}.png" for n in ("confusion", "per_class", "curves", "pca", "misclassified")
+    }
+    local = client.download_artifacts(run_id, "metrics.json", str(tmp_path))
+    assert json.load(open(local)) == json.loads(
+        s3fs.S3FileSystem().cat("raytl-probe/models/probe/metrics.json")
+    )
 
 
 def test_metrics_json_agrees_with_the_model(ray_run, data):

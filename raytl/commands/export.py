@@ -15,74 +15,32 @@ import json
 from typing import Any
 
 import torch
-from torch import nn
 
 import raytl
-from raytl import storage
-from raytl.classifier import Model, backbone_weights
-from raytl.config import ConfigError, ExportConfig, Layer, Pool
-from raytl.models import IMAGENET_MEAN, IMAGENET_STD, VGG16Trunk
+from raytl import portable, storage
+from raytl.classifier import Model
+from raytl.config import ExportConfig
+from raytl.models import IMAGENET_MEAN, IMAGENET_STD
 
 INFO_FILE = "raytl.json"  # the extra file inside OUT
-
-
-class Portable(nn.Module):
-    """uint8 RGB crops (N, S, S, 3) -> (N, classes) scores, as `raytl predict` computes them: the backbone
-    on normalised pixels, the head on standardised embeddings, then softmax probabilities (a logistic
-    regression or fine-tuned head) or the SVM's margins."""
-
-    def __init__(self, trunk: nn.Module, model: Model, image_size: int) -> None:
-        super().__init__()
-        self.trunk, self.image_size = trunk, image_size
-        self.softmax = model.info.get("head") != "svm"
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        for name in ("mean", "std", "weight", "bias"):
-            self.register_buffer(name, torch.from_numpy(getattr(model, name)).float())
-
-    pixel_mean: torch.Tensor
-    pixel_std: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        size = self.image_size
-        torch._check(images.shape[1] == size and images.shape[2] == size and images.shape[3] == 3)
-        x = images.permute(0, 3, 1, 2).float().contiguous()
-        x = x.div(255).sub(self.pixel_mean).div(self.pixel_std)
-        logits = ((self.trunk(x) - self.mean) / self.std) @ self.weight.T + self.bias
-        return torch.softmax(logits, dim=1) if self.softmax else logits
 
 
 def run(config: ExportConfig) -> dict[str, Any]:
     """Export MODEL_DIR's model to OUT; returns the summary."""
     model = Model.load(config.model_dir)
-    if model.kernel is not None:
-        raise ConfigError(
-            f"MODEL_DIR {storage.redact(config.model_dir)} holds an RBF-kernel SVM (scikit-learn's SVC), "
-            "which has no linear layer to export; train it with --kernel linear to export it."
-        )
+    portable.check_linear(model, config.model_dir, "export")
     fs, path = storage.filesystem(config.output)
     if not config.overwrite and fs.exists(path):
         raise storage.StorageError(
             f"OUT {storage.redact(config.output)} exists; pass --overwrite to replace it or choose another "
             "OUT."
         )
-    backbone = model.info["backbone"]
-    weights = backbone_weights(model, config.model_dir, config.weights)
-    trunk = VGG16Trunk.from_state_dict(
-        weights.state_dict,
-        Layer.parse(backbone["layer"], "the model's layer"),
-        Pool.parse(backbone.get("pool") or "avg", "the model's pool"),
-    )
-    size = int(backbone["image_size"])
-    portable = Portable(trunk, model, size).eval()
+    network = portable.build(model, config.model_dir, config.weights)
+    size = network.image_size
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
-        program = torch.export.export(portable, (example,), dynamic_shapes={"images": {0: batch}})
+        program = torch.export.export(network, (example,), dynamic_shapes={"images": {0: batch}})
     info = describe(model, config.model_dir)
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={INFO_FILE: json.dumps(info, indent=2)})

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import raytl
-from raytl import logs, pipeline, report, shards, split, storage, training
+from raytl import logs, pipeline, report, shards, split, storage, tracking, training
 from raytl import metrics as classification
 from raytl.classifier import METRICS_FILE, MODEL_FILE, MODEL_JSON, Model, classify
 from raytl.config import ConfigError, FinetuneConfig, Freeze, Head, Layer, Optimizer, Pool
@@ -32,6 +32,7 @@ from raytl.models import (
 from raytl.output import NOTHING
 from raytl.preprocess import TrainTransform, Transform
 from raytl.reader import CORPUS_SCHEMA, Corpus, list_corpus
+from raytl.tracking import UNTRACKED, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +59,28 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
         resuming = prepare_model_dir(config)
     logs.init_ray()
     log.info("finetune config: %s (%s)", config.to_json(), "resuming" if resuming else "new run")
-    weights_ref = ray.put(weights.state_dict)
-    result = fit(config, train, val, classes, weights_ref)
-    best, latest = best_and_latest(result)
-    backbone_spec = save_model(config, classes, layer, weights.state_dict, weights.id, best)
-    model = Model.load(config.model_dir)
-    metrics, sample = evaluate(model, backbone_stages(config, layer), backbone_spec, val)
-    report.write_validation(config.model_dir, sample)
-    metrics.update(
-        head=str(config.head),
-        kind="finetune",
-        best_epoch=best["epoch"],
-        train_samples=_counts(train.table, classes),
-        val_samples=_counts(val.table, classes),
-        history=latest["history"],
-        resumed_at_epochs=latest["resumed"],
-    )
-    storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), training.json_bytes(metrics))
-    report.write_quietly(config.model_dir)
+    dim = embedding_dim(layer, Pool.AVG, config.image_size)
+    starting = pipeline.embeddings_metadata(backbone_stages(config, layer), weights.id, dim)
+    with tracking.run("finetune", config, starting, resume=resuming) as tracker:
+        weights_ref = ray.put(weights.state_dict)
+        result = fit(config, train, val, classes, weights_ref, tracker)
+        best, latest = best_and_latest(result)
+        backbone_spec = save_model(config, classes, layer, weights.state_dict, weights.id, best)
+        model = Model.load(config.model_dir)
+        metrics, sample = evaluate(model, backbone_stages(config, layer), backbone_spec, val)
+        report.write_validation(config.model_dir, sample)
+        metrics.update(
+            head=str(config.head),
+            kind="finetune",
+            best_epoch=best["epoch"],
+            train_samples=_counts(train.table, classes),
+            val_samples=_counts(val.table, classes),
+            history=latest["history"],
+            resumed_at_epochs=latest["resumed"],
+        )
+        storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), training.json_bytes(metrics))
+        report.write_quietly(config.model_dir)
+        tracker.finish(config.model_dir, metrics)
     return metrics
 
 
@@ -224,6 +229,8 @@ def _run_options(config: FinetuneConfig) -> dict[str, Any]:
     options = json.loads(config.to_json())
     options.pop("overwrite")
     options.pop("max_failures")  # how hard to try does not change what is trained
+    for name in ("mlflow_uri", "mlflow_experiment", "mlflow_run_name"):  # nor where it is tracked
+        options.pop(name)
     return options
 
 
@@ -294,7 +301,14 @@ def datasets(
 # --- training ------------------------------------------------------------------------------------------
 
 
-def fit(config: FinetuneConfig, train: Images, val: Images, classes: list[str], weights_ref: Any) -> Any:
+def fit(
+    config: FinetuneConfig,
+    train: Images,
+    val: Images,
+    classes: list[str],
+    weights_ref: Any,
+    tracker: Tracker = UNTRACKED,
+) -> Any:
     """Ray Train DDP over --workers; a checkpoint every epoch; resumes from the latest one after a failure
     and when the same command runs again on the same MODEL_DIR."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
@@ -314,7 +328,7 @@ def fit(config: FinetuneConfig, train: Images, val: Images, classes: list[str], 
                 weights_ref,
                 train_images=train.table.num_rows,
                 threads=max(1, int(cpus)),
-                logs=training.WorkerLogs.of_driver(),
+                logs=training.WorkerLogs.of_driver(tracker),
             )
         },
         scaling_config=training.scaling(config.workers, use_gpu, cpus),

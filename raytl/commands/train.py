@@ -17,7 +17,7 @@ import ray
 import torch
 
 import raytl
-from raytl import logs, report, split, storage, training
+from raytl import logs, report, split, storage, tracking, training
 from raytl.classifier import METRICS_FILE, MODEL_FILE, MODEL_JSON, LinearHead, Model
 from raytl.config import Backend, ClassWeight, ConfigError, Kernel, ProbeHead, TrainConfig
 from raytl.embeddings import Embeddings, EmbeddingsError, check_same_backbone, matrix, open_embeddings
@@ -92,30 +92,32 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "l2": l2,
         "raytl_version": raytl.__version__,
     }
-    if config.backend == Backend.SKLEARN:
-        x, y = gather(train_rows)
-        model, history = fit_sklearn(x, y, plan.classes, config, l2, info)
-    else:
-        head, history = fit_ray(train_rows, val_rows, plan, config, mean, std, l2)
-        model = Model.from_head(head, plan.classes, info)
-    model.save(config.model_dir)
-    metrics, sample = evaluate(model, val_rows)
-    report.write_validation(config.model_dir, sample)
-    metrics.update(
-        head=str(config.head),
-        kernel=str(config.kernel),
-        backend=str(config.backend),
-        train_samples=plan.train_counts,
-        val_samples=plan.val_counts,
-        history=history,
-    )
-    if config.backend == Backend.RAY:
-        kept = [row["epoch"] for row in history if row.get("selected")]
+    with tracking.run("train", config, train.metadata) as tracker:
+        if config.backend == Backend.SKLEARN:
+            x, y = gather(train_rows)
+            model, history = fit_sklearn(x, y, plan.classes, config, l2, info)
+        else:
+            head, history = fit_ray(train_rows, val_rows, plan, config, mean, std, l2, tracker)
+            model = Model.from_head(head, plan.classes, info)
+        model.save(config.model_dir)
+        metrics, sample = evaluate(model, val_rows)
+        report.write_validation(config.model_dir, sample)
         metrics.update(
-            best_epoch=kept[-1] if kept else None, selected_by=selection(config.head == ProbeHead.SVM)
+            head=str(config.head),
+            kernel=str(config.kernel),
+            backend=str(config.backend),
+            train_samples=plan.train_counts,
+            val_samples=plan.val_counts,
+            history=history,
         )
-    storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), training.json_bytes(metrics))
-    report.write_quietly(config.model_dir)
+        if config.backend == Backend.RAY:
+            kept = [row["epoch"] for row in history if row.get("selected")]
+            metrics.update(
+                best_epoch=kept[-1] if kept else None, selected_by=selection(config.head == ProbeHead.SVM)
+            )
+        storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), training.json_bytes(metrics))
+        report.write_quietly(config.model_dir)
+        tracker.finish(config.model_dir, metrics)
     return metrics
 
 
@@ -286,6 +288,7 @@ def fit_ray(
     mean: np.ndarray,
     std: np.ndarray,
     l2: float,
+    tracker: tracking.Tracker = tracking.UNTRACKED,
 ) -> tuple[LinearHead, list[dict]]:
     """Data-parallel training with Ray Train; returns the best epoch's head (`selection_key`), the history."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
@@ -305,7 +308,7 @@ def fit_ray(
                 class_weights(plan, config.class_weight),
                 l2,
                 in_memory=n_rows * (dim * 4 + 8) / training.fewest(config.workers) <= _WORKER_CACHE_BYTES,
-                logs=training.WorkerLogs.of_driver(),
+                logs=training.WorkerLogs.of_driver(tracker),
             )
         },
         scaling_config=training.scaling(config.workers, use_gpu),
@@ -362,8 +365,9 @@ def train_loop(loop_config: dict[str, WorkerPlan]) -> None:
     for epoch in range(start, config.epochs):
         train_metrics = run_epoch(model, head, optimizer, weights, plan, train.batches(epoch), device)
         val_metrics = run_epoch(model, head, None, weights, plan, val.batches(None), device)
+        lr = schedule.get_last_lr()[0]  # this epoch's
         schedule.step()
-        record = history.add(epoch, train_metrics, val_metrics)
+        record = history.add(epoch, train_metrics, val_metrics, lr=lr)
         key = selection_key(record, plan.svm)
         if improves(key, best):
             best, best_head, stale = key, copy.deepcopy(head.state_dict()), 0

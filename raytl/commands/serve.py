@@ -1,0 +1,155 @@
+"""`raytl serve`: a trained model as an HTTP classifier on Ray Serve (optional: `raytl[serve]`).
+
+POST an image's bytes (JPEG, PNG, ... as `raytl predict` reads them) to the route; the answer is JSON
+`{"label": ..., "score": ..., "scores": {class: score, ...}}`, `score` as in predict's output (logistic
+regression and fine-tuned heads: the probability; SVM: the margin). Each replica decodes and crops the
+uploads (EXIF orientation, RGB, resize, centre crop: extract's preprocessing) and scores them in batches
+(`@serve.batch`) with the model's backbone and head in fp32 (`raytl.portable`, what `raytl export` saves).
+A bad upload gets a 4xx and one JSON sentence, `{"error": ...}`; the replica goes on serving.
+
+Started by `raytl serve MODEL_DIR` (or `raytl.serve(...)`), or by Ray Serve's own tools through the
+application builder `app`: `serve run raytl.commands.serve:app model_dir=s3://bucket/models/probe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from raytl import storage
+from raytl.config import Device, ServeConfig
+
+log = logging.getLogger(__name__)
+
+_DEPLOYMENT = "Classifier"
+
+
+class Classifier:
+    """A replica: the model on this replica's device, batched scoring, one JSON answer per upload."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        import torch
+
+        from raytl import portable
+        from raytl.classifier import Model
+        from raytl.preprocess import Transform
+
+        model = Model.load(config.model_dir)
+        self.classes = model.classes
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.network = portable.build(model, config.model_dir, config.weights).to(self.device)
+        backbone = model.info["backbone"]
+        size, resize = int(backbone["image_size"]), int(backbone["preprocessing"]["resize"])
+        self.transform = Transform(size, resize, config.max_pixels)
+        self.max_bytes = int(config.max_upload_mb * 1024**2)
+        self.max_upload_mb = config.max_upload_mb
+        # Ray's stubs type a @serve.batch method as a plain coroutine function, without its setters.
+        self.scores.set_max_batch_size(config.max_batch_size)  # type: ignore[attr-defined]
+        self.scores.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)  # type: ignore[attr-defined]
+
+    async def __call__(self, request: Any) -> Any:
+        from starlette.responses import JSONResponse
+
+        status, answer = await self.answer(request)
+        return JSONResponse(answer, status_code=status)
+
+    async def answer(self, request: Any) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON body) for one request."""
+        from raytl.preprocess import ImageError
+
+        if request.method != "POST":
+            return 405, {"error": "POST an image's bytes (JPEG, PNG, ...) as the request body."}
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return 413, {"error": self._too_large(int(declared))}
+        data = await request.body()
+        if not data:
+            return 400, {"error": "the upload is empty: POST the image's bytes as the request body."}
+        if len(data) > self.max_bytes:
+            return 413, {"error": self._too_large(len(data))}
+        try:
+            crop = await asyncio.to_thread(self.transform, data)
+        except ImageError as exc:
+            return 415, {"error": f"the upload is not a usable image: {exc}."}
+        except Exception as exc:  # a decoder bug on a hostile upload must not take the replica down
+            return 415, {"error": f"the upload could not be decoded: {type(exc).__name__}: {exc}."}
+        scores = await self.scores(crop)
+        best = int(np.argmax(scores))
+        return 200, {
+            "label": self.classes[best],
+            "score": float(scores[best]),
+            "scores": {c: float(s) for c, s in zip(self.classes, scores, strict=True)},
+        }
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def scores(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        """A batch of uint8 crops -> their class scores (off the event loop, which keeps taking uploads)."""
+        return list(await asyncio.to_thread(self._forward, np.stack(crops)))
+
+    def _forward(self, crops: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.network(torch.from_numpy(crops).to(self.device)).float().cpu().numpy()
+
+    def _too_large(self, size: int) -> str:
+        return f"the upload is {size:,} bytes, more than --max-upload-mb {self.max_upload_mb:g} allows."
+
+
+def application(config: ServeConfig, use_gpu: bool) -> Any:
+    """The Serve application: the Classifier deployment with its replicas and resources, bound to config."""
+    replicas: dict[str, Any] = (
+        {"autoscaling_config": {"min_replicas": config.replicas[0], "max_replicas": config.replicas[1]}}
+        if isinstance(config.replicas, tuple)
+        else {"num_replicas": config.replicas}
+    )
+    deployment = serve.deployment(
+        name=_DEPLOYMENT,
+        ray_actor_options={"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1},
+        # Enough requests in flight per replica to fill its batches.
+        max_ongoing_requests=max(2 * config.max_batch_size, 8),
+        **replicas,
+    )(Classifier)
+    return deployment.bind(config)
+
+
+def app(args: dict[str, str]) -> Any:
+    """Application builder for Ray Serve's CLI and config files: `serve run raytl.commands.serve:app
+    model_dir=URI [replicas=2 max_batch_size=32 ...]` (ServeConfig's fields; host and port are Serve's)."""
+    config = ServeConfig.create(**args)
+    return application(config, _uses_gpu(config.device))
+
+
+def run(config: ServeConfig) -> dict[str, Any]:
+    """Check MODEL_DIR, start Serve's HTTP proxy at host:port and deploy the classifier (returns once it
+    is ready; it serves until `ray.serve.delete(name)` or the end of the Ray cluster); returns its URL."""
+    from raytl import logs, portable
+    from raytl.classifier import Model
+
+    portable.check_linear(Model.load(config.model_dir), config.model_dir, "serve")  # before Ray starts
+    logs.init_ray()
+    use_gpu = _uses_gpu(config.device)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(application(config, use_gpu), name=config.name, route_prefix=config.route_prefix)
+    url = f"http://{config.host}:{config.port}{config.route_prefix}"
+    log.info("serving %s at %s", storage.redact(config.model_dir), url)
+    return {
+        "url": url,
+        "name": config.name,
+        "model_dir": storage.redact(config.model_dir),
+        "device": "cuda" if use_gpu else "cpu",
+        **{k: v for k, v in asdict(config).items() if k in ("replicas", "max_batch_size")},
+    }
+
+
+def _uses_gpu(device: Device) -> bool:
+    import ray
+
+    if device == Device.CUDA:
+        return True
+    return device == Device.AUTO and ray.cluster_resources().get("GPU", 0) >= 1

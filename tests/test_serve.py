@@ -1,0 +1,84 @@
+"""`raytl serve`: the model on Ray Serve over HTTP on loopback, against `raytl predict` on the same images."""
+
+import json
+import os
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import _free_port, assert_user_error
+
+import raytl
+
+
+def _post(url: str, data: bytes | None, method: str = "POST") -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def served(predict_models, tmp_path_factory):
+    """raytl predict on the corpus, then the same model served (after predict: both share two CPUs)."""
+    from ray import serve
+
+    model_dir = str(predict_models / "model")
+    out = tmp_path_factory.mktemp("serve") / "pred"
+    raytl.predict(model_dir, str(predict_models / "corpus"), str(out))
+    summary = raytl.serve(model_dir, port=_free_port(), max_batch_size=8, max_upload_mb=0.05, name="test")
+    yield {"url": summary["url"], "summary": summary, "predicted": pq.read_table(out).to_pylist()}
+    serve.shutdown()
+
+
+def test_concurrent_uploads_get_the_labels_and_scores_of_predict(served):
+    rows = served["predicted"]
+    assert len(rows) == 52 and served["summary"]["device"] == "cpu"
+    uploads = [open(r["path"], "rb").read() for r in rows]  # JPEG, PNG, WebP, ... as the corpus has them
+    with ThreadPoolExecutor(len(uploads)) as pool:  # all at once: the replica batches them
+        answers = list(pool.map(lambda data: _post(served["url"], data), uploads))
+    assert [status for status, _ in answers] == [200] * len(rows)
+    assert [a["label"] for _, a in answers] == [r["predicted_label"] for r in rows]
+    assert [a["score"] for _, a in answers] == pytest.approx([r["score"] for r in rows], abs=1e-4)
+    for _, answer in answers:
+        assert set(answer["scores"]) == {"cat", "dog"}
+        assert answer["scores"][answer["label"]] == answer["score"]
+        assert sum(answer["scores"].values()) == pytest.approx(1.0, abs=1e-5)  # logreg: probabilities
+
+
+def test_bad_uploads_get_a_4xx_sentence_and_the_replica_keeps_serving(served, predict_models):
+    url, cat = served["url"], predict_models / "corpus" / "cat"
+    cases = [
+        (b"", 400, "the upload is empty: POST the image's bytes as the request body."),
+        ((cat / "notes-as-image.jpg").read_bytes(), 415, "the upload is not a usable image: "),
+        ((cat / "truncated.jpg").read_bytes(), 415, "the upload is not a usable image: "),
+        ((cat / "bomb.png").read_bytes(), 415, "the upload is not a usable image: "),
+        (os.urandom(60_000), 413, "the upload is 60,000 bytes, more than --max-upload-mb 0.05 allows."),
+    ]
+    good = next(r for r in served["predicted"])
+    for data, status, error in cases:
+        got_status, answer = _post(url, data)
+        assert got_status == status and answer["error"].startswith(error), (answer, error)
+        assert answer["error"].endswith(".") and set(answer) == {"error"}
+        ok_status, ok = _post(url, open(good["path"], "rb").read())  # the next good upload still works
+        assert ok_status == 200 and ok["label"] == good["predicted_label"]
+    assert _post(url, None, method="GET") == (
+        405,
+        {"error": "POST an image's bytes (JPEG, PNG, ...) as the request body."},
+    )
+
+
+def test_serve_options_and_models_it_cannot_serve(predict_models, tmp_path, capsys):
+    model = str(predict_models / "model")
+    assert_user_error(
+        capsys, ["serve", model, "--replicas", "0"], "--replicas must be a count (4) or a range"
+    )
+    assert_user_error(
+        capsys, ["serve", model, "--port", "70000"], "--port must be an integer between 1 and 65535"
+    )
+    assert_user_error(capsys, ["serve", model, "--max-upload-mb", "0"], "--max-upload-mb must be positive")
+    assert_user_error(capsys, ["serve", str(tmp_path / "none")], "holds no raytl model")
