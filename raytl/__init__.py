@@ -92,9 +92,9 @@ def embed(dataset: Any, **options: Any) -> Any:
     """A Ray Dataset you already have (e.g. `ray.data.read_images`, `ray.data.from_huggingface`) -> a lazy
     Ray Dataset of the same rows with `embedding` (float32, extract's preprocessing and backbone) and
     `error` ("" when embedded; the reason, and a NaN embedding, for a cell that is not a usable image). The
-    images column (`column=`, default "image") is dropped. Options: extract's backbone options (weights,
-    layer, pool, precision, image_size, resize_size, batch_size, num_actors, device, compile, max_pixels,
-    seed)."""
+    images column (`column=`, default "image") is dropped. Options: extract's backbone options (model,
+    weights, layer, pool, precision, image_size, resize_size, batch_size, num_actors, device, compile,
+    max_pixels, seed)."""
     from raytl.config import embed_config
 
     config = embed_config(**options)

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from raytl import storage
-from raytl.config import Layer
+from raytl.config import Layer, Pool
 from raytl.embeddings import matrix
 from raytl.errors import WeightsError
-from raytl.models import Weights, load_weights
+from raytl.models import VGG16, Weights, load_weights
 
 MODEL_FILE = "model.pt"
 MODEL_JSON = "model.json"
@@ -222,13 +222,23 @@ def backbone_weights(model: Model, model_dir: str, weights: str | None = None) -
     backbone lives in MODEL_DIR itself), or from `weights` when they moved; other weights are refused."""
     backbone = model.info["backbone"]
     spec = weights or default_weights(model, model_dir)
-    layer = Layer.parse(backbone["layer"], "the model's layer")
-    loaded = load_weights(spec, layer, weights_spec(backbone["weights"])[1])
+    name, layer, _ = backbone_of(backbone)
+    loaded = load_weights(spec, layer, weights_spec(backbone["weights"])[1], name)
     if weights_content(loaded.id) != weights_content(backbone["weights"]) and not weights:
         raise WeightsError(
             f"the backbone weights changed since the model was trained: {loaded.id} != {backbone['weights']}."
         )
     return loaded
+
+
+def backbone_of(backbone: dict[str, Any]) -> tuple[str, Layer, Pool]:
+    """(model, layer, pool) of the embeddings' metadata; a backbone other than vgg16 gives the input of
+    its final classifier layer, with no layer or pool of its own to choose."""
+    name = backbone.get("model", VGG16)
+    if name != VGG16:
+        return name, Layer.POOL5, Pool.AVG
+    layer = Layer.parse(backbone["layer"], "the model's layer")
+    return name, layer, Pool.parse(backbone.get("pool") or "avg", "the model's pool")
 
 
 def default_weights(model: Model, model_dir: str) -> str:
@@ -245,7 +255,7 @@ def weights_content(weights_id: str) -> str:
 
 def weights_spec(weights_id: str) -> tuple[str, int]:
     """A weights id from the metadata back to a --weights value (and seed)."""
-    if weights_id == "torchvision:VGG16_Weights.IMAGENET1K_V1":
+    if weights_id.startswith("torchvision:"):  # a model's default weights (VGG16_Weights.IMAGENET1K_V1, ...)
         return "imagenet", 0
     if weights_id.startswith("random:seed="):
         return "random", int(weights_id.split("=", 1)[1])

@@ -66,6 +66,10 @@ class Device(Choice):
     CPU = "cpu"  # never ask for a GPU
 
 
+MODEL = (
+    "the backbone: vgg16, or any torchvision classification model by name (resnet50, convnext_tiny, "
+    "efficientnet_v2_s, vit_b_16, ...); its features are the input of its final classifier layer"
+)
 DEVICE = (
     "auto: GPUs if the cluster has some up at start; cuda: ask Ray for GPUs even when none is up (an "
     "autoscaler adds GPU nodes: use it on clusters that scale GPUs from zero); cpu: never"
@@ -93,12 +97,21 @@ class ExtractConfig:
     source: str
     output: str
     manifest: str | None = option(None, "CSV or Parquet file with columns path and optional label")
-    weights: str = option("imagenet", "imagenet | random | path or URI of a torchvision VGG16 state_dict")
-    layer: Layer = option(Layer.POOL5, "VGG16 layer: pool5 (512 x grid), fc6 or fc7 (4096, after ReLU)")
-    pool: Pool = option(Pool.AVG, "pool5 pooling over the grid (flatten: the whole 25088-d map at 224 px)")
+    model: str = option("vgg16", MODEL)
+    weights: str = option(
+        "imagenet", "imagenet (the model's default weights) | random | path or URI of a state_dict"
+    )
+    layer: Layer = option(Layer.POOL5, "vgg16's layer: pool5 (512 x grid), fc6 or fc7 (4096, after ReLU)")
+    pool: Pool = option(
+        Pool.AVG, "vgg16's pool5 pooling over the grid (flatten: the whole 25088-d map at 224 px)"
+    )
     precision: Precision = option(Precision.AUTO, "auto: bf16 on CUDA and on AMX / AVX-512-BF16 CPUs")
-    image_size: int = option(224, "the centre crop in pixels")
-    resize_size: int | None = option(None, "shorter side before the crop (default image size * 256/224)")
+    image_size: int | None = option(
+        None, "the centre crop in pixels (default: the model's weights', 224 for vgg16)"
+    )
+    resize_size: int | None = option(
+        None, "shorter side before the crop (default: the crop times the weights' ratio, 256/224 for vgg16)"
+    )
     batch_size: int | None = option(None, "images per forward pass (default 256 per GPU, 32 on CPU)")
     num_actors: int | tuple[int, int] | None = option(None, NUM_ACTORS)
     device: Device = option(Device.AUTO, DEVICE)
@@ -125,7 +138,7 @@ class ExtractConfig:
     @classmethod
     def create(cls, **options: Any) -> ExtractConfig:
         """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
-        options = parsed(cls, options)
+        options = _vgg16_size(parsed(cls, options))
         options["max_errors"] = parse_max_errors(options.get("max_errors"))
         config = cls(**absolute(options, "source", "output", "manifest"))
         config.validate()
@@ -148,8 +161,8 @@ class ExtractConfig:
 
     @property
     def resize(self) -> int:
-        """The shorter side before the centre crop."""
-        return self.resize_size or round(self.image_size * 256 / 224)
+        """The shorter side before the centre crop (once `models.resolved` has set the image size)."""
+        return self.resize_size or round((self.image_size or 224) * 256 / 224)
 
     def to_json(self) -> str:
         """The whole config as JSON (passwords in URIs and secret keys redacted), for logs and summaries."""
@@ -159,7 +172,7 @@ class ExtractConfig:
 # What `raytl.embed(dataset, ...)` takes besides the dataset: extract's backbone and preprocessing options
 # (the same fields, defaults and help: made from ExtractConfig's), and the column that holds the images.
 EMBED_OPTIONS = (
-    "weights", "layer", "pool", "precision", "image_size", "resize_size", "batch_size", "num_actors",
+    "model", "weights", "layer", "pool", "precision", "image_size", "resize_size", "batch_size", "num_actors",
     "device", "compile", "max_pixels", "seed",
 )  # fmt: skip
 _IMAGE_COLUMN = (
@@ -178,24 +191,40 @@ EmbedConfig = make_dataclass(
     namespace={
         "__module__": __name__,
         "__doc__": "What raytl.embed needs: extract's backbone options and the image column.",
-        "resize": property(lambda self: self.resize_size or round(self.image_size * 256 / 224)),
+        "resize": property(lambda self: self.resize_size or round((self.image_size or 224) * 256 / 224)),
     },
 )
 
 
 def embed_config(**options: Any) -> Any:
     """A validated EmbedConfig (one ConfigError sentence for a bad value or an unknown option)."""
-    config = EmbedConfig(**parsed(EmbedConfig, options))
+    config = EmbedConfig(**_vgg16_size(parsed(EmbedConfig, options)))
     if not config.column:
         raise ConfigError("column is empty: name the dataset's column of images.")
     check_backbone(config)
     return config
 
 
+def _vgg16_size(options: dict[str, Any]) -> dict[str, Any]:
+    """vgg16's crop is 224 px unless given (another model's is its weights', set by models.resolved,
+    which needs torchvision: this module stays light)."""
+    if options.get("image_size") is None and options.get("model", "vgg16") == "vgg16":
+        return {**options, "image_size": 224}
+    return options
+
+
 def check_backbone(config: Any) -> None:
     """The backbone and preprocessing options that extract and raytl.embed share (EMBED_OPTIONS)."""
-    _positive("--image-size", config.image_size, low=32, high=2048)
-    if config.resize_size is not None and config.resize_size < config.image_size:
+    if not config.model:
+        raise ConfigError("--model is empty: give vgg16 or another torchvision model's name (resnet50, ...).")
+    if config.model != "vgg16" and (config.layer != Layer.POOL5 or config.pool != Pool.AVG):
+        raise ConfigError(
+            f"--layer and --pool choose vgg16's features; --model {config.model} gives the input of its "
+            "final classifier layer."
+        )
+    if config.image_size is not None:
+        _positive("--image-size", config.image_size, low=32, high=2048)
+    if config.resize_size is not None and config.resize_size < (config.image_size or 32):
         raise ConfigError(
             f"--resize-size must be at least --image-size ({config.image_size}), not {config.resize_size}."
         )

@@ -16,7 +16,7 @@ import torch
 
 from raytl.config import Device, Layer, Pool, Precision
 from raytl.jpeg import DeviceDecoder
-from raytl.models import IMAGENET_MEAN, IMAGENET_STD, VGG16Trunk, resolve_precision
+from raytl.models import IMAGENET_MEAN, IMAGENET_STD, VGG16, from_state_dict, preset, resolve_precision
 from raytl.preprocess import ImageError, Transform
 
 _AUTOCAST_DTYPE = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
@@ -26,7 +26,7 @@ ACTOR_MEMORY = 3 * 1024**3
 
 
 class Embedder:
-    """Built where it runs: loads VGG16 onto this actor's device; `__call__(batch) -> pyarrow.Table`.
+    """Built where it runs: loads the backbone onto this actor's device; `__call__(batch) -> pyarrow.Table`.
 
     Runs without Ray too (pass the state_dict itself), so the GPU stage can be benchmarked on its own.
     """
@@ -41,6 +41,9 @@ class Embedder:
         threads: int | None = None,
         device_decode: Transform | None = None,
         compile: bool = False,
+        model: str = VGG16,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
     ) -> None:
         if not isinstance(state_dict, dict):  # an ObjectRef: every actor fetches the same validated tensors
             import ray
@@ -54,15 +57,15 @@ class Embedder:
         self.precision = resolve_precision(Precision(precision), self.device)
         # channels_last: oneDNN / cuDNN's fast convolution layout at every precision (fp32 on 2 AVX2 cores:
         # 4.9 img/s against 3.2 at 224 px; results differ from NCHW by float rounding, ~1e-7).
-        model = VGG16Trunk.from_state_dict(state_dict, layer, pool).to(self.device)
-        model = model.to(memory_format=torch.channels_last)
+        network = from_state_dict(model, state_dict, layer, pool).to(self.device)
+        network = network.to(memory_format=torch.channels_last)
         self.model: Callable[[torch.Tensor], torch.Tensor] = (
-            torch.compile(model, dynamic=False) if compile else model
+            torch.compile(network, dynamic=False) if compile else network
         )
         # --decode gpu: rows arrive as JPEG bytes (preprocess.fetch_batch) and are decoded on this device.
         self.decoder = DeviceDecoder(device_decode, self.device) if device_decode else None
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -179,7 +182,7 @@ def on_actors(
     device_decode: Transform | None = None,
 ) -> Any:
     """rows.map_batches(embedder) on the model actor pool (`actor_pool`). `options`: pipeline.Stages or
-    an EmbedConfig (layer, pool, precision, batch_size, num_actors, compile)."""
+    an EmbedConfig (model, layer, pool, precision, batch_size, num_actors, compile)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
@@ -200,6 +203,9 @@ def on_actors(
             "threads": None if gpu else max(1, resources.cpus // pool.min_size),
             "device_decode": device_decode,
             "compile": options.compile,
+            "model": options.model,
+            "mean": preset(options.model).mean,
+            "std": preset(options.model).std,
         },
         compute=pool,
         batch_size=batch_size,
@@ -249,10 +255,13 @@ def embed_dataset(dataset: Any, config: Any) -> Any:
     `embedding` and `error`; the weights are loaded (and checked) here, once, and shared with the actors."""
     import ray
 
-    from raytl.models import load_weights
+    from raytl.models import embedding_dim, load_weights, resolved
 
-    weights = load_weights(config.weights, config.layer, config.seed)
-    transform = Transform(config.image_size, config.resize, config.max_pixels)
+    config = resolved(config)
+    embedding_dim(config.layer, config.pool, config.image_size, config.model)  # a size the model takes
+    weights = load_weights(config.weights, config.layer, config.seed, config.model)
+    found = preset(config.model)
+    transform = Transform(config.image_size, config.resize, config.max_pixels, found.interpolation)
     rows = dataset.map_batches(
         crops,
         fn_kwargs={"column": config.column, "transform": transform},

@@ -36,6 +36,7 @@ class DeviceDecoder:
     def __init__(self, transform: Transform, device: torch.device) -> None:
         self.size = transform.image_size
         self.resize = transform.resize_size
+        self.interpolation = InterpolationMode(transform.interpolation)
         self.device = device
 
     def __call__(
@@ -84,5 +85,5 @@ class DeviceDecoder:
 
     def _resize_crop(self, images: torch.Tensor) -> torch.Tensor:
         """N x 3 x H x W uint8 -> N x 3 x size x size: shorter side to resize_size, then the centre crop."""
-        images = F.resize(images, [self.resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        images = F.resize(images, [self.resize], interpolation=self.interpolation, antialias=True)
         return F.center_crop(images, [self.size])

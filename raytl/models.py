@@ -1,20 +1,26 @@
-"""VGG16 trunks cut at pool5 / fc6 / fc7, their weights, and the precision they run at."""
+"""Backbones: VGG16 cut at pool5 / fc6 / fc7, or any torchvision classification model without its final
+classifier layer (resolved by name through torchvision's model registry); their weights, the
+preprocessing their weights expect, and the precision they run at."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
 from raytl import storage
-from raytl.config import Layer, Pool, Precision
+from raytl.config import ConfigError, Layer, Pool, Precision
 from raytl.errors import WeightsError
+
+VGG16 = "vgg16"  # the default backbone, with its own layers (--layer) and pooling (--pool)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,7 +69,96 @@ class VGG16Trunk(nn.Module):
         return torch.flatten(f, 1)
 
 
-def embedding_dim(layer: Layer, pool: Pool, image_size: int) -> int:
+@dataclass(frozen=True)
+class Preset:
+    """What a model's default weights say about their input (`weights.transforms()`), and their cost."""
+
+    weights: str  # the enum member, e.g. ResNet50_Weights.IMAGENET1K_V2
+    crop: int
+    resize: int
+    interpolation: str  # bilinear | bicubic | nearest (torchvision's InterpolationMode values)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    gflops: float | None  # per image at the crop size, as torchvision's weights meta says
+
+
+def preset(model: str) -> Preset:
+    """The preset of a torchvision classification model, by name; one ConfigError sentence otherwise."""
+    weights = _weights_enum(model).DEFAULT
+    transforms = weights.transforms()
+    return Preset(
+        f"{type(weights).__name__}.{weights.name}",
+        int(transforms.crop_size[0]),
+        int(transforms.resize_size[0]),
+        transforms.interpolation.value,
+        tuple(float(v) for v in transforms.mean),
+        tuple(float(v) for v in transforms.std),
+        weights.meta.get("_ops"),
+    )
+
+
+def _weights_enum(model: str) -> Any:
+    if model not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(
+            f"--model {model!r} is not a torchvision classification model; for example vgg16, resnet50, "
+            "convnext_tiny, efficientnet_v2_s, vit_b_16 (torchvision.models.list_models() names them all)."
+        )
+    return torchvision.models.get_model_weights(model)
+
+
+def resolved(config: Any) -> Any:
+    """An extract or embed config with the crop and resize sizes set: --image-size, else the crop the
+    model's weights expect; --resize-size, else the crop scaled by the weights' resize / crop ratio."""
+    found = preset(config.model)
+    size = config.image_size or found.crop
+    resize = config.resize_size or round(size * found.resize / found.crop)
+    return dataclasses.replace(config, image_size=size, resize_size=resize)
+
+
+def trunk(model: str, layer: Layer = Layer.POOL5, pool: Pool = Pool.AVG, storage: str = "meta") -> nn.Module:
+    """The backbone without weights: VGG16's trunk, or the model with its final classifier layer (its last
+    nn.Linear) replaced by an identity, so that it returns that layer's input: the pooled 2048-d of a
+    ResNet-50, the class token of a ViT. On the meta device (no memory) unless `storage` is "cpu"."""
+    if model == VGG16:
+        return VGG16Trunk(layer, pool)
+    try:
+        with torch.device(storage):
+            network = torchvision.models.get_model(model, weights=None)
+    except NotImplementedError:  # a builder that computes with tensors (RegNet) cannot run on meta
+        network = torchvision.models.get_model(model, weights=None)
+    last = [name for name, module in network.named_modules() if isinstance(module, nn.Linear)][-1]
+    parent, _, leaf = last.rpartition(".")
+    setattr(network.get_submodule(parent) if parent else network, leaf, nn.Identity())
+    return network.eval()
+
+
+def from_state_dict(model: str, state_dict: dict[str, torch.Tensor], layer: Layer, pool: Pool) -> nn.Module:
+    """A backbone holding these tensors, ready to run (eval mode, on CPU)."""
+    if model == VGG16:
+        return VGG16Trunk.from_state_dict(state_dict, layer, pool)
+    network = trunk(model, storage="cpu")
+    network.load_state_dict({k: state_dict[k] for k in network.state_dict()})
+    return network.eval()
+
+
+def embedding_dim(layer: Layer, pool: Pool, image_size: int, model: str = VGG16) -> int:
+    """D, the length of one embedding; ConfigError when the model does not take image_size px crops."""
+    if model == VGG16:
+        return _vgg16_dim(layer, pool, image_size)
+    try:
+        network = trunk(model)
+        device = next(network.parameters()).device  # meta, or CPU for a builder that cannot run on meta
+        with torch.no_grad():
+            out = network(torch.zeros(1, 3, image_size, image_size, device=device))
+    except Exception as exc:
+        raise ConfigError(
+            f"--model {model} does not take {image_size} px crops ({type(exc).__name__}: {exc}); its "
+            f"weights expect {preset(model).crop} px."
+        ) from None
+    return int(out.shape[1])
+
+
+def _vgg16_dim(layer: Layer, pool: Pool, image_size: int) -> int:
     """D, the length of one embedding."""
     if layer != Layer.POOL5:
         return 4096
@@ -75,22 +170,25 @@ def embedding_dim(layer: Layer, pool: Pool, image_size: int) -> int:
     return 512 * side * side
 
 
-def load_weights(spec: str, layer: Layer, seed: int = 0) -> Weights:
-    """Load and validate `--weights` (imagenet | random | path or URI) into the tensors `layer` needs."""
+def load_weights(spec: str, layer: Layer, seed: int = 0, model: str = VGG16) -> Weights:
+    """Load and validate `--weights` (imagenet | random | path or URI) into the tensors the backbone needs."""
     if spec == "imagenet":
-        state, weights_id = _imagenet_state_dict(), "torchvision:VGG16_Weights.IMAGENET1K_V1"
+        state, weights_id = _imagenet_state_dict(model), f"torchvision:{preset(model).weights}"
     elif spec == "random":
         torch.manual_seed(seed)
-        state, weights_id = torchvision.models.vgg16(weights=None).state_dict(), f"random:seed={seed}"
+        state, weights_id = (
+            torchvision.models.get_model(model, weights=None).state_dict(),
+            f"random:seed={seed}",
+        )
     else:
         state, weights_id = _state_dict_from_file(spec)
-    needed = VGG16Trunk(layer).state_dict().keys()
-    check_fits_vgg16(state, spec, needed)
+    needed = trunk(model, layer).state_dict().keys()
+    check_fits(state, spec, needed, model)
     return Weights({k: state[k].detach().contiguous() for k in needed}, weights_id)
 
 
-def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+def _imagenet_state_dict(model: str) -> dict[str, torch.Tensor]:
+    weights = _weights_enum(model).DEFAULT
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:
@@ -120,24 +218,29 @@ def _state_dict_from_file(uri: str) -> tuple[dict[str, torch.Tensor], str]:
     return state, f"{storage.redact(uri)}#sha256:{digest}"
 
 
-def check_fits_vgg16(state: dict[str, torch.Tensor], spec: str, needed: Iterable[str]) -> None:
-    """Raise WeightsError unless `state` has the `needed` VGG16 tensors, each at the right shape (a
+def check_fits(state: dict[str, torch.Tensor], spec: str, needed: Iterable[str], model: str = VGG16) -> None:
+    """Raise WeightsError unless `state` has the `needed` tensors of the model, each at the right shape (a
     fine-tuned backbone holds only the layers it uses; a full torchvision state_dict has them all)."""
-    with torch.device("meta"):
-        full = torchvision.models.vgg16(weights=None).state_dict()
+    full = trunk(model).state_dict() if model != VGG16 else _vgg16_shapes()
     expected = {k: full[k] for k in needed}
+    name = "VGG16" if model == VGG16 else model
     missing = [k for k in expected if k not in state]
     if missing:
         raise WeightsError(
-            f"--weights {storage.redact(spec)} is not a torchvision VGG16 state_dict: "
+            f"--weights {storage.redact(spec)} is not a torchvision {name} state_dict: "
             f"{len(missing)} tensors are missing, the first is {missing[0]!r}."
         )
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise WeightsError(
-                f"--weights {storage.redact(spec)} does not fit VGG16: {key} has shape "
+                f"--weights {storage.redact(spec)} does not fit {name}: {key} has shape "
                 f"{tuple(state[key].shape)}, expected {tuple(tensor.shape)}."
             )
+
+
+def _vgg16_shapes() -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return torchvision.models.vgg16(weights=None).state_dict()
 
 
 def cpu_has_fast_bf16() -> bool:

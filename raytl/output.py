@@ -75,6 +75,7 @@ def run_record(config: ExtractConfig, weights_id: str) -> dict[str, Any]:
         "SOURCE": storage.redact(config.source or ""),
         "--manifest": storage.redact(config.manifest or ""),
         "--weights": weights_id,
+        **({"--model": config.model} if config.model != "vgg16" else {}),  # records before --model: vgg16
         "--layer": str(config.layer),
         "--pool": str(config.pool),
         "--image-size": config.image_size,

@@ -19,7 +19,7 @@ from raytl import doneset, output, storage, writer
 from raytl.config import ConfigError, Decode, Device, ExtractConfig, Layer, Pool, Precision
 from raytl.embedder import Embedder, Resources, on_actors
 from raytl.errors import ExtractError
-from raytl.models import IMAGENET_MEAN, IMAGENET_STD
+from raytl.models import VGG16, preset
 from raytl.preprocess import Transform, decode_batch, fetch_batch
 from raytl.reader import Corpus, manifest_rows
 from raytl.shards import read_shards
@@ -46,16 +46,20 @@ class Stages:
     num_actors: int | tuple[int, int] | None = None
     device: Device = Device.AUTO
     compile: bool = False
+    model: str = VGG16  # the backbone (models.trunk)
+    interpolation: str = "bilinear"  # of the resize, as the model's weights' transforms do it
 
     @classmethod
     def of(cls, config: Any) -> Stages:
-        """The stages as a config with these fields (extract's) sets them."""
-        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+        """The stages as a config with these fields (extract's, resolved) sets them; the interpolation is
+        the model's weights'."""
+        given = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
+        return cls(**given, interpolation=preset(config.model).interpolation)
 
     @property
     def transform(self) -> Transform:
         """The evaluation crop (DESIGN.md)."""
-        return Transform(self.image_size, self.resize, self.max_pixels)
+        return Transform(self.image_size, self.resize, self.max_pixels, self.interpolation)
 
 
 # Parquet part files stay near this size whatever D is (25088-d flattened pool5 rows are 100 KB each).
@@ -127,7 +131,7 @@ def rows_per_part(config: ExtractConfig, resources: Resources) -> int:
     if resources.use_gpu:
         return _ROWS_PER_PART
     actors = config.num_actors[0] if isinstance(config.num_actors, tuple) else config.num_actors or 1
-    rate = _CPU_RATE_224 * (224 / config.image_size) ** 2 * actors
+    rate = _CPU_RATE_224 * (224 / (config.image_size or 224)) ** 2 * actors
     return int(min(_ROWS_PER_PART, max(64, rate * part_seconds())))
 
 
@@ -197,11 +201,12 @@ def decoded(stages: Stages, corpus: Corpus, rows: ray.data.Dataset, transform: T
 
 def embeddings_metadata(stages: Stages, weights_id: str, dim: int) -> dict[str, Any]:
     """The JSON stored under the Parquet schema key `raytl`: how every embedding was made."""
+    found = preset(stages.model)
     return {
-        "model": "vgg16",
+        "model": stages.model,
         "weights": weights_id,
-        "layer": str(stages.layer),
-        "pool": str(stages.pool) if stages.layer == "pool5" else None,
+        "layer": str(stages.layer) if stages.model == VGG16 else "penultimate",
+        "pool": str(stages.pool) if stages.layer == "pool5" and stages.model == VGG16 else None,
         "dim": dim,
         "image_size": stages.image_size,
         "precision": str(stages.precision),
@@ -209,12 +214,12 @@ def embeddings_metadata(stages: Stages, weights_id: str, dim: int) -> dict[str, 
             "exif_transpose": True,
             "to_rgb": True,
             "resize": stages.resize,
-            "interpolation": "bilinear",
+            "interpolation": stages.interpolation,
             "antialias": True,
             "center_crop": stages.image_size,
             "decode": str(stages.decode),
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(found.mean),
+            "std": list(found.std),
         },
         "raytl_version": raytl.__version__,
     }

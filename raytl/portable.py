@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from raytl import storage
-from raytl.classifier import Model, backbone_weights
-from raytl.config import ConfigError, Layer, Pool
-from raytl.models import IMAGENET_MEAN, IMAGENET_STD, VGG16Trunk
+from raytl.classifier import Model, backbone_of, backbone_weights
+from raytl.config import ConfigError
+from raytl.models import IMAGENET_MEAN, IMAGENET_STD, from_state_dict
 
 
 class Portable(nn.Module):
@@ -21,8 +21,10 @@ class Portable(nn.Module):
         super().__init__()
         self.trunk, self.image_size = trunk, image_size
         self.softmax = model.info.get("head") != "svm"
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        preprocessing = model.info["backbone"].get("preprocessing", {})
+        mean, std = preprocessing.get("mean", IMAGENET_MEAN), preprocessing.get("std", IMAGENET_STD)
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         for name in ("mean", "std", "weight", "bias"):
             self.register_buffer(name, torch.from_numpy(getattr(model, name)).float())
 
@@ -57,9 +59,6 @@ def build(model: Model, model_dir: str, weights: str | None = None) -> Portable:
     check_linear(model, model_dir, "run")
     backbone = model.info["backbone"]
     state = backbone_weights(model, model_dir, weights)
-    trunk = VGG16Trunk.from_state_dict(
-        state.state_dict,
-        Layer.parse(backbone["layer"], "the model's layer"),
-        Pool.parse(backbone.get("pool") or "avg", "the model's pool"),
-    )
+    name, layer, pool = backbone_of(backbone)
+    trunk = from_state_dict(name, state.state_dict, layer, pool)
     return Portable(trunk, model, int(backbone["image_size"])).eval()

@@ -49,11 +49,13 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class Transform:
-    """Decode bytes to the uint8 RGB crop that VGG16_Weights.IMAGENET1K_V1.transforms() would see."""
+    """Decode bytes to the uint8 RGB crop that the model's weights' transforms() would see (by default
+    VGG16_Weights.IMAGENET1K_V1's)."""
 
     image_size: int = 224
     resize_size: int = 256
     max_pixels: int = 89_478_485
+    interpolation: str = "bilinear"  # of the resize (InterpolationMode's value), as the model's weights say
 
     def __call__(self, data: bytes) -> np.ndarray:
         """bytes -> uint8 array (image_size, image_size, 3); raises ImageError with the reason."""
@@ -63,7 +65,8 @@ class Transform:
         """An RGB PIL image -> the uint8 crop. Exactly torchvision's ImageClassification on a PIL image:
         bilinear (antialiased) resize of the shorter side, then centre crop; the float conversion and
         normalisation happen on the model's device."""
-        image = F.resize(image, [self.resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        mode = InterpolationMode(self.interpolation)
+        image = F.resize(image, [self.resize_size], interpolation=mode, antialias=True)
         image = F.center_crop(image, [self.image_size])
         return np.asarray(image, dtype=np.uint8)
 

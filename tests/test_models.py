@@ -1,14 +1,18 @@
 """VGG16 trunks against torchvision, weights loading and validation, precision choice."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import exported_scores
 from images import random_state_dict
 
 from raytl.config import Layer, Pool, Precision
 from raytl.embedder import Embedder
 from raytl.models import VGG16Trunk, WeightsError, embedding_dim, load_weights, resolve_precision
+from raytl.preprocess import Transform
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +151,145 @@ def test_compiled_embedder_matches_eager(state):
     eager = Embedder(features, precision=Precision.FP32, batch_size=4).embed(images)
     compiled = Embedder(features, precision=Precision.FP32, batch_size=4, compile=True).embed(images)
     np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+# --- any torchvision classification backbone (--model) ------------------------------------------------------
+
+# Each at a size it takes (a ViT's is fixed: its default, from its weights' transforms). VGG16 against
+# torchvision: test_extract, and the tests above.
+BACKBONES = [("resnet50", 64), ("convnext_tiny", 64), ("efficientnet_v2_s", 64), ("vit_b_16", None)]
+
+
+@pytest.fixture(scope="module")
+def backbones(ray_session, tmp_path_factory):
+    """26 images (13 encodings of two pictures, a class each) in the loopback S3, and `extracted(model,
+    size)`: `raytl extract --model` on them, once per model, with seeded random weights from a file in S3."""
+    import boto3
+    import pyarrow.parquet as pq
+    import s3fs
+    from conftest import upload_dir
+    from images import write_corpus
+
+    import raytl
+
+    tmp = tmp_path_factory.mktemp("backbones")
+    write_corpus(tmp / "corpus", {"cat": [1], "dog": [2]}, broken=False, strays=False)
+    boto3.client("s3").create_bucket(Bucket="raytl-backbones")
+    uri = upload_dir(tmp / "corpus", "raytl-backbones", "corpus")
+    done: dict = {}
+
+    def extracted(model: str, size: int | None) -> dict:
+        if model not in done:
+            torch.manual_seed(5)
+            network = torchvision.models.get_model(model, weights=None).eval()
+            torch.save(network.state_dict(), tmp / f"{model}.pt")
+            boto3.client("s3").upload_file(str(tmp / f"{model}.pt"), "raytl-backbones", f"weights/{model}.pt")
+            out = f"s3://raytl-backbones/emb-{model}"
+            options = {
+                "model": model,
+                "weights": f"s3://raytl-backbones/weights/{model}.pt",
+                "precision": "fp32",
+            }
+            summary = raytl.extract(uri, out, **options, **({"image_size": size} if size else {}))
+            table = pq.read_table(out.removeprefix("s3://"), filesystem=s3fs.S3FileSystem())
+            done[model] = {"summary": summary, "table": table, "network": network, "out": out}
+        return done[model]
+
+    return {"tmp": tmp, "uri": uri, "extracted": extracted}
+
+
+def _penultimate(network: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """torchvision's own model on x: the input of its final classifier layer (its last nn.Linear)."""
+    last = [m for m in network.modules() if isinstance(m, torch.nn.Linear)][-1]
+    seen = {}
+    hook = last.register_forward_hook(lambda module, inputs, output: seen.setdefault("x", inputs[0]))
+    with torch.no_grad():
+        network(x)
+    hook.remove()
+    return seen["x"].numpy()
+
+
+@pytest.mark.parametrize("model,size", BACKBONES)
+def test_any_torchvision_backbone_extracts_as_torchvision_computes(backbones, model, size):
+    """`raytl extract --model M` from S3 equals torchvision's M with the same weights and its weights'
+    own transforms (at --image-size, resize scaled as the weights scale it), in fp32."""
+    from images import cosine, reference_rgb
+
+    run = backbones["extracted"](model, size)
+    table = run["table"]
+    assert run["summary"]["embedded"] == 26 and run["summary"]["failed"] == 0
+    weights = torchvision.models.get_model_weights(model).DEFAULT
+    preset = weights.transforms()
+    crop = size or preset.crop_size[0]
+    resize = round(crop * preset.resize_size[0] / preset.crop_size[0])
+    meta = json.loads(table.schema.metadata[b"raytl"])
+    assert (meta["model"], meta["image_size"], meta["preprocessing"]["resize"]) == (model, crop, resize)
+    assert meta["preprocessing"]["interpolation"] == preset.interpolation.value
+    assert (
+        meta["preprocessing"]["mean"] == list(preset.mean)
+        and meta["dim"] == table["embedding"].type.list_size
+    )
+    transform = weights.transforms(crop_size=crop, resize_size=resize)
+    corpus = backbones["tmp"] / "corpus"
+    files = [(corpus / p.split("/corpus/", 1)[1]).read_bytes() for p in table["path"].to_pylist()]
+    expected = _penultimate(run["network"], torch.stack([transform(reference_rgb(data)) for data in files]))
+    got = np.array(table["embedding"].to_pylist(), np.float32)
+    assert got.shape == expected.shape and cosine(got, expected).min() >= 0.999
+
+
+def test_a_probe_on_another_backbone_predicts_from_images_as_from_embeddings(backbones, tmp_path):
+    """train -> predict from the images runs the model's own backbone and preprocessing (here
+    EfficientNetV2-S at 64 px, resized to 64 as its weights' 384 / 384): what the probe gives on the
+    stored embeddings."""
+    import pyarrow.parquet as pq
+
+    import raytl
+    from raytl.classifier import Model
+
+    run = backbones["extracted"]("efficientnet_v2_s", 64)
+    raytl.train(run["out"], str(tmp_path / "probe"), backend="sklearn", val_fraction=0.25)
+    result = raytl.predict(str(tmp_path / "probe"), backbones["uri"], str(tmp_path / "pred"))
+    probe = Model.load(str(tmp_path / "probe"))
+    assert probe.info["backbone"]["model"] == "efficientnet_v2_s" and probe.info["backbone"]["dim"] == 1280
+    paths = run["table"]["path"].to_pylist()
+    index, score = probe.predict(np.array(run["table"]["embedding"].to_pylist(), np.float32))
+    stored = {p: (probe.classes[i], s) for p, i, s in zip(paths, index, score, strict=True)}
+    rows = pq.read_table(tmp_path / "pred").to_pylist()
+    assert result["predicted"] == 26 and len(rows) == 26
+    for row in rows:
+        assert row["predicted_label"] == stored[row["path"]][0]
+        assert row["score"] == pytest.approx(stored[row["path"]][1], abs=1e-4)
+    # Exported, it runs the same network with plain torch (as `raytl serve` does in its replicas).
+    raytl.export(str(tmp_path / "probe"), str(tmp_path / "probe.pt2"))
+    transform = Transform(64, 64, interpolation="bilinear")
+    corpus = backbones["tmp"] / "corpus"
+    crops = np.stack([transform((corpus / r["path"].split("/corpus/", 1)[1]).read_bytes()) for r in rows])
+    exported = exported_scores(tmp_path / "probe.pt2", crops, tmp_path)
+    scores = np.array(exported["scores"])
+    assert exported["info"]["backbone"]["model"] == "efficientnet_v2_s"
+    assert [probe.classes[i] for i in scores.argmax(1)] == [r["predicted_label"] for r in rows]
+    np.testing.assert_allclose(scores.max(1), [r["score"] for r in rows], atol=1e-4)
+
+
+def test_backbone_options_are_checked(tmp_path):
+    from raytl.config import ConfigError, ExtractConfig
+    from raytl.models import preset
+
+    with pytest.raises(
+        ConfigError, match=r"^--model 'fasterrcnn_resnet50_fpn' is not a torchvision classification"
+    ):
+        preset("fasterrcnn_resnet50_fpn")
+    with pytest.raises(
+        ConfigError, match=r"^--model vit_b_16 does not take 64 px crops .*its weights expect 224 px\.$"
+    ):
+        embedding_dim(Layer.POOL5, Pool.AVG, 64, "vit_b_16")
+    with pytest.raises(
+        ConfigError, match="--layer and --pool choose vgg16's features; --model resnet50 gives"
+    ):
+        ExtractConfig.create(source="s", output="o", model="resnet50", layer="fc7")
+    with pytest.raises(
+        WeightsError, match=r"is not a torchvision resnet50 state_dict: \d+ tensors are missing"
+    ):
+        torch.save(random_state_dict(1), tmp_path / "vgg.pt")
+        load_weights(str(tmp_path / "vgg.pt"), Layer.POOL5, model="resnet50")
+    assert embedding_dim(Layer.POOL5, Pool.AVG, 64, "regnet_y_400mf") == 440  # built on CPU, not on meta

@@ -59,6 +59,8 @@ def describe(model: Model, model_dir: str) -> dict[str, Any]:
     """OUT's raytl.json: what goes in, what comes out, and how the images must be prepared."""
     backbone = model.info["backbone"]
     size, resize = int(backbone["image_size"]), int(backbone["preprocessing"]["resize"])
+    recorded = backbone["preprocessing"]
+    interpolation = recorded.get("interpolation", "bilinear")
     return {
         "format": "raytl-export/1",
         "raytl": raytl.__version__,
@@ -69,14 +71,15 @@ def describe(model: Model, model_dir: str) -> dict[str, Any]:
         "preprocessing": {
             "steps": [
                 "EXIF orientation applied, converted to RGB",
-                f"shorter side resized to {resize} px (bilinear, antialiased)",
+                f"shorter side resized to {resize} px ({interpolation}, antialiased)",
                 f"centre crop of {size} x {size} px",
             ],
             "resize": resize,
             "crop": size,
+            "interpolation": interpolation,
             # inside the program: pixels / 255, then these per channel
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(recorded.get("mean", IMAGENET_MEAN)),
+            "std": list(recorded.get("std", IMAGENET_STD)),
         },
         "precision": "fp32",
         "model": {k: v for k, v in model.info.items() if k != "backbone"},

@@ -12,7 +12,7 @@ import ray
 from raytl import doneset, logs, output, pipeline, storage, writer
 from raytl.config import ConfigError, Decode, ExtractConfig
 from raytl.errors import ExtractError
-from raytl.models import embedding_dim, load_weights
+from raytl.models import embedding_dim, load_weights, resolved
 from raytl.reader import Corpus, list_corpus
 
 log = logging.getLogger(__name__)
@@ -23,8 +23,13 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     # Fails fast on a missing or empty SOURCE; a manifest is only opened (Ray Data tasks read its rows).
     output.check_apart(config.output, {"SOURCE": config.source})
     pipeline.part_seconds()  # a bad RAYTL_PART_SECONDS is refused before any work
+    config = resolved(config)  # the model's crop and resize where not given; an unknown --model refused
+    # A crop size the model cannot take (a ViT's is fixed) is refused before anything is read.
+    dim = embedding_dim(config.layer, config.pool, config.image_size or 224, config.model)
     corpus = list_corpus(config.source, config.manifest, stream=True, allow_schemes=config.allow_schemes)
-    weights = load_weights(config.weights, config.layer, config.seed)  # fails fast on bad weights
+    weights = load_weights(
+        config.weights, config.layer, config.seed, config.model
+    )  # fails fast on bad weights
     if corpus.shards and config.decode == Decode.GPU:
         raise ConfigError(
             "--decode gpu reads loose image files; tar shards are decoded on CPU (--decode cpu)."
@@ -33,7 +38,6 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     todo, total, skipped = pending(corpus, done)
     if skipped:
         log.warning("resuming: %d images are already in %s and are skipped", skipped, config.output)
-    dim = embedding_dim(config.layer, config.pool, config.image_size)
     stages = pipeline.Stages.of(config)
     metadata = pipeline.embeddings_metadata(stages, weights.id, dim)
     log.info("extract config: %s", config.to_json())

@@ -279,7 +279,7 @@ def datasets(
     stream (DESIGN.md's eval transforms; kept in the object store when small)."""
     eval_transform = Transform(config.image_size, config.resize, config.max_pixels)
     train_transform = (
-        TrainTransform(config.image_size, config.resize, config.max_pixels, config.min_crop_scale)
+        TrainTransform(config.image_size, config.resize, config.max_pixels, min_scale=config.min_crop_scale)
         if config.augment
         else eval_transform
     )

@@ -13,8 +13,8 @@ import pyarrow as pa
 import ray
 
 from raytl import logs, pipeline, storage, writer
-from raytl.classifier import Model, backbone_weights, classify
-from raytl.config import Decode, ExtractConfig, Layer, Pool, Precision, PredictConfig
+from raytl.classifier import Model, backbone_of, backbone_weights, classify
+from raytl.config import Decode, ExtractConfig, Precision, PredictConfig
 from raytl.embeddings import check_same_backbone, is_embeddings, open_embeddings
 from raytl.output import check_apart, prepare_output
 from raytl.reader import list_corpus
@@ -114,9 +114,12 @@ def backbone_stages(model: Model, config: PredictConfig) -> pipeline.Stages:
     """The image stages as the model's embeddings were made (their `raytl` metadata), on predict's actors."""
     backbone = model.info["backbone"]
     preprocessing = backbone["preprocessing"]
+    name, layer, pool = backbone_of(backbone)
     return pipeline.Stages(
-        layer=Layer.parse(backbone["layer"], "the model's layer"),
-        pool=Pool.parse(backbone.get("pool") or "avg", "the model's pool"),
+        model=name,
+        layer=layer,
+        pool=pool,
+        interpolation=preprocessing.get("interpolation", "bilinear"),
         precision=Precision.parse(backbone.get("precision", "auto"), "the model's precision"),
         image_size=int(backbone["image_size"]),
         resize=int(preprocessing["resize"]),

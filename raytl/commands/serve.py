@@ -45,7 +45,8 @@ class Classifier:
         self.network = portable.build(model, config.model_dir, config.weights).to(self.device)
         backbone = model.info["backbone"]
         size, resize = int(backbone["image_size"]), int(backbone["preprocessing"]["resize"])
-        self.transform = Transform(size, resize, config.max_pixels)
+        interpolation = backbone["preprocessing"].get("interpolation", "bilinear")
+        self.transform = Transform(size, resize, config.max_pixels, interpolation)
         self.max_bytes = int(config.max_upload_mb * 1024**2)
         self.max_upload_mb = config.max_upload_mb
         # Ray's stubs type a @serve.batch method as a plain coroutine function, without its setters.
