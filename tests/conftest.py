@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 
@@ -109,15 +110,20 @@ def upload_dir(local_dir, bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}"
 
 
+_RAY_WORKER_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(\S[^\n]*? pid=\d+")
+
+
 def assert_user_error(capsys, args: list[str], message: str) -> str:
     """`raytl ARGS` exits 2 with one `raytl: error:` line holding `message`, no traceback, no secret."""
     from raytl.cli import main
 
     assert main(args) == 2
     err = capsys.readouterr().err
-    # Ray's worker processes may write to this process's stderr at any moment: find raytl's own line.
-    ours = [line for line in err.splitlines() if line.startswith("raytl: error: ")]
-    assert len(ours) == 1 and "Traceback" not in err, err
+    # Ray's worker processes may write to this process's stderr at any moment (prefixed `(Name pid=N)`, e.g.
+    # a Ray Data actor of an earlier test printing its shutdown): judge only the lines that are not theirs.
+    own = [line for line in err.splitlines() if not _RAY_WORKER_LINE.match(line)]
+    ours = [line for line in own if line.startswith("raytl: error: ")]
+    assert len(ours) == 1 and not any("Traceback" in line for line in own), err
     assert message in ours[0], ours[0]
     assert SECRET_KEY not in err
     return ours[0]
