@@ -45,7 +45,7 @@ def train(embeddings: str, model_dir: str, **options: Any) -> dict[str, Any]:
 
 
 def finetune(source: str | None, model_dir: str, **options: Any) -> dict[str, Any]:
-    """`raytl finetune SOURCE MODEL_DIR`: fine-tune VGG16 with a new head (resumes an unfinished run in
+    """`raytl finetune SOURCE MODEL_DIR`: fine-tune VGG16 (or `model=`) with a new head (resumes a run in
     MODEL_DIR); returns the metrics."""
     from raytl.config import FinetuneConfig
 

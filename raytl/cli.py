@@ -102,7 +102,7 @@ def add_global_options(p: argparse.ArgumentParser, after_verb: bool = False) -> 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     # verb: (one line for `raytl --help`, what it does, an example)
     "extract": (
-        "embed an image corpus with VGG16 and write Parquet",
+        "embed an image corpus with VGG16 (or --model) and write Parquet",
         "Embed every image under SOURCE (class-per-folder, zips, tar shards) or in --manifest; write one "
         "embedding per image as Parquet parts to OUTPUT.",
         "raytl extract s3://bucket/images s3://bucket/embeddings --layer pool5",
@@ -114,9 +114,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "raytl train s3://bucket/embeddings s3://bucket/models/probe --head svm --workers 4",
     ),
     "finetune": (
-        "fine-tune VGG16 with a new head on the images, Ray Train",
-        "Fine-tune VGG16 with a new head on the labelled images under SOURCE (class-per-folder) or in "
-        "--manifest; checkpoints every epoch in MODEL_DIR, and the same command resumes an unfinished run.",
+        "fine-tune VGG16 (or --model) with a new head on the images, Ray Train",
+        "Fine-tune VGG16 (or --model) with a new head on the labelled images under SOURCE (class-per-folder) "
+        "or in --manifest; checkpoints every epoch in MODEL_DIR, and the same command resumes an unfinished "
+        "run.",
         "raytl finetune s3://bucket/images s3://bucket/models/ft --freeze block4 --epochs 10",
     ),
     "predict": (
@@ -225,7 +226,9 @@ def add_options(p: argparse.ArgumentParser, config_class: type) -> None:
             extra["metavar"] = "{" + ",".join(c.value for c in kind) + "}"
         else:
             extra["type"] = _scalar(kind)
-            extra["metavar"] = {int: "N", float: "X"}.get(extra["type"], item.name.upper())
+            extra["metavar"] = item.metadata.get("metavar") or {int: "N", float: "X"}.get(
+                extra["type"], item.name.upper()
+            )
         p.add_argument(flag(item), help=item.metadata["help"] + shown.replace("%", "%%"), **extra)
 
 

@@ -14,11 +14,11 @@ from typing import Any, Self, get_type_hints
 from raytl.errors import ConfigError
 
 
-def option(default: Any, help: str, flag: str | None = None) -> Any:
+def option(default: Any, help: str, flag: str | None = None, metavar: str | None = None) -> Any:
     """A config field that is also a command-line option (and a keyword of the Python API): its default
     and help live here only; the CLI's parsers are made from them (cli.add_options). `flag`: when the
-    option is not --the-field-name (e.g. --no-augment)."""
-    return field(default=default, metadata={"help": help, "flag": flag})
+    option is not --the-field-name (e.g. --no-augment); `metavar`: how --help shows its value."""
+    return field(default=default, metadata={"help": help, "flag": flag, "metavar": metavar})
 
 
 class Choice(str, enum.Enum):
@@ -215,25 +215,34 @@ def _vgg16_size(options: dict[str, Any]) -> dict[str, Any]:
 
 def check_backbone(config: Any) -> None:
     """The backbone and preprocessing options that extract and raytl.embed share (EMBED_OPTIONS)."""
-    if not config.model:
-        raise ConfigError("--model is empty: give vgg16 or another torchvision model's name (resnet50, ...).")
+    _check_model(config.model)
     if config.model != "vgg16" and (config.layer != Layer.POOL5 or config.pool != Pool.AVG):
         raise ConfigError(
             f"--layer and --pool choose vgg16's features; --model {config.model} gives the input of its "
             "final classifier layer."
         )
-    if config.image_size is not None:
-        _positive("--image-size", config.image_size, low=32, high=2048)
-    if config.resize_size is not None and config.resize_size < (config.image_size or 32):
-        raise ConfigError(
-            f"--resize-size must be at least --image-size ({config.image_size}), not {config.resize_size}."
-        )
+    _check_sizes(config)
     _positive_fields(config, "batch_size")
     _positive("--max-pixels", config.max_pixels)
     if config.pool != Pool.AVG and config.layer != Layer.POOL5:
         raise ConfigError(f"--pool {config.pool} applies to --layer pool5 only, not --layer {config.layer}.")
     if not config.weights:
         raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
+
+
+def _check_sizes(config: Any) -> None:
+    """--image-size (None: the model's weights') and --resize-size, at least the crop."""
+    if config.image_size is not None:
+        _positive("--image-size", config.image_size, low=32, high=2048)
+    if config.resize_size is not None and config.resize_size < (config.image_size or 32):
+        raise ConfigError(
+            f"--resize-size must be at least --image-size ({config.image_size}), not {config.resize_size}."
+        )
+
+
+def _check_model(model: str) -> None:
+    if not model:
+        raise ConfigError("--model is empty: give vgg16 or another torchvision model's name (resnet50, ...).")
 
 
 def flag(item: Field) -> str:
@@ -437,12 +446,51 @@ class Head(Choice):
 
 
 class Freeze(Choice):
+    """vgg16's own --freeze values: its conv blocks (any model also takes none, all, or a fraction)."""
+
     NONE = "none"  # train every layer
     BLOCK1 = "block1"  # freeze conv block 1; train blocks 2-5 and the head
     BLOCK2 = "block2"
     BLOCK3 = "block3"
     BLOCK4 = "block4"  # freeze conv blocks 1-4; train block 5 and the head (the default)
     BLOCK5 = "block5"  # freeze every conv layer: only the head (and fc6/fc7 with --head fc7) trains
+
+
+FREEZE = (
+    "what of the backbone stays frozen: none; all (only the new head trains); a fraction F in (0, 1), the "
+    "first F of its layers from the input (default 0.75); or vgg16's conv blocks 1 to N, blockN (default "
+    "block4)"
+)
+DEFAULT_FREEZE = {"vgg16": Freeze.BLOCK4.value}  # other models: 0.75 (as block4 is 10 of vgg16's 13 convs)
+
+
+def parse_freeze(value: Any, model: str) -> str:
+    """--freeze as text: none | all | a fraction ("0.75") | vgg16's block1-block5; the model's default when
+    None. One ConfigError sentence otherwise."""
+    if value is None:
+        return DEFAULT_FREEZE.get(model, "0.75")
+    text = str(value).strip().lower()
+    if text in ("none", "all"):
+        return text
+    if text in {f.value for f in Freeze}:
+        if model != "vgg16":
+            raise ConfigError(
+                f"--freeze {text} names one of vgg16's conv blocks; for --model {model} give none, all or "
+                "a fraction of its layers (0.75: the first three quarters)."
+            )
+        return text
+    try:
+        share = float(text)
+    except ValueError:
+        share = math.nan
+    if share == 0 or share == 1:
+        return "none" if share == 0 else "all"
+    if 0 < share < 1:
+        return str(share)
+    raise ConfigError(
+        "--freeze must be one of none, block1, block2, block3, block4, block5 (vgg16's conv blocks), all, "
+        f"or a fraction of the backbone's layers in (0, 1), not {value!r}."
+    )
 
 
 class Optimizer(Choice):
@@ -461,12 +509,17 @@ class FinetuneConfig:
         None, "validation images: a class-per-folder folder or a .csv / .parquet manifest"
     )
     val_fraction: float = option(0.2, "stratified, seeded split of the images when --val is not given")
-    weights: str = option("imagenet", "imagenet | random | path or URI of a torchvision VGG16 state_dict")
-    head: Head = option(Head.AVG, "the new head's input: avg (pool5 averaged) or fc7 (VGG16's own fc6, fc7)")
-    freeze: Freeze = option(Freeze.BLOCK4, "conv blocks kept frozen (block4: blocks 1-4; block5: all)")
+    model: str = option("vgg16", MODEL)
+    weights: str = option(
+        "imagenet", "imagenet (the model's default weights) | random | path or URI of a state_dict"
+    )
+    head: Head = option(
+        Head.AVG, "the new head's input: avg (vgg16: pool5 averaged; others: their features) or vgg16's fc7"
+    )
+    freeze: str | None = option(None, FREEZE, metavar="{none,block1,block2,block3,block4,block5}|all|F")
     optimizer: Optimizer = option(Optimizer.ADAMW, "adamw | sgd (Nesterov momentum 0.9)")
     lr: float = option(1e-3, "the new head's learning rate")
-    backbone_lr: float | None = option(None, "the unfrozen VGG16 layers' learning rate (default lr/10)")
+    backbone_lr: float | None = option(None, "the unfrozen backbone layers' learning rate (default lr/10)")
     weight_decay: float = option(1e-4, "decoupled weight decay (adamw) or L2 (sgd)")
     label_smoothing: float = option(0.0, "cross-entropy label smoothing, in [0, 1)")
     label_field: str | None = option(
@@ -479,8 +532,12 @@ class FinetuneConfig:
     batch_size: int = option(32, "images per step per worker; the global batch is workers x batch size")
     workers: int | tuple[int, int] = option(2, WORKERS)
     device: Device = option(Device.AUTO, DEVICE)
-    image_size: int = option(224, "training crop and validation centre crop, in pixels")
-    resize_size: int | None = option(None, "validation: shorter side before the crop (default size*256/224)")
+    image_size: int | None = option(
+        None, "training crop and validation centre crop in px (default: the model's weights', 224 for vgg16)"
+    )
+    resize_size: int | None = option(
+        None, "validation: shorter side before the crop (default: the crop times the weights' ratio, 256/224)"
+    )
     augment: bool = option(True, "no random resized crops and flips (validation transforms)", "--no-augment")
     min_crop_scale: float = option(0.08, "smallest share of the image a random crop covers (torchvision's)")
     precision: Precision = option(Precision.AUTO, "autocast: auto is bf16 on CUDA and on AMX CPUs")
@@ -497,7 +554,8 @@ class FinetuneConfig:
     @classmethod
     def create(cls, **options: Any) -> FinetuneConfig:
         """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
-        options = parsed(cls, options)
+        options = _vgg16_size(parsed(cls, options))
+        options["freeze"] = parse_freeze(options.get("freeze"), options.get("model", "vgg16"))
         config = cls(**absolute(options, "source", "model_dir", "manifest", "val"))
         config.validate()
         return config
@@ -508,11 +566,13 @@ class FinetuneConfig:
         _check_val_fraction(self)
         _positive_fields(self, "epochs", "batch_size", "decode_batch", "max_pixels")
         _positive("--max-failures", self.max_failures, low=0)
-        _positive("--image-size", self.image_size, low=32, high=2048)
-        if self.resize_size is not None and self.resize_size < self.image_size:
+        _check_model(self.model)
+        if self.model != "vgg16" and self.head == Head.FC7:
             raise ConfigError(
-                f"--resize-size must be at least --image-size ({self.image_size}), not {self.resize_size}."
+                f"--head fc7 is vgg16's own fc6 and fc7; --model {self.model}'s new head takes the input of "
+                "its final classifier layer (--head avg)."
             )
+        _check_sizes(self)
         for option, rate in (("--lr", self.lr), ("--backbone-lr", self.backbone_lr)):
             if rate is not None and not (isinstance(rate, int | float) and rate > 0):
                 raise ConfigError(f"{option} must be positive, not {rate!r}.")
@@ -534,8 +594,15 @@ class FinetuneConfig:
 
     @property
     def resize(self) -> int:
-        """Validation: the shorter side before the centre crop."""
-        return self.resize_size or round(self.image_size * 256 / 224)
+        """Validation: the shorter side before the centre crop (once `models.resolved` has set the sizes)."""
+        return self.resize_size or round((self.image_size or 224) * 256 / 224)
+
+    @property
+    def crop(self) -> int:
+        """The crop in pixels: --image-size, vgg16's 224 (set by create) or the model's weights' (set by
+        `models.resolved`, which the command runs first)."""
+        assert self.image_size is not None, "models.resolved sets the crop of models other than vgg16"
+        return self.image_size
 
     @property
     def warmup(self) -> float:
@@ -546,7 +613,7 @@ class FinetuneConfig:
 
     @property
     def trunk_lr(self) -> float:
-        """The learning rate of the unfrozen VGG16 layers."""
+        """The learning rate of the unfrozen backbone layers."""
         return self.backbone_lr if self.backbone_lr is not None else self.lr / 10
 
     def to_json(self) -> str:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from raytl import storage, writer
 from raytl.classifier import METRICS_FILE, MODEL_JSON
+from raytl.embeddings import backbone_label
 
 _TOP = 20  # label counts and error reasons listed
 
@@ -113,7 +114,7 @@ def text(found: dict[str, Any]) -> str:
         )
         backbone = model.get("backbone", {})
         lines.append(
-            f"backbone    VGG16 {backbone.get('layer')} ({backbone.get('pool')}), D={backbone.get('dim')}, "
+            f"backbone    {backbone_label(backbone)}, D={backbone.get('dim')}, "
             f"{backbone.get('image_size')} px, weights {backbone.get('weights')}"
         )
         if "metrics" in found:
@@ -131,7 +132,7 @@ def text(found: dict[str, Any]) -> str:
     ]
     if found["kind"] == "embeddings":
         lines.append(
-            f"embedding   D={found['dim']} · VGG16 {meta.get('layer')} ({meta.get('pool')}) · "
+            f"embedding   D={found['dim']} · {backbone_label(meta)} · "
             f"{meta.get('image_size')} px · {meta.get('precision')} · weights {meta.get('weights')}"
         )
     else:

@@ -16,7 +16,15 @@ import torch
 
 from raytl.config import Device, Layer, Pool, Precision
 from raytl.jpeg import DeviceDecoder
-from raytl.models import IMAGENET_MEAN, IMAGENET_STD, VGG16, from_state_dict, preset, resolve_precision
+from raytl.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VGG16,
+    from_state_dict,
+    prefers_channels_last,
+    preset,
+    resolve_precision,
+)
 from raytl.preprocess import ImageError, Transform
 
 _AUTOCAST_DTYPE = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
@@ -55,10 +63,13 @@ class Embedder:
             # the actor reserves, because decoding tasks are short and interleave.
             torch.set_num_threads(min(threads, os.cpu_count() or threads))
         self.precision = resolve_precision(Precision(precision), self.device)
-        # channels_last: oneDNN / cuDNN's fast convolution layout at every precision (fp32 on 2 AVX2 cores:
-        # 4.9 img/s against 3.2 at 224 px; results differ from NCHW by float rounding, ~1e-7).
+        # channels_last: oneDNN / cuDNN's fast convolution layout for convnets at every precision (VGG16 in
+        # fp32 on 2 AVX2 cores: 4.9 img/s against 3.2 at 224 px; results differ from NCHW by float rounding,
+        # ~1e-7). Transformers run their inputs contiguous.
         network = from_state_dict(model, state_dict, layer, pool).to(self.device)
-        network = network.to(memory_format=torch.channels_last)
+        self.channels_last = prefers_channels_last(network)
+        if self.channels_last:
+            network = network.to(memory_format=torch.channels_last)
         self.model: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(network, dynamic=False) if compile else network
         )
@@ -112,6 +123,7 @@ class Embedder:
             x = x.pin_memory().to(self.device, non_blocking=True)
         # NHWC uint8 viewed as NCHW is already channels_last: no copy until the float conversion.
         x = x.permute(0, 3, 1, 2).float()
+        x = x if self.channels_last else x.contiguous()
         # The same operations, in the same order, as torchvision's ConvertImageDtype + Normalize.
         x = x.div_(255).sub_(self.mean).div_(self.std)
         with self._autocast():

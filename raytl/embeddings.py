@@ -18,6 +18,16 @@ from raytl.writer import METADATA_KEY
 BACKBONE_FIELDS = ("model", "weights", "layer", "pool", "dim", "image_size")
 
 
+def backbone_label(metadata: dict[str, Any]) -> str:
+    """How embeddings' metadata names their backbone in `inspect` and the report: `VGG16 pool5 (avg)`,
+    `VGG16 fc7`, `resnet50 penultimate` (metadata from before --model: VGG16's)."""
+    model = metadata.get("model", "vgg16")
+    if model != "vgg16":
+        return f"{model} penultimate"
+    pool = metadata.get("pool")
+    return f"VGG16 {metadata.get('layer', '?')}" + (f" ({pool})" if pool else "")
+
+
 @dataclass(frozen=True)
 class Embeddings:
     """A checked dataset: its part files, the embedding length D and the `raytl` metadata."""

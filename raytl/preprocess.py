@@ -142,8 +142,9 @@ def check_size(size: tuple[int, int], resize_size: int, max_pixels: int) -> None
 
 @dataclass(frozen=True)
 class TrainTransform(Transform):
-    """Training augmentation: torchvision's RandomResizedCrop (bilinear, antialiased) and a random
-    horizontal flip, on the decoded image. Fresh randomness on every call: every epoch sees new crops."""
+    """Training augmentation: torchvision's RandomResizedCrop (antialiased, with the weights' interpolation)
+    and a random horizontal flip, on the decoded image. Fresh randomness on every call: every epoch sees new
+    crops."""
 
     min_scale: float = 0.08
     flip: bool = True
@@ -154,7 +155,7 @@ class TrainTransform(Transform):
         top, left, height, width = crop_box(image.size, self.min_scale, rng)
         size = [self.image_size, self.image_size]
         image = F.resized_crop(
-            image, top, left, height, width, size, interpolation=InterpolationMode.BILINEAR, antialias=True
+            image, top, left, height, width, size, InterpolationMode(self.interpolation), antialias=True
         )
         if self.flip and rng.random() < 0.5:
             image = F.hflip(image)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from raytl import shards, storage
 from raytl.classifier import METRICS_FILE, MODEL_JSON, read_model_dir
+from raytl.embeddings import backbone_label
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,8 @@ def _html(model_dir: str, metrics: dict, info: dict, sample: pa.Table, figures: 
         ("validation images", str(metrics["samples"])),
         ("classes", str(len(classes))),
         ("model", f"{info.get('kind', '?')} · head {info.get('head', '?')} · {info.get('backend', 'ray')}"),
-        ("backbone", f"VGG16 {backbone.get('layer', '?')} ({backbone.get('pool') or '-'}), "
-                     f"{backbone.get('image_size', '?')} px, weights {backbone.get('weights', '?')}"),
+        ("backbone", f"{backbone_label(backbone)}, {backbone.get('image_size', '?')} px, "
+                     f"weights {backbone.get('weights', '?')}"),
         ("best epoch", str(metrics.get("best_epoch", "-"))),
     ]  # fmt: skip
     sections = "".join(

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
+import torchvision
 from conftest import assert_user_error, exported_scores, upload_dir
 from images import random_state_dict, write_colour_corpus
 from PIL import Image
@@ -25,6 +26,7 @@ from raytl.classifier import Model, default_weights, weights_content
 from raytl.cli import main
 from raytl.commands import finetune
 from raytl.config import FinetuneConfig, Freeze, Head
+from raytl.models import IMAGENET_MEAN, IMAGENET_STD
 from raytl.preprocess import TrainTransform, Transform, crop_box
 
 # A tiny learnable problem (three colours, 32 px) that a random VGG16 with a trained head separates in a
@@ -67,6 +69,30 @@ def _wait_for_new_checkpoint(fs, model_dir: str, seen: set[str], timeout: float 
             return seen | now
         time.sleep(0.2)
     raise AssertionError(f"no new checkpoint in {model_dir} within {timeout} s")
+
+
+def _run_killing_a_worker(config, fs, seen: set[str], stale: set[int], workers: int) -> tuple[dict, int]:
+    """finetune.run(config) in a thread; once a checkpoint beyond `seen` is registered, one of its `workers`
+    training workers (those not in `stale`) is killed. Returns the metrics and the killed worker's pid."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["metrics"] = finetune.run(config)
+        except BaseException as exc:  # handed to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    _wait_for_new_checkpoint(fs, config.model_dir, seen)
+    found = sorted(set(_training_workers()) - stale)
+    assert len(found) == workers, found
+    os.kill(found[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the run did not finish"
+    if "error" in result:
+        raise result["error"]
+    return result["metrics"], found[-1]
 
 
 def _training_workers() -> list[int]:
@@ -127,28 +153,10 @@ def resumed_run(ray_session, tmp_path_factory, s3_endpoint):
     # 2. The same command again resumes; a training worker killed mid-epoch makes Ray Train restart the
     # worker group from the latest checkpoint.
     stale = set(_training_workers())  # the killed driver's workers, if Ray has not reaped them yet
-    result: dict = {}
     config = FinetuneConfig.create(source=source, model_dir=model_dir, **options)
-
-    def run() -> None:
-        try:
-            result["metrics"] = finetune.run(config)
-        except BaseException as exc:  # handed to the test below
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    _wait_for_new_checkpoint(fs, model_dir, seen)
-    workers = sorted(set(_training_workers()) - stale)
-    assert len(workers) == 2, workers
-    killed = workers[-1]
-    os.kill(killed, signal.SIGKILL)
-    thread.join(timeout=600)
-    assert not thread.is_alive(), "the resumed run did not finish"
-    if "error" in result:
-        raise result["error"]
+    metrics, killed = _run_killing_a_worker(config, fs, seen, stale, workers=2)
     return {
-        "metrics": result["metrics"],
+        "metrics": metrics,
         "killed": killed,
         "model_dir": model_dir,
         "new": new,
@@ -447,3 +455,106 @@ def test_predict_finds_a_moved_model_dir(tmp_path):
     assert weights_content("file:///x/backbone.pt#sha256:ab") == weights_content(
         model.info["backbone"]["weights"]
     )
+
+
+def test_freeze_a_fraction_of_any_backbone_and_keep_its_frozen_batch_norms_still():
+    """--freeze F on a non-VGG backbone: the first F of its parameter-holding modules are frozen; in train
+    mode their batch norms stay in eval (running statistics of --weights), the trained ones update, and the
+    checkpointed state holds the trained layers' buffers with their parameters."""
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18().state_dict()
+    config = FinetuneConfig.create(source="in", model_dir="out", model="resnet18", freeze=0.5, image_size=32)
+    assert config.freeze == "0.5" and config.crop == 32
+    network = finetune.build_network(state, config, classes=3)
+    layers = list(dict.fromkeys(n.rpartition(".")[0] for n, _ in network.trunk.named_parameters()))
+    assert len(layers) == 40 and layers[:2] == ["conv1", "bn1"] and layers[-1] == "layer4.1.bn2"
+    frozen = {n.rpartition(".")[0] for n, p in network.trunk.named_parameters() if not p.requires_grad}
+    assert frozen == set(layers[:20])  # conv1 to layer2: round(0.5 * 40)
+    network.train()
+    assert not network.trunk.bn1.training and network.trunk.layer4[1].bn2.training
+    network(torch.rand(4, 3, 32, 32))
+    trained_state = finetune.trainable_state(network)
+    assert torch.equal(network.trunk.bn1.running_mean, state["bn1.running_mean"])
+    moved = trained_state["trunk.layer4.1.bn2.running_mean"]
+    assert not torch.equal(moved, state["layer4.1.bn2.running_mean"])
+    assert "trunk.bn1.running_mean" not in trained_state and "trunk.conv1.weight" not in trained_state
+    assert {"head.weight", "head.bias", "trunk.layer4.1.bn2.num_batches_tracked"} <= set(trained_state)
+    assert network(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"model": "resnet18", "freeze": "block4"}, "--freeze block4 names one of vgg16's conv blocks"),
+        ({"model": "resnet18", "head": "fc7"}, "--head fc7 is vgg16's own fc6 and fc7"),
+        ({"freeze": "1.5"}, "or a fraction of the backbone's layers in (0, 1), not '1.5'."),
+        ({"model": "resnet18", "image_size": 32, "weights": "WEIGHTS"}, "is not a torchvision resnet18"),
+    ],
+)
+def test_other_backbones_options_are_checked_before_any_ray_work(tmp_path, capsys, options, message):
+    write_colour_corpus(tmp_path / "corpus", per_class=2)
+    torch.save(random_state_dict(1), tmp_path / "vgg.pt")  # VGG16's tensors offered to a ResNet
+    options = {k: str(tmp_path / "vgg.pt") if v == "WEIGHTS" else v for k, v in options.items()}
+    args = _cli(str(tmp_path / "corpus"), str(tmp_path / "m"), dict(OPTIONS, weights="random") | options)
+    assert_user_error(capsys, args, message)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_resnet_fine_tune_resumes_after_a_lost_worker_and_predicts(ray_session, tmp_path, capsys):
+    """A fine-tune of ResNet-18 (batch norms, half its layers trained): a Ray Train worker killed after the
+    first checkpoint resumes from it; MODEL_DIR predicts as torchvision's ResNet-18 with backbone.pt and
+    the new head computes."""
+    import fsspec
+
+    files = write_colour_corpus(tmp_path / "corpus", per_class=16, seed=0)
+    torch.manual_seed(3)
+    initial = torchvision.models.resnet18().state_dict()
+    torch.save(initial, tmp_path / "w.pt")
+    model_dir = str(tmp_path / "ft")
+    options = dict(
+        OPTIONS, model="resnet18", weights=str(tmp_path / "w.pt"), freeze=0.5, lr=0.05, workers=1, epochs=3
+    )
+    config = FinetuneConfig.create(source=str(tmp_path / "corpus"), model_dir=model_dir, **options)
+    stale = set(_training_workers())
+    metrics, _ = _run_killing_a_worker(config, fsspec.filesystem("file"), set(), stale, workers=1)
+    assert [h["epoch"] for h in metrics["history"]] == list(range(3))
+    (resumed,) = metrics["resumed_at_epochs"]
+    assert 1 <= resumed < 3 and metrics["samples"] == 9 and metrics["accuracy"] >= 0.75
+
+    info = json.loads((tmp_path / "ft" / "model.json").read_text())
+    backbone = info["backbone"]
+    assert (backbone["model"], backbone["layer"], backbone["pool"], backbone["dim"]) == (
+        "resnet18",
+        "penultimate",
+        None,
+        512,
+    )
+    assert info["config"]["freeze"] == "0.5" and info["config"]["model"] == "resnet18"
+    assert "resnet18 penultimate, 32 px" in (tmp_path / "ft" / "report.html").read_text()
+    capsys.readouterr()
+    assert main(["inspect", model_dir]) == 0
+    assert "backbone    resnet18 penultimate, D=512, 32 px" in capsys.readouterr().out
+    state = torch.load(tmp_path / "ft" / "backbone.pt", weights_only=True)
+    assert "fc.weight" not in state and torch.equal(state["conv1.weight"], initial["conv1.weight"])
+    assert torch.equal(state["bn1.running_var"], initial["bn1.running_var"])  # frozen: eval mode
+    assert not torch.equal(state["layer4.1.conv2.weight"], initial["layer4.1.conv2.weight"])
+    assert not torch.equal(state["layer4.1.bn2.running_var"], initial["layer4.1.bn2.running_var"])
+
+    summary = raytl.predict(model_dir, str(tmp_path / "corpus"), str(tmp_path / "pred"))
+    rows = sorted(pq.read_table(tmp_path / "pred").to_pylist(), key=lambda r: r["path"])
+    assert summary["predicted"] == len(rows) == 48 and summary["failed"] == 0
+    # torchvision's ResNet-18 holding backbone.pt, its fc the new head, on raytl's crops of the images.
+    head = Model.load(model_dir)
+    network = torchvision.models.resnet18(num_classes=3).eval()
+    fc = {"fc.weight": torch.from_numpy(head.weight), "fc.bias": torch.from_numpy(head.bias)}
+    network.load_state_dict({**state, **fc})
+    transform = Transform(32, int(backbone["preprocessing"]["resize"]))
+    paths = sorted(p for paths in files.values() for p in paths)
+    crops = torch.from_numpy(np.stack([transform(open(p, "rb").read()) for p in paths]))
+    x = crops.permute(0, 3, 1, 2).float().div(255)
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        probabilities = torch.softmax(network(x), dim=1).numpy()
+    assert [r["path"] for r in rows] == paths
+    assert [head.classes[i] for i in probabilities.argmax(1)] == [r["predicted_label"] for r in rows]
+    np.testing.assert_allclose(probabilities.max(1), [r["score"] for r in rows], atol=1e-4)

@@ -1,4 +1,5 @@
-"""`raytl finetune`: VGG16 with a new head, trained on the images themselves with Ray Train (DDP)."""
+"""`raytl finetune`: a backbone (VGG16 or any torchvision classification model) with a new head, trained on
+the images themselves with Ray Train (DDP)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ from raytl import metrics as classification
 from raytl.classifier import METRICS_FILE, MODEL_FILE, MODEL_JSON, Model, classify
 from raytl.config import ConfigError, FinetuneConfig, Freeze, Head, Layer, Optimizer, Pool
 from raytl.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    VGG16Trunk,
+    VGG16,
     embedding_dim,
+    from_state_dict,
     load_weights,
+    prefers_channels_last,
+    preset,
     resolve_precision,
+    resolved,
 )
 from raytl.output import NOTHING
 from raytl.preprocess import TrainTransform, Transform
@@ -36,30 +39,31 @@ from raytl.tracking import UNTRACKED, Tracker
 
 log = logging.getLogger(__name__)
 
-BACKBONE_FILE = "backbone.pt"  # the fine-tuned VGG16 layers the head needs, as a torchvision state_dict
+BACKBONE_FILE = "backbone.pt"  # the fine-tuned backbone the head needs, as a torchvision state_dict
 RUN_FILE = "finetune.json"  # the options of the run in MODEL_DIR: a rerun with the same ones resumes it
 STATE_FILE = "state.pt"  # inside each Ray Train checkpoint
-# Index in VGG16's `features` where each conv block ends (after its max-pool).
+# Index in VGG16's `features` where each conv block ends (after its max-pool): --freeze block1..block5.
 BLOCK_ENDS = {
-    Freeze.NONE: 0,
-    Freeze.BLOCK1: 5,
-    Freeze.BLOCK2: 10,
-    Freeze.BLOCK3: 17,
-    Freeze.BLOCK4: 24,
-    Freeze.BLOCK5: 31,
+    Freeze.BLOCK1.value: 5,
+    Freeze.BLOCK2.value: 10,
+    Freeze.BLOCK3.value: 17,
+    Freeze.BLOCK4.value: 24,
+    Freeze.BLOCK5.value: 31,
 }
 
 
 def run(config: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune, write MODEL_DIR (backbone.pt, model.pt, model.json, metrics.json); returns the metrics."""
-    train, val, classes = split_corpus(config)  # listing shards takes a Ray pass: it starts Ray
+    if config.model != VGG16:  # the crop and resize sizes of the model's weights, unless given
+        config = resolved(config)
     layer = Layer.FC7 if config.head == Head.FC7 else Layer.POOL5
-    weights = load_weights(config.weights, layer, config.seed)
+    weights = load_weights(config.weights, layer, config.seed, config.model)  # checked before any Ray work
+    train, val, classes = split_corpus(config)  # listing shards takes a Ray pass: it starts Ray
     with storage.guarded(f"prepare MODEL_DIR {config.model_dir}"):
         resuming = prepare_model_dir(config)
     logs.init_ray()
     log.info("finetune config: %s (%s)", config.to_json(), "resuming" if resuming else "new run")
-    dim = embedding_dim(layer, Pool.AVG, config.image_size)
+    dim = embedding_dim(layer, Pool.AVG, config.crop, config.model)
     starting = pipeline.embeddings_metadata(backbone_stages(config, layer), weights.id, dim)
     with tracking.run("finetune", config, starting, resume=resuming) as tracker:
         weights_ref = ray.put(weights.state_dict)
@@ -211,7 +215,8 @@ def prepare_model_dir(config: FinetuneConfig) -> bool:
                 f"{where} is not empty and holds no raytl fine-tuning run; choose another MODEL_DIR "
                 "or pass --overwrite."
             )
-        stored = json.loads(storage.read_bytes(run_file))
+        # Runs recorded before --model existed are vgg16's.
+        stored = {"model": VGG16, **json.loads(storage.read_bytes(run_file))}
         changed = [k for k in options if stored.get(k) != options[k]]
         if changed:
             name = changed[0]
@@ -277,9 +282,10 @@ def datasets(
 ) -> dict[str, ray.data.Dataset]:
     """The train stream (shuffled listing, random block order each epoch, augmented) and the validation
     stream (DESIGN.md's eval transforms; kept in the object store when small)."""
-    eval_transform = Transform(config.image_size, config.resize, config.max_pixels)
+    size, interpolation = config.crop, preset(config.model).interpolation
+    eval_transform = Transform(size, config.resize, config.max_pixels, interpolation)
     train_transform = (
-        TrainTransform(config.image_size, config.resize, config.max_pixels, min_scale=config.min_crop_scale)
+        TrainTransform(size, config.resize, config.max_pixels, interpolation, min_scale=config.min_crop_scale)
         if config.augment
         else eval_transform
     )
@@ -293,7 +299,7 @@ def datasets(
     train_ds = image_dataset(config, train, train_transform, classes)
     val_ds = image_dataset(config, val, eval_transform, classes)
     budget = training.cache_budget()
-    if val.table.num_rows * config.image_size**2 * 3 <= budget:
+    if val.table.num_rows * size**2 * 3 <= budget:
         val_ds = val_ds.materialize()
     return {"train": train_ds.randomize_block_order(), "val": val_ds}
 
@@ -355,16 +361,17 @@ class WorkerPlan:
 
     config: FinetuneConfig
     classes: int
-    weights_ref: Any  # the starting VGG16 state_dict, in the object store
+    weights_ref: Any  # the starting backbone state_dict, in the object store
     train_images: int
     threads: int  # torch threads of a CPU worker (its share of the CPUs)
     logs: training.WorkerLogs
 
 
 class Network(nn.Module):
-    """VGG16 cut at pool5 (averaged) or fc7, then dropout and a new linear layer over the classes."""
+    """The backbone (VGG16 cut at pool5 averaged or fc7; another model without its final classifier layer),
+    then dropout and a new linear layer over the classes."""
 
-    def __init__(self, trunk: VGG16Trunk, dim: int, classes: int, dropout: float) -> None:
+    def __init__(self, trunk: nn.Module, dim: int, classes: int, dropout: float) -> None:
         super().__init__()
         self.trunk = trunk
         self.dropout = nn.Dropout(dropout)
@@ -375,25 +382,54 @@ class Network(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(self.trunk(x)))
 
+    def train(self, mode: bool = True) -> Network:
+        """As nn.Module's, but frozen parts stay in eval mode: batch norms keep the running statistics of
+        --weights, and stochastic depth and dropout inside them stay off (they are a fixed feature map)."""
+        super().train(mode)
+        for module in self.trunk.modules():
+            parameters = list(module.parameters())
+            if parameters and not any(p.requires_grad for p in parameters):
+                module.eval()
+        return self
+
 
 def build_network(state_dict: dict, config: FinetuneConfig, classes: int) -> Network:
-    """The network with conv blocks up to --freeze frozen (no gradients, no optimiser state)."""
+    """The network with the backbone's layers up to --freeze frozen (no gradients, no optimiser state)."""
     layer = Layer.FC7 if config.head == Head.FC7 else Layer.POOL5
-    trunk = VGG16Trunk.from_state_dict(state_dict, layer, Pool.AVG)
+    trunk = from_state_dict(config.model, state_dict, layer, Pool.AVG)
     torch.manual_seed(config.seed)
     network = Network(
         trunk,
-        embedding_dim(layer, Pool.AVG, config.image_size),
+        embedding_dim(layer, Pool.AVG, config.crop, config.model),
         classes,
         dropout=0.5 if config.head == Head.FC7 else 0.0,
     )
-    for module in trunk.features[: BLOCK_ENDS[config.freeze]]:
-        module.requires_grad_(False)
+    freeze(trunk, config.freeze or "none")
     return network
 
 
+def freeze(trunk: nn.Module, spec: str) -> None:
+    """Turn off the gradients of --freeze's part of the backbone: none; all; vgg16's conv blocks 1..N; or
+    the first fraction F of its layers (the modules that hold parameters, in the order the model defines
+    them, which for torchvision's models is from the input to the output)."""
+    if spec == "none":
+        return
+    if spec == "all":
+        trunk.requires_grad_(False)
+    elif spec in BLOCK_ENDS:
+        features = trunk.get_submodule("features")
+        assert isinstance(features, nn.Sequential), "config.parse_freeze allows blocks for vgg16 only"
+        for module in features[: BLOCK_ENDS[spec]]:
+            module.requires_grad_(False)
+    else:
+        layers = list(dict.fromkeys(name.rpartition(".")[0] for name, _ in trunk.named_parameters()))
+        for name in layers[: round(float(spec) * len(layers))]:
+            for parameter in trunk.get_submodule(name).parameters(recurse=False):
+                parameter.requires_grad_(False)
+
+
 def make_optimizer(network: Network, config: FinetuneConfig) -> torch.optim.Optimizer:
-    """Two groups: the new head at --lr, the unfrozen VGG16 layers at --backbone-lr."""
+    """Two groups: the new head at --lr, the unfrozen backbone layers at --backbone-lr."""
     trunk = [p for p in network.trunk.parameters() if p.requires_grad]
     groups = [{"params": list(network.head.parameters()), "lr": config.lr}]
     if trunk:
@@ -467,14 +503,20 @@ def train_loop(loop_config: dict[str, WorkerPlan]) -> None:
 
 
 def trainable_state(network: Network) -> dict[str, torch.Tensor]:
-    """The tensors training changes; frozen layers are the --weights' own and stay out of checkpoints."""
-    trainable = {name for name, p in network.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu().clone() for k, v in network.state_dict().items() if k in trainable}
+    """The tensors training changes: the trained layers' parameters and buffers (a batch norm's running
+    statistics); frozen layers are the --weights' own and stay out of checkpoints."""
+    trained = {name.rpartition(".")[0] for name, p in network.named_parameters() if p.requires_grad}
+    return {
+        k: v.detach().cpu().clone()
+        for k, v in network.state_dict().items()
+        if k.rpartition(".")[0] in trained
+    }
 
 
 class Runner:
     """Steps and evaluates one worker's DDP model on uint8 batches: normalisation on the device, autocast
-    (bf16 on CUDA and fast-bf16 CPUs), channels_last for reduced precision, a grad scaler for fp16."""
+    (bf16 on CUDA and fast-bf16 CPUs), channels_last for convnets at reduced precision, a grad scaler for
+    fp16."""
 
     def __init__(self, network: Network, config: FinetuneConfig, device: torch.device) -> None:
         import ray.train.torch
@@ -484,13 +526,14 @@ class Runner:
         self.config, self.device = config, device
         self.precision = resolve_precision(config.precision, device)
         self.dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self.precision)
-        self.channels_last = self.dtype is not None
+        self.channels_last = self.dtype is not None and prefers_channels_last(network)
         if self.channels_last:
             network = network.to(memory_format=torch.channels_last)
         self.model = ray.train.torch.prepare_model(network, move_to_device=device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == Precision.FP16)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        weights = preset(config.model)  # the normalisation the backbone's weights expect
+        self.mean = torch.tensor(weights.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(weights.std, device=device).view(1, 3, 1, 1)
 
     def batches(self, shard: Any, shuffle: bool) -> Any:
         size = self.config.batch_size
@@ -586,7 +629,7 @@ def best_and_latest(result: Any) -> tuple[dict, dict]:
 def save_model(
     config: FinetuneConfig, classes: list[str], layer: Layer, initial: dict, weights_id: str, best: dict
 ) -> str:
-    """backbone.pt (the VGG16 layers the head uses, fine-tuned ones replaced), then model.pt / model.json
+    """backbone.pt (the backbone layers the head uses, fine-tuned ones replaced), then model.pt / model.json
     as for a probe: the head over those layers' output. Returns the backbone's URI."""
     trained = best["trainable"]
     backbone = dict(initial)
@@ -596,7 +639,7 @@ def save_model(
     uri = storage.join(config.model_dir, BACKBONE_FILE)
     storage.write_bytes(uri, buffer.getvalue())
     digest = hashlib.sha256(buffer.getvalue()).hexdigest()[:16]
-    dim = embedding_dim(layer, Pool.AVG, config.image_size)
+    dim = embedding_dim(layer, Pool.AVG, config.crop, config.model)
     info = {
         "kind": "finetune",
         "head": str(config.head),
@@ -626,12 +669,14 @@ def backbone_stages(config: FinetuneConfig, layer: Layer) -> pipeline.Stages:
         layer=layer,
         pool=Pool.AVG,
         precision=config.precision,
-        image_size=config.image_size,
+        image_size=config.crop,
         resize=config.resize,
         max_pixels=config.max_pixels,
         decode_batch=config.decode_batch,
         label_field=config.label_field,
         device=config.device,
+        model=config.model,
+        interpolation=preset(config.model).interpolation,
     )
 
 
@@ -665,7 +710,7 @@ def evaluate(
 ) -> tuple[dict[str, Any], pa.Table]:
     """Metrics of the saved model on every validation image, through predict's own image path, and a
     sample of the rows (misclassified ones first) for the report."""
-    weights = load_weights(weights_uri, stages.layer)
+    weights = load_weights(weights_uri, stages.layer, model=stages.model)
     rows = pipeline.embedded(
         stages, val.corpus(), ray.put(weights.state_dict), pipeline.Resources.of_cluster(stages.device)
     )
