@@ -45,12 +45,30 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
+source, output, gate = sys.argv[1], sys.argv[2], sys.argv[4]
+
+
+# Every worker's setup: the model actors wait while GATE exists. A new actor takes ~25 s to start on 2 busy
+# cores and one actor alone ends the run in ~60 s: unheld, the run could end before the pool had grown.
+def hold_the_model_stage(gate=gate):
+    import raytl.embedder
+
+    embed = raytl.embedder.Embedder.__call__
+
+    def held(self, batch):
+        while os.path.exists(gate):
+            time.sleep(0.2)
+        return embed(self, batch)
+
+    raytl.embedder.Embedder.__call__ = held
+
+
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # no GPU up when the job starts
-ray.init(address=cluster.address, logging_level="ERROR")
+ray.init(address=cluster.address, logging_level="ERROR",
+         runtime_env={"worker_process_setup_hook": hold_the_model_stage})
 
 import raytl
 
-source, output = sys.argv[1], sys.argv[2]
 result = {}
 job = threading.Thread(target=lambda: result.update(raytl.extract(
     source, output, weights="random", image_size=64, decode_batch=8, batch_size=8, rows_per_file=24,
@@ -81,6 +99,7 @@ wait("a model actor waiting for a GPU", lambda: embedders("PENDING_CREATION"))
 # What an autoscaler does for a pending GPU actor: GPU nodes join the running cluster.
 gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
 wait("the pool grown onto both GPU nodes", lambda: len({a.node_id for a in embedders("ALIVE")}) == 2)
+os.remove(gate)
 wait("a part written", lambda: any(f.startswith("part-") for f in os.listdir(output)))
 hosts = sorted({a.node_id for a in embedders()})
 # A spot GPU node taken back mid-run, with its model actor and the batches it held.
@@ -131,13 +150,15 @@ def test_gpus_from_zero_a_growing_pool_a_lost_gpu_node_and_training_on_gpu_nodes
     """--device cuda on a cluster with no GPU up (a GPU group scaling from zero): the model actors ask for
     a GPU anyway instead of running on CPU; GPU nodes that join afterwards take them, and a pool allowed
     to grow to two (--num-actors 1-2) places an actor on each, each holding one GPU; decoding asks for no
-    GPU. Then one GPU node is removed mid-run (a spot node taken back): the run finishes, and every image
+    GPU (the model stage is held until the pool has grown, so that the run cannot end first). Then one GPU
+    node is removed mid-run (a spot node taken back): the run finishes, and every image
     is in OUTPUT exactly once. With two GPU nodes up again, the probe's Ray Train workers hold one GPU each
     and sit exactly on the GPU nodes (training on their CPUs here: Ray places, torch sees no CUDA)."""
     good = write_corpus(
         tmp_path / "corpus", {"a": list(range(1, 12)), "b": list(range(12, 24))}, broken=False, strays=False
     )
-    got = on_a_cluster(FROM_ZERO, tmp_path / "corpus", tmp_path / "out", tmp_path / "model")
+    (tmp_path / "gate").touch()
+    got = on_a_cluster(FROM_ZERO, *(tmp_path / name for name in ("corpus", "out", "model", "gate")))
     assert got["embedded"] == len(good) == 299
     assert got["embedder_nodes"] == got["gpu_nodes"]  # both GPU nodes, never the CPU-only head
     assert got["embedder_gpus"] == [1.0]
