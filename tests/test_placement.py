@@ -1,25 +1,27 @@
 """Placement on a multi-node cluster: model actors and Ray Train workers hold one GPU each and run only on
-GPU nodes; with --device cuda they wait for GPU nodes that join after the job started (what an autoscaler
-does); runs go on when a node is lost.
+GPU nodes; with --device cuda they make Ray's autoscaler start GPU nodes from zero; runs go on when a node
+is lost.
 
-A `ray.cluster_utils.Cluster` (several raylets on this machine, some declaring a GPU) runs in a
-subprocess, apart from the test session's Ray. Without CUDA the actors fall back to the CPU, but
-where Ray placed them is real.
+Each test's cluster runs beside the test session's Ray: a `ray.cluster_utils.Cluster` (several raylets on
+this machine, some declaring a GPU) started by the test's script, or a head under Ray's fake multi-node
+autoscaler (clusters.py). Without CUDA the actors fall back to the CPU, but where Ray placed them is real.
 """
 
 import json
+import os
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
 import pytest
+from clusters import start_head, stop
 from images import write_colour_corpus, write_corpus
 
 
 def on_a_cluster(script: str, *args) -> dict:
-    """Run a script that starts its own multi-node cluster; the JSON object it prints last."""
+    """Run PRELUDE + a script that starts or joins a multi-node cluster; the JSON object it prints last."""
     proc = subprocess.run(
-        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", PRELUDE + script, *map(str, args)], capture_output=True, text=True, timeout=600
     )
     # Ray's progress lines fill stderr: on failure, show the script's own output and the error lines.
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "Traceback" in line]
@@ -39,47 +41,39 @@ def test_train_workers_ask_for_one_gpu_each_on_gpu_clusters():
     assert (cpu.use_gpu, cpu.resources_per_worker) == (False, {"CPU": 0.25})
 
 
-FROM_ZERO = r"""
+# Shared by the scripts below. `holding(GATE)` is a worker setup hook that holds each model actor after its
+# first two batches while the file GATE exists: a new actor takes ~25 s to start on 2 busy cores and one
+# actor alone ends these runs in ~60 s, so unheld, a run could end before its pool had grown. The batches
+# that pass give Ray Data the model stage's rate, from which its cluster autoscaler asks for more nodes.
+PRELUDE = r"""
 import json, os, sys, threading, time
 import ray
-from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
-source, output, gate = sys.argv[1], sys.argv[2], sys.argv[4]
+
+def holding(gate):
+    def hook():
+        import raytl.embedder
+
+        embed = raytl.embedder.Embedder.__call__
+
+        def held(self, batch):
+            held.calls += 1
+            while held.calls > 2 and os.path.exists(gate):
+                time.sleep(0.2)
+            return embed(self, batch)
+
+        held.calls = 0
+
+        raytl.embedder.Embedder.__call__ = held
+
+    return hook
 
 
-# Every worker's setup: the model actors wait while GATE exists. A new actor takes ~25 s to start on 2 busy
-# cores and one actor alone ends the run in ~60 s: unheld, the run could end before the pool had grown.
-def hold_the_model_stage(gate=gate):
-    import raytl.embedder
-
-    embed = raytl.embedder.Embedder.__call__
-
-    def held(self, batch):
-        while os.path.exists(gate):
-            time.sleep(0.2)
-        return embed(self, batch)
-
-    raytl.embedder.Embedder.__call__ = held
-
-
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # no GPU up when the job starts
-ray.init(address=cluster.address, logging_level="ERROR",
-         runtime_env={"worker_process_setup_hook": hold_the_model_stage})
-
-import raytl
-
-result = {}
-job = threading.Thread(target=lambda: result.update(raytl.extract(
-    source, output, weights="random", image_size=64, decode_batch=8, batch_size=8, rows_per_file=24,
-    device="cuda", num_actors="1-2")))
-job.start()
-
-
-def embedders(state=None):
+def embedders(address, state=None):
     for attempt in range(5):  # the state API can time out while the machine is busy
         try:
-            actors = list_actors(address=cluster.address, detail=True, limit=10000, timeout=30)
+            actors = list_actors(address=address, detail=True, limit=10000, timeout=30)
             break
         except Exception:
             if attempt == 4:
@@ -88,23 +82,40 @@ def embedders(state=None):
     return [a for a in actors if "Embedder" in a.class_name and state in (None, a.state)]
 
 
-def wait(what, condition):
+def hosts(address, state=None):
+    return {a.node_id for a in embedders(address, state) if a.node_id}
+
+
+def wait(what, condition, job):
     deadline = time.monotonic() + 300
     while not condition():
         assert time.monotonic() < deadline and job.is_alive(), what
         time.sleep(0.5)
+"""
 
+LOST_MODEL_NODE = r"""
+from ray.cluster_utils import Cluster
 
-wait("a model actor waiting for a GPU", lambda: embedders("PENDING_CREATION"))
-# What an autoscaler does for a pending GPU actor: GPU nodes join the running cluster.
+source, output, gate = sys.argv[1], sys.argv[2], sys.argv[4]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # decoding; no GPU
 gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
-wait("the pool grown onto both GPU nodes", lambda: len({a.node_id for a in embedders("ALIVE")}) == 2)
-os.remove(gate)
-wait("a part written", lambda: any(f.startswith("part-") for f in os.listdir(output)))
-hosts = sorted({a.node_id for a in embedders()})
-# A spot GPU node taken back mid-run, with its model actor and the batches it held.
-lost = next(n for n in gpu_nodes if n.node_id == embedders("ALIVE")[0].node_id)
+cluster.wait_for_nodes()
+address = cluster.address
+ray.init(address=address, logging_level="ERROR", runtime_env={"worker_process_setup_hook": holding(gate)})
+
+import raytl
+
+result = {}
+job = threading.Thread(target=lambda: result.update(raytl.extract(
+    source, output, weights="random", image_size=64, decode_batch=8, batch_size=8, rows_per_file=24)))
+job.start()
+wait("a model actor on each GPU node", lambda: len(hosts(address, "ALIVE")) == 2, job)
+wait("a part written", lambda: any(f.startswith("part-") for f in os.listdir(output)), job)
+embedder_nodes = sorted(hosts(address))
+# A spot GPU node taken back mid-run, with its model actor and the batch it holds.
+lost = next(n for n in gpu_nodes if n.node_id == embedders(address, "ALIVE")[0].node_id)
 cluster.remove_node(lost, allow_graceful=False)
+os.remove(gate)
 job.join()
 tasks = list_tasks(address=cluster.address, detail=True, limit=10000, timeout=30)
 decoders = [t for t in tasks if "decode_batch" in t.name]
@@ -130,8 +141,8 @@ trainers = [a for a in list_actors(address=cluster.address, detail=True, limit=1
 print("RESULT", json.dumps({
     "embedded": result["embedded"],
     "gpu_nodes": sorted(n.node_id for n in gpu_nodes),
-    "embedder_nodes": hosts,
-    "embedder_gpus": sorted({a.required_resources.get("GPU", 0) for a in embedders()}),
+    "embedder_nodes": embedder_nodes,
+    "embedder_gpus": sorted({a.required_resources.get("GPU", 0) for a in embedders(address)}),
     "decode_nodes": sorted({t.node_id for t in decoders}),
     "decode_gpus": sorted({t.required_resources.get("GPU", 0) for t in decoders}),
     "live_gpu_nodes": sorted(n.node_id for n in live),
@@ -146,38 +157,84 @@ cluster.shutdown()
 """
 
 
-def test_gpus_from_zero_a_growing_pool_a_lost_gpu_node_and_training_on_gpu_nodes(tmp_path):
-    """--device cuda on a cluster with no GPU up (a GPU group scaling from zero): the model actors ask for
-    a GPU anyway instead of running on CPU; GPU nodes that join afterwards take them, and a pool allowed
-    to grow to two (--num-actors 1-2) places an actor on each, each holding one GPU; decoding asks for no
-    GPU (the model stage is held until the pool has grown, so that the run cannot end first). Then one GPU
-    node is removed mid-run (a spot node taken back): the run finishes, and every image
-    is in OUTPUT exactly once. With two GPU nodes up again, the probe's Ray Train workers hold one GPU each
-    and sit exactly on the GPU nodes (training on their CPUs here: Ray places, torch sees no CUDA)."""
+def test_a_lost_gpu_node_loses_no_image_and_training_sits_on_gpu_nodes(tmp_path):
+    """extract on a cluster with two GPU nodes (`ray.cluster_utils.Cluster`): by default one model actor
+    per GPU up, each holding one GPU, one on each GPU node and none on the CPU-only head; decoding asks
+    for no GPU. One GPU node is removed mid-run (a spot node taken back) while its actor holds a batch:
+    the run finishes, and every image is in OUTPUT exactly once. With two GPU nodes up again, the probe's
+    Ray Train workers hold one GPU each and sit exactly on the GPU nodes (training on their CPUs here: Ray
+    places, torch sees no CUDA)."""
     good = write_corpus(
-        tmp_path / "corpus", {"a": list(range(1, 12)), "b": list(range(12, 24))}, broken=False, strays=False
+        tmp_path / "corpus", {"a": [1, 2, 3, 4], "b": [5, 6, 7, 8]}, broken=False, strays=False
     )
     (tmp_path / "gate").touch()
-    got = on_a_cluster(FROM_ZERO, *(tmp_path / name for name in ("corpus", "out", "model", "gate")))
-    assert got["embedded"] == len(good) == 299
+    got = on_a_cluster(LOST_MODEL_NODE, *(tmp_path / name for name in ("corpus", "out", "model", "gate")))
+    assert got["embedded"] == len(good)
     assert got["embedder_nodes"] == got["gpu_nodes"]  # both GPU nodes, never the CPU-only head
     assert got["embedder_gpus"] == [1.0]
     assert got["decode_gpus"] == [0.0] and got["decode_nodes"]
     paths = pq.read_table(tmp_path / "out", columns=["path"]).column("path").to_pylist()
-    assert len(paths) == len(set(paths)) == 299
+    assert len(paths) == len(set(paths)) == len(good)
     assert got["trainer_nodes"] == got["live_gpu_nodes"] and got["trainer_gpus"] == [1.0, 1.0]
     assert got["epochs"] == 2
 
 
-LOST_TRAINER = r"""
-import json, os, re, sys, threading, time
+AUTOSCALED = r"""
+address, source, output, gate = sys.argv[1:5]
+ray.init(address=address, logging_level="ERROR", runtime_env={"worker_process_setup_hook": holding(gate)})
+gpus_at_start = ray.cluster_resources().get("GPU", 0)
 
+import raytl
+
+result = {}
+job = threading.Thread(target=lambda: result.update(raytl.extract(
+    source, output, weights="random", image_size=64, decode_batch=8, batch_size=8, rows_per_file=24,
+    device="cuda", num_actors="1-2")))
+job.start()
+wait("the autoscaler's GPU nodes hosting the pool", lambda: len(hosts(address, "ALIVE")) == 2, job)
+os.remove(gate)
+job.join()
+print("RESULT", json.dumps({
+    "gpus_at_start": gpus_at_start,
+    "embedded": result["embedded"],
+    "embedder_nodes": sorted(hosts(address)),
+    "gpu_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")),
+    "head": ray.get_runtime_context().get_node_id(),
+}))
+"""
+
+
+@pytest.fixture
+def autoscaling_head(tmp_path_factory):
+    """A cluster of its own (clusters.py): a head with 2 CPUs and no GPU, under Ray's fake multi-node
+    autoscaler with a GPU node type that scales from zero to two."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    head = start_head(str(tmp_path_factory.mktemp("rayhead")), env, max_gpu_nodes=2)  # a short path
+    yield head
+    stop(head)
+
+
+def test_the_autoscaler_starts_gpu_nodes_for_device_cuda(autoscaling_head, tmp_path):
+    """extract --device cuda --num-actors 1-2 on a cluster whose GPU node type scales from zero (Ray's
+    fake multi-node autoscaler): the pending model actor makes the autoscaler start a GPU node, the pool
+    grows and makes it start a second, and the model actors run there, one on each, never on the head.
+    Every image is in OUTPUT once. (The model stage is held until the pool has grown: see PRELUDE.)"""
+    good = write_corpus(tmp_path / "corpus", {"a": [1, 2, 3], "b": [4, 5, 6]}, broken=False, strays=False)
+    (tmp_path / "gate").touch()
+    got = on_a_cluster(AUTOSCALED, autoscaling_head.gcs, *(tmp_path / n for n in ("corpus", "out", "gate")))
+    assert got["gpus_at_start"] == 0 and got["embedded"] == len(good)
+    assert len(got["gpu_nodes"]) == 2 and got["embedder_nodes"] == got["gpu_nodes"]
+    assert got["head"] not in got["gpu_nodes"]
+    paths = pq.read_table(tmp_path / "out", columns=["path"]).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == len(good)
+
+
+LOST_TRAINER = r"""
 # After a node is lost, Ray Train first tries the old group size again (the dead node's resources still
 # show for a moment) and waits this long for a placement group before it shrinks; 60 s by default.
 os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
-import ray
+import re
 from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # decoding; no GPU
 gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
@@ -194,13 +251,6 @@ job = threading.Thread(target=lambda: result.update(raytl.finetune(
 job.start()
 
 
-def wait(what, condition):
-    deadline = time.monotonic() + 300
-    while not condition():
-        assert time.monotonic() < deadline and job.is_alive(), what
-        time.sleep(0.2)
-
-
 def checkpoints():
     snapshot = os.path.join(model_dir, "train", "checkpoint_manager_snapshot.json")
     if not os.path.exists(snapshot):
@@ -214,7 +264,7 @@ def trainer_nodes():
     return sorted(a.node_id for a in actors if a.class_name == "RayTrainWorker" and a.state == "ALIVE")
 
 
-wait("a checkpoint", checkpoints)
+wait("a checkpoint", checkpoints, job)
 hosts = trainer_nodes()
 # A spot GPU node taken back mid-run, with the Ray Train worker on it.
 cluster.remove_node(next(n for n in gpu_nodes if n.node_id == hosts[0]), allow_graceful=False)
