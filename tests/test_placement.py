@@ -93,10 +93,14 @@ def wait(what, condition, job):
         time.sleep(0.5)
 """
 
-LOST_MODEL_NODE = r"""
+LOST_NODES = r"""
+# After a node is lost, Ray Train first tries the old group size again (the dead node's resources still
+# show for a moment) and waits this long for a placement group before it shrinks; 60 s by default.
+os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
+import re
 from ray.cluster_utils import Cluster
 
-source, output, gate = sys.argv[1], sys.argv[2], sys.argv[4]
+source, output, images, model_dir, gate = sys.argv[1:6]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # decoding; no GPU
 gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
 cluster.wait_for_nodes()
@@ -105,78 +109,102 @@ ray.init(address=address, logging_level="ERROR", runtime_env={"worker_process_se
 
 import raytl
 
-result = {}
-job = threading.Thread(target=lambda: result.update(raytl.extract(
+# 1. extract: one model actor per GPU up by default. A spot GPU node is taken back mid-run, with its model
+# actor and the batch that actor holds.
+extracted = {}
+job = threading.Thread(target=lambda: extracted.update(raytl.extract(
     source, output, weights="random", image_size=64, decode_batch=8, batch_size=8, rows_per_file=24)))
 job.start()
 wait("a model actor on each GPU node", lambda: len(hosts(address, "ALIVE")) == 2, job)
 wait("a part written", lambda: any(f.startswith("part-") for f in os.listdir(output)), job)
 embedder_nodes = sorted(hosts(address))
-# A spot GPU node taken back mid-run, with its model actor and the batch it holds.
 lost = next(n for n in gpu_nodes if n.node_id == embedders(address, "ALIVE")[0].node_id)
 cluster.remove_node(lost, allow_graceful=False)
 os.remove(gate)
 job.join()
-tasks = list_tasks(address=cluster.address, detail=True, limit=10000, timeout=30)
+tasks = list_tasks(address=address, detail=True, limit=10000, timeout=30)
 decoders = [t for t in tasks if "decode_batch" in t.name]
 
-# Ray Train's placement on the same cluster, two GPU nodes up again: the probe's own fit_ray and scaling on
-# the embeddings just written (train.run's label pass, evaluation and report add nothing here but time).
+# 2. finetune --workers 1-2 with two GPU nodes up again: a Ray Train worker on each. The node of one is
+# taken back after the first checkpoint.
 live = [n for n in gpu_nodes if n is not lost] + [cluster.add_node(num_cpus=1, num_gpus=1)]
 cluster.wait_for_nodes()
-import numpy as np
-import pyarrow.parquet as pq
-from raytl.commands import train
-from raytl.config import TrainConfig
+trained = {}
+job = threading.Thread(target=lambda: trained.update(raytl.finetune(
+    images, model_dir, weights="random", image_size=32, epochs=4, batch_size=4, lr=0.2, warmup_epochs=0.5,
+    device="cuda", workers="1-2")))
+job.start()
 
-table = pq.read_table(output)
-x = np.stack([np.asarray(e, np.float32) for e in table["embedding"].to_pylist()])
-y = np.array([["a", "b"].index(label) for label in table["label"].to_pylist()])
-rows = ray.data.from_items([{"x": xi, "y": int(yi)} for xi, yi in zip(x, y)])
-plan = train.Plan(["a", "b"], None, {"a": int((y == 0).sum()), "b": int((y == 1).sum())}, {"a": 1, "b": 1})
-config = TrainConfig.create(embeddings=output, model_dir=sys.argv[3], workers=2, epochs=2)
-_, history = train.fit_ray(rows, rows, plan, config, x.mean(0), x.std(0) + 1e-6, 0.01)
-trainers = [a for a in list_actors(address=cluster.address, detail=True, limit=10000, timeout=30)
-            if a.class_name == "RayTrainWorker"]
+
+def checkpoints():
+    snapshot = os.path.join(model_dir, "train", "checkpoint_manager_snapshot.json")
+    if not os.path.exists(snapshot):
+        return set()
+    with open(snapshot) as f:
+        return set(re.findall(r"checkpoint_\d{4}-\d\d-\d\d_[\d.-]+", f.read()))
+
+
+def trainers():
+    actors = list_actors(address=address, detail=True, limit=10000, timeout=30)
+    return [a for a in actors if a.class_name == "RayTrainWorker" and a.state == "ALIVE"]
+
+
+wait("a checkpoint", checkpoints, job)
+first = trainers()
+cluster.remove_node(next(n for n in live if n.node_id == first[0].node_id), allow_graceful=False)
+job.join()
 print("RESULT", json.dumps({
-    "embedded": result["embedded"],
+    "embedded": extracted["embedded"],
     "gpu_nodes": sorted(n.node_id for n in gpu_nodes),
     "embedder_nodes": embedder_nodes,
     "embedder_gpus": sorted({a.required_resources.get("GPU", 0) for a in embedders(address)}),
     "decode_nodes": sorted({t.node_id for t in decoders}),
     "decode_gpus": sorted({t.required_resources.get("GPU", 0) for t in decoders}),
     "live_gpu_nodes": sorted(n.node_id for n in live),
-    "trainer_nodes": sorted(a.node_id for a in trainers),
+    "trainer_nodes": sorted(a.node_id for a in first),
     # Ray Train places its workers in a placement group: their GPU shows as GPU_group_* bundle resources
-    "trainer_gpus": [max(v for k, v in a.required_resources.items() if k.startswith("GPU"))
-                     for a in trainers],
-    "epochs": len(history),
+    "trainer_gpus": [max(v for k, v in a.required_resources.items() if k.startswith("GPU")) for a in first],
+    "history": trained["history"],
+    "resumed": trained["resumed_at_epochs"],
+    "accuracy": trained["accuracy"],
+    "model": sorted(os.listdir(model_dir)),
 }))
 ray.shutdown()
 cluster.shutdown()
 """
 
 
-def test_a_lost_gpu_node_loses_no_image_and_training_sits_on_gpu_nodes(tmp_path):
-    """extract on a cluster with two GPU nodes (`ray.cluster_utils.Cluster`): by default one model actor
-    per GPU up, each holding one GPU, one on each GPU node and none on the CPU-only head; decoding asks
-    for no GPU. One GPU node is removed mid-run (a spot node taken back) while its actor holds a batch:
-    the run finishes, and every image is in OUTPUT exactly once. With two GPU nodes up again, the probe's
-    Ray Train workers hold one GPU each and sit exactly on the GPU nodes (training on their CPUs here: Ray
-    places, torch sees no CUDA)."""
+def test_lost_gpu_nodes_cost_no_image_and_no_training(tmp_path):
+    """On a cluster with two GPU nodes (`ray.cluster_utils.Cluster`; one script, one cluster):
+    - extract: by default one model actor per GPU up, each holding one GPU, one on each GPU node and none on
+      the CPU-only head; decoding asks for no GPU. One GPU node is removed mid-run (a spot node taken back)
+      while its actor holds a batch: the run finishes, and every image is in OUTPUT exactly once.
+    - finetune --device cuda --workers 1-2, two GPU nodes up again: a Ray Train worker holding one GPU on
+      each (training on their CPUs here: Ray places, torch sees no CUDA). One node is removed after the
+      first checkpoint: Ray Train's elastic group carries on with one worker from the last checkpoint, and
+      the run writes MODEL_DIR."""
     good = write_corpus(
         tmp_path / "corpus", {"a": [1, 2, 3, 4], "b": [5, 6, 7, 8]}, broken=False, strays=False
     )
+    write_colour_corpus(tmp_path / "images", per_class=8, seed=0)
     (tmp_path / "gate").touch()
-    got = on_a_cluster(LOST_MODEL_NODE, *(tmp_path / name for name in ("corpus", "out", "model", "gate")))
+    names = ("corpus", "out", "images", "model", "gate")
+    got = on_a_cluster(LOST_NODES, *(tmp_path / name for name in names))
     assert got["embedded"] == len(good)
     assert got["embedder_nodes"] == got["gpu_nodes"]  # both GPU nodes, never the CPU-only head
     assert got["embedder_gpus"] == [1.0]
     assert got["decode_gpus"] == [0.0] and got["decode_nodes"]
     paths = pq.read_table(tmp_path / "out", columns=["path"]).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == len(good)
+
     assert got["trainer_nodes"] == got["live_gpu_nodes"] and got["trainer_gpus"] == [1.0, 1.0]
-    assert got["epochs"] == 2
+    epochs = [record["epoch"] for record in got["history"]]
+    resumed = got["resumed"]
+    assert epochs == list(range(4)) and len(resumed) == 1 and 1 <= resumed[0] < 4, (epochs, resumed)
+    workers = [record["workers"] for record in got["history"]]
+    assert workers == [2] * resumed[0] + [1] * (4 - resumed[0])
+    assert {"model.json", "model.pt", "backbone.pt", "metrics.json"} <= set(got["model"])
+    assert 0 <= got["accuracy"] <= 1
 
 
 AUTOSCALED = r"""
@@ -227,75 +255,6 @@ def test_the_autoscaler_starts_gpu_nodes_for_device_cuda(autoscaling_head, tmp_p
     assert got["head"] not in got["gpu_nodes"]
     paths = pq.read_table(tmp_path / "out", columns=["path"]).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == len(good)
-
-
-LOST_TRAINER = r"""
-# After a node is lost, Ray Train first tries the old group size again (the dead node's resources still
-# show for a moment) and waits this long for a placement group before it shrinks; 60 s by default.
-os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
-import re
-from ray.cluster_utils import Cluster
-
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # decoding; no GPU
-gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
-cluster.wait_for_nodes()
-ray.init(address=cluster.address, logging_level="ERROR")
-
-import raytl
-
-source, model_dir = sys.argv[1], sys.argv[2]
-result = {}
-job = threading.Thread(target=lambda: result.update(raytl.finetune(
-    source, model_dir, weights="random", image_size=32, epochs=4, batch_size=4, lr=0.2, warmup_epochs=0.5,
-    device="cuda", workers="1-2")))
-job.start()
-
-
-def checkpoints():
-    snapshot = os.path.join(model_dir, "train", "checkpoint_manager_snapshot.json")
-    if not os.path.exists(snapshot):
-        return set()
-    with open(snapshot) as f:
-        return set(re.findall(r"checkpoint_\d{4}-\d\d-\d\d_[\d.-]+", f.read()))
-
-
-def trainer_nodes():
-    actors = list_actors(address=cluster.address, detail=True, limit=10000, timeout=30)
-    return sorted(a.node_id for a in actors if a.class_name == "RayTrainWorker" and a.state == "ALIVE")
-
-
-wait("a checkpoint", checkpoints, job)
-hosts = trainer_nodes()
-# A spot GPU node taken back mid-run, with the Ray Train worker on it.
-cluster.remove_node(next(n for n in gpu_nodes if n.node_id == hosts[0]), allow_graceful=False)
-job.join()
-print("RESULT", json.dumps({
-    "gpu_nodes": sorted(n.node_id for n in gpu_nodes),
-    "trainer_nodes": hosts,
-    "history": result["history"],
-    "resumed": result["resumed_at_epochs"],
-    "accuracy": result["accuracy"],
-    "model": sorted(os.listdir(model_dir)),
-}))
-ray.shutdown()
-cluster.shutdown()
-"""
-
-
-def test_a_lost_training_node_shrinks_the_workers_and_resumes(tmp_path):
-    """finetune --device cuda --workers 1-2 on two GPU nodes: a worker on each. One node is removed after
-    the first checkpoint: Ray Train's elastic group carries on with one worker from the last checkpoint, and
-    the run writes MODEL_DIR."""
-    write_colour_corpus(tmp_path / "corpus", per_class=8, seed=0)
-    got = on_a_cluster(LOST_TRAINER, tmp_path / "corpus", tmp_path / "model")
-    assert got["trainer_nodes"] == got["gpu_nodes"]  # one worker on each GPU node, none on the head
-    epochs = [record["epoch"] for record in got["history"]]
-    resumed = got["resumed"]
-    assert epochs == list(range(4)) and len(resumed) == 1 and 1 <= resumed[0] < 4, (epochs, resumed)
-    workers = [record["workers"] for record in got["history"]]
-    assert workers == [2] * resumed[0] + [1] * (4 - resumed[0])
-    assert {"model.json", "model.pt", "backbone.pt", "metrics.json"} <= set(got["model"])
-    assert 0 <= got["accuracy"] <= 1
 
 
 def test_device_and_actor_pool_options():
