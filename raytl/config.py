@@ -132,6 +132,9 @@ class ExtractConfig:
         None, "tar shards: cls | txt | json:FIELD (default: KEY.cls when present)"
     )
     allow_schemes: tuple[str, ...] = option((), ALLOW_SCHEMES)
+    max_failures: int = option(
+        3, "times a run that loses a node or a model actor resumes from what OUTPUT holds before it fails"
+    )
     seed: int = option(0, "seeds --weights random")
     overwrite: bool = option(False, "replace raytl embeddings already in OUTPUT")
 
@@ -149,6 +152,7 @@ class ExtractConfig:
         _check_paths(self, "output", "embeddings")
         check_backbone(self)
         _positive_fields(self, "decode_batch", "rows_per_file")
+        _positive("--max-failures", self.max_failures, low=0)
         _check_label_field(self.label_field)
 
     def error_limit(self, files: int) -> int | None:

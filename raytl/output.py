@@ -94,6 +94,7 @@ class Done:
 
     parts: list[str]  # full URIs
     rows: int
+    failed: int = 0  # of the rows, those in `_errors/` parts
 
     def paths(self) -> pa.Array:
         """Their `path` column, read here (on the driver)."""
@@ -139,8 +140,9 @@ def resume(config: ExtractConfig, record: dict[str, Any]) -> Done:
         _remove(fs, [p for p in existing if _is_leftover(p)], config.output)  # half-written when a run died
         parts = [p for p in existing if _is_part(p)]
         with storage.guarded(f"read the part files in OUTPUT {config.output}"):
-            rows = sum(_footer_rows(fs, p) for p in parts)
-        return Done([storage.to_uri(fs, p) for p in parts], rows)
+            rows = {p: _footer_rows(fs, p) for p in parts}
+        failed = sum(n for p, n in rows.items() if f"/{writer.ERRORS_DIR}/" in p)
+        return Done([storage.to_uri(fs, p) for p in parts], sum(rows.values()), failed)
     check_kind(fs, existing, EMBEDDINGS, config.output)
     _remove(fs, existing, config.output)
     storage.write_bytes(run_file, json.dumps(record, indent=2).encode())

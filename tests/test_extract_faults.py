@@ -213,3 +213,55 @@ def test_max_errors_stops_a_run_over_broken_files(capsys, ray_session, tmp_path)
     )  # 4 of 17
     done = json.loads((tmp_path / "out2" / "_summary.json").read_text())
     assert (done["embedded"], done["failed"]) == (13, 4)
+
+
+def test_a_pass_that_loses_part_of_the_cluster_is_resumed(ray_session, tmp_path, monkeypatch, caplog):
+    """The first pass writes part of the corpus and then loses a model actor (as when Ray Data cancels a
+    pending actor of a shrinking pool, or the node under it goes): the run goes on over what OUTPUT lacks,
+    and counts every image once, the broken files too. --max-failures 0 lets the loss end the run."""
+    import ray
+
+    from raytl.commands import extract
+    from raytl.config import ExtractConfig
+
+    write_corpus(tmp_path / "src", {"cat": [1], "dog": [2]}, broken=True, strays=False)  # 26 images, 4 broken
+    real, passes = extract._embed_all, []
+
+    def losing(stages, todo, *args):
+        passes.append(todo.table.num_rows)
+        if len(passes) == 1:  # the first pass gets through half of its files, then loses an actor
+            real(stages, type(todo)(todo.table.slice(0, todo.table.num_rows // 2), 0), *args)
+            raise ray.exceptions.ActorDiedError()
+        return real(stages, todo, *args)
+
+    monkeypatch.setattr(extract, "_embed_all", losing)
+    options = dict(source=str(tmp_path / "src"), weights="random", image_size=32, precision="fp32")
+    output = tmp_path / "out"
+    done = extract.run(ExtractConfig.create(output=str(output), rows_per_file=4, **options))
+    assert passes == [30, 15]
+    assert (done["seen"], done["embedded"], done["failed"], done["skipped"]) == (30, 26, 4, 0)
+    assert "lost part of the cluster (ActorDiedError): resuming from what" in caplog.text
+    assert "(retry 1 of --max-failures 3)" in caplog.text
+    embedded = pq.read_table(output, columns=["path"]).column("path").to_pylist()
+    failed = pq.read_table(output / "_errors", columns=["path"]).column("path").to_pylist()
+    files = {str(p) for p in (tmp_path / "src").rglob("*") if p.is_file()}
+    assert len(embedded) == 26 and len(failed) == 4 and set(embedded) | set(failed) == files
+
+    passes.clear()
+    config = ExtractConfig.create(output=str(tmp_path / "out2"), max_failures=0, **options)
+    with pytest.raises(ray.exceptions.ActorDiedError):
+        extract.run(config)
+    assert passes == [30]
+
+
+def test_only_losses_of_cluster_parts_are_retried():
+    import ray
+
+    from raytl.commands.extract import lost_cluster_part
+
+    assert lost_cluster_part(ray.exceptions.ActorDiedError())
+    assert lost_cluster_part(ray.exceptions.NodeDiedError("node gone"))
+    assert lost_cluster_part(ray.exceptions.WorkerCrashedError())
+    # An actor whose __init__ raised would raise again; a user's or raytl's own error is not Ray's loss.
+    assert not lost_cluster_part(ray.exceptions.RayActorError(error_msg="init", actor_init_failed=True))
+    assert not lost_cluster_part(ValueError("bad file"))

@@ -1,17 +1,20 @@
 """Placement on a multi-node cluster: model actors and Ray Train workers hold one GPU each and run only on
-GPU nodes; runs go on when a node is lost.
+GPU nodes; with --device cuda they make Ray's autoscaler start GPU nodes from zero; runs go on when a node
+is lost.
 
-A `ray.cluster_utils.Cluster` (several raylets on this machine, some declaring a GPU) runs in a
-subprocess, apart from the test session's Ray. Without CUDA the actors fall back to the CPU, but
-where Ray placed them is real.
+Each test's cluster runs beside the test session's Ray: a `ray.cluster_utils.Cluster` (several raylets on
+this machine, some declaring a GPU) started by the test's script, or a head under Ray's fake multi-node
+autoscaler (clusters.py). Without CUDA the actors fall back to the CPU, but where Ray placed them is real.
 """
 
 import json
+import os
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
 import pytest
+from clusters import start_head, stop
 from images import write_colour_corpus, write_corpus
 
 
@@ -41,8 +44,7 @@ def test_train_workers_ask_for_one_gpu_each_on_gpu_clusters():
 # Shared by the scripts below. `holding(GATE)` is a worker setup hook that holds each model actor after its
 # first two batches while the file GATE exists: a new actor takes ~25 s to start on 2 busy cores and one
 # actor alone ends these runs in ~60 s, so unheld, a run could end before its pool had grown. The batches
-# that pass give Ray Data the model stage's rate, from which its cluster autoscaler asks for more nodes
-# (a stage held from its first batch never makes it ask).
+# that pass give Ray Data the model stage's rate, from which its cluster autoscaler asks for more nodes.
 PRELUDE = r"""
 import json, os, sys, threading, time
 import ray
@@ -203,6 +205,56 @@ def test_lost_gpu_nodes_cost_no_image_and_no_training(tmp_path):
     assert workers == [2] * resumed[0] + [1] * (4 - resumed[0])
     assert {"model.json", "model.pt", "backbone.pt", "metrics.json"} <= set(got["model"])
     assert 0 <= got["accuracy"] <= 1
+
+
+AUTOSCALED = r"""
+address, source, output, gate = sys.argv[1:5]
+ray.init(address=address, logging_level="ERROR", runtime_env={"worker_process_setup_hook": holding(gate)})
+gpus_at_start = ray.cluster_resources().get("GPU", 0)
+
+import raytl
+
+result = {}
+job = threading.Thread(target=lambda: result.update(raytl.extract(
+    source, output, weights="random", image_size=64, decode_batch=8, batch_size=8, rows_per_file=24,
+    device="cuda", num_actors="1-2")))
+job.start()
+wait("the autoscaler's GPU nodes hosting the pool", lambda: len(hosts(address, "ALIVE")) == 2, job)
+os.remove(gate)
+job.join()
+print("RESULT", json.dumps({
+    "gpus_at_start": gpus_at_start,
+    "embedded": result["embedded"],
+    "embedder_nodes": sorted(hosts(address)),
+    "gpu_nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")),
+    "head": ray.get_runtime_context().get_node_id(),
+}))
+"""
+
+
+@pytest.fixture
+def autoscaling_head(tmp_path_factory):
+    """A cluster of its own (clusters.py): a head with 2 CPUs and no GPU, under Ray's fake multi-node
+    autoscaler with a GPU node type that scales from zero to two."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    head = start_head(str(tmp_path_factory.mktemp("rayhead")), env, max_gpu_nodes=2)  # a short path
+    yield head
+    stop(head)
+
+
+def test_the_autoscaler_starts_gpu_nodes_for_device_cuda(autoscaling_head, tmp_path):
+    """extract --device cuda --num-actors 1-2 on a cluster whose GPU node type scales from zero (Ray's
+    fake multi-node autoscaler): the pending model actor makes the autoscaler start a GPU node, the pool
+    grows and makes it start a second, and the model actors run there, one on each, never on the head.
+    Every image is in OUTPUT once. (The model stage is held until the pool has grown: see PRELUDE.)"""
+    good = write_corpus(tmp_path / "corpus", {"a": [1, 2, 3], "b": [4, 5, 6]}, broken=False, strays=False)
+    (tmp_path / "gate").touch()
+    got = on_a_cluster(AUTOSCALED, autoscaling_head.gcs, *(tmp_path / n for n in ("corpus", "out", "gate")))
+    assert got["gpus_at_start"] == 0 and got["embedded"] == len(good)
+    assert len(got["gpu_nodes"]) == 2 and got["embedder_nodes"] == got["gpu_nodes"]
+    assert got["head"] not in got["gpu_nodes"]
+    paths = pq.read_table(tmp_path / "out", columns=["path"]).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == len(good)
 
 
 def test_device_and_actor_pool_options():

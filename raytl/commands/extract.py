@@ -34,7 +34,8 @@ def run(config: ExtractConfig) -> dict[str, Any]:
         raise ConfigError(
             "--decode gpu reads loose image files; tar shards are decoded on CPU (--decode cpu)."
         )
-    done = output.resume(config, output.run_record(config, weights.id))  # refuses other options' OUTPUT
+    record = output.run_record(config, weights.id)
+    done = output.resume(config, record)  # refuses other options' OUTPUT
     todo, total, skipped = pending(corpus, done)
     if skipped:
         log.warning("resuming: %d images are already in %s and are skipped", skipped, config.output)
@@ -44,20 +45,7 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     started = time.perf_counter()
     counts: dict[str, int] = {}
     if total != 0:
-        logs.init_ray()
-        resources = pipeline.Resources.of_cluster(config.device)
-        rows = pipeline.embedded(stages, todo, ray.put(weights.state_dict), resources, done)
-        stats = pipeline.written(rows, config, resources, metadata)
-        progress = logs.Progress("extract", total)
-
-        def check(totals: dict[str, int]) -> None:
-            progress.update(totals)
-            _check_errors(totals, total, config)
-
-        with pipeline.user_errors():
-            counts = writer.sum_counts(stats, check=check)
-            progress.done(counts)
-            _check_errors(counts, total, config, final=True)
+        counts = _passes(config, record, corpus, todo, done, stages, weights.state_dict, metadata, total)
     embedded, failed = counts.get("embedded", 0), counts.get("failed", 0)
     if corpus.shards and embedded + failed + skipped == 0:  # as for an empty folder, found only once read
         raise storage.StorageError(
@@ -78,6 +66,90 @@ def run(config: ExtractConfig) -> dict[str, Any]:
     }
     writer.write_summary(config.output, summary)
     return summary
+
+
+def _passes(
+    config: ExtractConfig,
+    record: dict[str, Any],
+    corpus: Corpus,
+    todo: Corpus,
+    done: output.Done,
+    stages: pipeline.Stages,
+    state_dict: dict,
+    metadata: dict,
+    total: int | None,
+) -> dict[str, int]:
+    """Embed what OUTPUT does not hold yet; after a pass that lost part of the cluster (a node, a model
+    actor), another over what is still missing, up to --max-failures times. The counts of all passes."""
+    logs.init_ray()
+    resources = pipeline.Resources.of_cluster(config.device)
+    weights_ref = ray.put(state_dict)
+    progress = logs.Progress("extract", total)
+    first, failures = done, 0
+    while True:
+        failed = done.failed - first.failed  # what earlier passes wrote (nothing the first time)
+        earlier = {"embedded": done.rows - first.rows - failed, "failed": failed}
+        try:
+            counts = _embed_all(
+                stages, todo, weights_ref, resources, done, config, metadata, earlier, progress
+            )
+            progress.done(counts)
+            return counts
+        except Exception as exc:
+            failures += 1
+            if not lost_cluster_part(exc) or failures > config.max_failures:
+                raise
+            where = storage.redact(config.output)
+            log.warning(
+                "lost part of the cluster (%s): resuming from what %s holds (retry %d of --max-failures %d)",
+                type(exc).__name__, where, failures, config.max_failures,
+            )  # fmt: skip
+            time.sleep(_SETTLE_SECONDS)
+            done = output.resume(config, record)
+            todo = pending(corpus, done)[0]
+
+
+# Ray Data cancels the lost pass's tasks without waiting for them: a write already under way may still
+# land. What OUTPUT holds is read again only once those have had time to end.
+_SETTLE_SECONDS = 2.0
+
+
+def _embed_all(
+    stages: pipeline.Stages,
+    todo: Corpus,
+    weights_ref: Any,
+    resources: pipeline.Resources,
+    done: output.Done,
+    config: ExtractConfig,
+    metadata: dict,
+    earlier: dict[str, int],
+    progress: logs.Progress,
+) -> dict[str, int]:
+    """One pass of the pipeline over `todo`; the counts of this run so far (`earlier`: rows that passes
+    before this one wrote)."""
+    rows = pipeline.embedded(stages, todo, weights_ref, resources, done)
+    stats = pipeline.written(rows, config, resources, metadata)
+
+    def check(totals: dict[str, int]) -> None:
+        totals = {k: totals.get(k, 0) + earlier.get(k, 0) for k in {*totals, *earlier}}
+        progress.update(totals)
+        _check_errors(totals, progress.total, config)
+
+    with pipeline.user_errors():
+        counts = writer.sum_counts(stats, check=check)
+    counts = {k: counts.get(k, 0) + earlier.get(k, 0) for k in {*counts, *earlier}}
+    _check_errors(counts, progress.total, config, final=True)
+    return counts
+
+
+def lost_cluster_part(exc: BaseException) -> bool:
+    """Ray lost something the run needed: a node, an actor (Ray Data cancels a pending model actor when an
+    autoscaling pool shrinks), a worker, an object held only there. What OUTPUT holds is whole, so a new
+    pass over the rest finishes the run; an actor whose __init__ raised would only raise again."""
+    if isinstance(exc, ray.exceptions.RayActorError):
+        return not exc.actor_init_failed
+    lost = (ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError)
+    return isinstance(exc, lost)
 
 
 def pending(corpus: Corpus, done: output.Done) -> tuple[Corpus, int | None, int]:
