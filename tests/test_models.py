@@ -169,7 +169,8 @@ BACKBONES = [
 @pytest.fixture(scope="module")
 def backbones(ray_session, tmp_path_factory):
     """26 images (13 encodings of two pictures, a class each) in the loopback S3, and `extracted(model,
-    size)`: `raytl extract --model` on them, once per model, with seeded random weights from a file in S3."""
+    size)`: `raytl extract --model` on them, once per model, with seeded random weights from a file (in S3
+    for vgg16)."""
     import boto3
     import pyarrow.parquet as pq
     import s3fs
@@ -192,13 +193,12 @@ def backbones(ray_session, tmp_path_factory):
             if model == "vgg16":  # pool5 needs only the conv layers: a 58 MB file, not 528 MB
                 state = {k: v for k, v in state.items() if k.startswith("features.")}
             torch.save(state, tmp / f"{model}.pt")
-            boto3.client("s3").upload_file(str(tmp / f"{model}.pt"), "raytl-backbones", f"weights/{model}.pt")
+            weights = str(tmp / f"{model}.pt")
+            if model == "vgg16":  # weights from S3 once (the others are 100-330 MB: a local file)
+                boto3.client("s3").upload_file(weights, "raytl-backbones", f"weights/{model}.pt")
+                weights = f"s3://raytl-backbones/weights/{model}.pt"
             out = f"s3://raytl-backbones/emb-{model}"
-            options = {
-                "model": model,
-                "weights": f"s3://raytl-backbones/weights/{model}.pt",
-                "precision": "fp32",
-            }
+            options = {"model": model, "weights": weights, "precision": "fp32"}
             summary = raytl.extract(uri, out, **options, **({"image_size": size} if size else {}))
             table = pq.read_table(out.removeprefix("s3://"), filesystem=s3fs.S3FileSystem())
             done[model] = {"summary": summary, "table": table, "network": network, "out": out}
