@@ -178,10 +178,10 @@ def actor_pool(num_actors: int | tuple[int, int] | None, resources: Resources) -
     return ray.data.ActorPoolStrategy(size=1)
 
 
-# A model actor that Ray Data gives up on while it still waits for a GPU node (a pool that grows and
-# shrinks on an autoscaling cluster) counts as an actor that died during initialisation, and Ray Data's
-# default allowance for those is none: the whole run failed (seen with Ray's fake autoscaler, Ray 2.60).
-# The weights are checked on the driver before any actor starts, so replacing a few costs nothing.
+# A model actor that dies before it is ready (its node lost while it starts, as a spot GPU node can be)
+# counts as an actor that died during initialisation, and Ray Data's default allowance for those is none:
+# the whole run fails. The weights are checked on the driver before any actor starts, so an actor's
+# __init__ does not fail for them, and replacing a few costs nothing.
 _ACTOR_INIT_DEATHS = 3
 
 
@@ -195,9 +195,9 @@ def on_actors(
 ) -> Any:
     """rows.map_batches(embedder) on the model actor pool (`actor_pool`). `options`: pipeline.Stages or
     an EmbedConfig (model, layer, pool, precision, batch_size, num_actors, compile)."""
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
+    # The run executes with the context its first Dataset copied (and every Dataset made from it shares):
+    # setting DataContext.get_current() now would not reach it.
+    context = rows.context
     if 0 <= context.max_consecutive_actor_init_deaths < _ACTOR_INIT_DEATHS:  # -1 is no limit
         context.max_consecutive_actor_init_deaths = _ACTOR_INIT_DEATHS
     pool = actor_pool(options.num_actors, resources)

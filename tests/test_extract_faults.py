@@ -216,9 +216,9 @@ def test_max_errors_stops_a_run_over_broken_files(capsys, ray_session, tmp_path)
 
 
 def test_a_pass_that_loses_part_of_the_cluster_is_resumed(ray_session, tmp_path, monkeypatch, caplog):
-    """The first pass writes part of the corpus and then loses a model actor (as when Ray Data cancels a
-    pending actor of a shrinking pool, or the node under it goes): the run goes on over what OUTPUT lacks,
-    and counts every image once, the broken files too. --max-failures 0 lets the loss end the run."""
+    """The first pass writes part of the corpus and then loses a model actor that Ray does not bring back:
+    the run goes on over what OUTPUT lacks, and counts every image once, the broken files too.
+    --max-failures 0 lets the loss end the run."""
     import ray
 
     from raytl.commands import extract
@@ -265,3 +265,19 @@ def test_only_losses_of_cluster_parts_are_retried():
     # An actor whose __init__ raised would raise again; a user's or raytl's own error is not Ray's loss.
     assert not lost_cluster_part(ray.exceptions.RayActorError(error_msg="init", actor_init_failed=True))
     assert not lost_cluster_part(ValueError("bad file"))
+
+
+def test_model_actors_that_die_starting_are_replaced_a_few_times(ray_session):
+    """Ray Data fails a run at the first model actor that dies before it is ready, by default; raytl allows
+    a few (a pending actor given up on while an autoscaling pool shrinks). The allowance must be set on
+    the Dataset that runs, which copied the DataContext when its first stage was made."""
+    import ray
+
+    from raytl.config import embed_config
+    from raytl.embedder import Embedder, Resources, on_actors
+
+    default = ray.data.DataContext.get_current().max_consecutive_actor_init_deaths
+    rows = ray.data.from_items([{"x": 1}])
+    embedded = on_actors(rows, Embedder, None, embed_config(), Resources(gpus=0, cpus=2, use_gpu=False))
+    assert embedded.context.max_consecutive_actor_init_deaths == 3 != default
+    assert ray.data.DataContext.get_current().max_consecutive_actor_init_deaths == default

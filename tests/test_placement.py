@@ -18,11 +18,15 @@ from clusters import start_head, stop
 from images import write_colour_corpus, write_corpus
 
 
-def on_a_cluster(script: str, *args) -> dict:
-    """Run PRELUDE + a script that starts or joins a multi-node cluster; the JSON object it prints last."""
+def on_a_cluster(script: str, *args, env: dict[str, str] | None = None) -> dict:
+    """Run PRELUDE + a script that starts or joins a multi-node cluster; the JSON object it prints last.
+    `env`: a joined cluster's (by default this process's, which the session's ray.init changed: it sets
+    RAY_AUTH_MODE=token, and a driver in token mode on a cluster without auth sees its model actor
+    destroyed as it is created)."""
     proc = subprocess.run(
-        [sys.executable, "-c", PRELUDE + script, *map(str, args)], capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, "-c", PRELUDE + script, *map(str, args)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
     # Ray's progress lines fill stderr: on failure, show the script's own output and the error lines.
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "Traceback" in line]
     assert proc.returncode == 0, "\n".join([proc.stdout[-2000:], *errors[-30:], proc.stderr[-1500:]])
@@ -249,7 +253,8 @@ def test_the_autoscaler_starts_gpu_nodes_for_device_cuda(autoscaling_head, tmp_p
     Every image is in OUTPUT once. (The model stage is held until the pool has grown: see PRELUDE.)"""
     good = write_corpus(tmp_path / "corpus", {"a": [1, 2, 3], "b": [4, 5, 6]}, broken=False, strays=False)
     (tmp_path / "gate").touch()
-    got = on_a_cluster(AUTOSCALED, autoscaling_head.gcs, *(tmp_path / n for n in ("corpus", "out", "gate")))
+    paths = (tmp_path / n for n in ("corpus", "out", "gate"))
+    got = on_a_cluster(AUTOSCALED, autoscaling_head.gcs, *paths, env=autoscaling_head.env)
     assert got["gpus_at_start"] == 0 and got["embedded"] == len(good)
     assert len(got["gpu_nodes"]) == 2 and got["embedder_nodes"] == got["gpu_nodes"]
     assert got["head"] not in got["gpu_nodes"]

@@ -143,9 +143,9 @@ def _embed_all(
 
 
 def lost_cluster_part(exc: BaseException) -> bool:
-    """Ray lost something the run needed: a node, an actor (Ray Data cancels a pending model actor when an
-    autoscaling pool shrinks), a worker, an object held only there. What OUTPUT holds is whole, so a new
-    pass over the rest finishes the run; an actor whose __init__ raised would only raise again."""
+    """Ray lost something the run needed and did not recover it: a node, an actor, a worker, an object
+    held only there. What OUTPUT holds is whole, so a new pass over the rest finishes the run; an actor
+    whose __init__ raised would only raise again."""
     if isinstance(exc, ray.exceptions.RayActorError):
         return not exc.actor_init_failed
     lost = (ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError)
