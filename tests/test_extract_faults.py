@@ -225,12 +225,12 @@ def test_a_pass_that_loses_part_of_the_cluster_is_resumed(ray_session, tmp_path,
     from raytl.config import ExtractConfig
 
     write_corpus(tmp_path / "src", {"cat": [1], "dog": [2]}, broken=True, strays=False)  # 26 images, 4 broken
-    real, passes = extract._embed_all, []
+    real, passes, share = extract._embed_all, [], 2
 
     def losing(stages, todo, *args):
         passes.append(todo.table.num_rows)
-        if len(passes) == 1:  # the first pass gets through half of its files, then loses an actor
-            real(stages, type(todo)(todo.table.slice(0, todo.table.num_rows // 2), 0), *args)
+        if len(passes) == 1:  # the first pass gets through 1/share of its files, then loses an actor
+            real(stages, type(todo)(todo.table.slice(0, todo.table.num_rows // share), 0), *args)
             raise ray.exceptions.ActorDiedError()
         return real(stages, todo, *args)
 
@@ -247,8 +247,15 @@ def test_a_pass_that_loses_part_of_the_cluster_is_resumed(ray_session, tmp_path,
     files = {str(p) for p in (tmp_path / "src").rglob("*") if p.is_file()}
     assert len(embedded) == 26 and len(failed) == 4 and set(embedded) | set(failed) == files
 
+    passes.clear()  # an actor lost once every file was written: nothing is left for another pass
+    share = 1
+    done = extract.run(ExtractConfig.create(output=str(tmp_path / "out2"), **options))
+    assert passes == [30] and (done["seen"], done["embedded"], done["failed"]) == (30, 26, 4)
+    assert pq.read_table(tmp_path / "out2").num_rows == 26
+
     passes.clear()
-    config = ExtractConfig.create(output=str(tmp_path / "out2"), max_failures=0, **options)
+    share = 30  # one file
+    config = ExtractConfig.create(output=str(tmp_path / "out3"), max_failures=0, **options)
     with pytest.raises(ray.exceptions.ActorDiedError):
         extract.run(config)
     assert passes == [30]

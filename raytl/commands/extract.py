@@ -87,8 +87,7 @@ def _passes(
     progress = logs.Progress("extract", total)
     first, failures = done, 0
     while True:
-        failed = done.failed - first.failed  # what earlier passes wrote (nothing the first time)
-        earlier = {"embedded": done.rows - first.rows - failed, "failed": failed}
+        earlier = _written_since(first, done)  # by earlier passes (nothing the first time)
         try:
             counts = _embed_all(
                 stages, todo, weights_ref, resources, done, config, metadata, earlier, progress
@@ -106,7 +105,16 @@ def _passes(
             )  # fmt: skip
             time.sleep(_SETTLE_SECONDS)
             done = output.resume(config, record)
-            todo = pending(corpus, done)[0]
+            todo, left, _ = pending(corpus, done)
+            if left == 0:  # the lost pass had written everything
+                counts = _written_since(first, done)
+                progress.done(counts)
+                return counts
+
+
+def _written_since(first: output.Done, now: output.Done) -> dict[str, int]:
+    failed = now.failed - first.failed
+    return {"embedded": now.rows - first.rows - failed, "failed": failed}
 
 
 # Ray Data cancels the lost pass's tasks without waiting for them: a write already under way may still
