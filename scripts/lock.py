@@ -86,6 +86,8 @@ def relock(root: str = ROOT) -> None:
         raise SystemExit('uv is not installed: `pip install -c requirements/lock.txt -e ".[dev]"` brings it.')
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "lock.txt")
+        if os.path.exists(os.path.join(root, LOCK)):  # uv keeps the versions of an existing output file
+            shutil.copy(os.path.join(root, LOCK), out)  # where the inputs allow: no bump by the way
         command = [
             uv, "pip", "compile", "pyproject.toml", "--all-extras", "--universal",
             "--python-version", PYTHON_FLOOR, "--constraint", TESTED, "--output-file", out,

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -75,12 +77,13 @@ def autoscaling_config(gcs_port: int, head_cpus: int, max_gpu_nodes: int) -> dic
     }
 
 
-def start_head(temp_dir: str, env: dict[str, str], max_gpu_nodes: int = 0, head_cpus: int = 2) -> Head:
+def start_head(env: dict[str, str], max_gpu_nodes: int = 0, head_cpus: int = 2) -> Head:
     """The head (with the job API), and an autoscaler that may start up to max_gpu_nodes GPU nodes;
-    returns once the job API answers."""
+    returns once the job API answers. Its temp dir is a short one of its own: Ray's socket paths inside it
+    must stay under 108 bytes, which pytest's temp dirs (under pytest-xdist more so) can pass."""
     gcs, dashboard, client, agent, metrics = free_ports(5)
     env = {**env, "RAY_AUTH_MODE": "disabled"}  # Ray 2.60 turns on token auth for `ray start` by default
-    os.makedirs(temp_dir, exist_ok=True)
+    temp_dir = tempfile.mkdtemp(prefix="rayhead-")
     autoscaling = []
     if max_gpu_nodes:
         config = os.path.join(temp_dir, "autoscaling.json")
@@ -154,6 +157,7 @@ def stop(head: Head) -> None:
                 pass
         time.sleep(2)
     head.process.wait(timeout=30)
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
 def pids_mentioning(text: str) -> list[int]:

@@ -13,6 +13,10 @@ import pytest
 # about ten, some in clusters of their own that inherit this environment) then waits out a poll at every
 # step. A shorter interval changes no result; it only lets the suite fit its 15 minutes.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Data 2.60 reads Parquet footers in a pool of 32 new actor processes on every read_parquet, however
+# few the files; the suite's reads have a handful of files, and the process starts cost it more than
+# anything else Ray does. Two readers, the same code path.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
 # The tests track runs in MLflow's file store (a folder), which MLflow 3 takes only when asked to.
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
@@ -31,6 +35,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The modules that take longest, first: pytest-xdist (pyproject's addopts: -n 2 --dist loadfile, in this
+# order) hands each worker a whole module at a time, and the suite ends when the later of the two does.
+_LONGEST_FIRST = [
+    "test_placement.py", "test_finetune.py", "test_models.py", "test_extract_faults.py", "test_predict.py",
+    "test_extract.py", "test_probe.py", "test_jobs.py", "test_api.py", "test_shards.py",
+]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: a module's own tests keep their order
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +81,9 @@ def s3_endpoint():
 
 @pytest.fixture(scope="session")
 def ray_session(s3_endpoint, tmp_path_factory):
-    """One local Ray for every test (2 CPUs); its workers inherit the S3 settings above."""
+    """One local Ray for every test (2 CPUs) in this process (pytest-xdist: one a worker); its workers
+    inherit the S3 settings above from the environment (no runtime_env: every worker process would start
+    through Ray's runtime-env setup first)."""
     import ray
 
     ray.init(
@@ -69,7 +91,6 @@ def ray_session(s3_endpoint, tmp_path_factory):
         include_dashboard=False,
         logging_level="ERROR",
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        runtime_env={"env_vars": {**AWS_ENV, "AWS_ENDPOINT_URL": s3_endpoint}},
     )
     from ray.data import DataContext
 

@@ -54,12 +54,11 @@ def _succeeded(address, env, proc):
 
 
 @pytest.fixture
-def head_node(tmp_path_factory, s3_endpoint):
+def head_node(s3_endpoint):
     """A Ray cluster of this test's own (clusters.py): a head with 2 CPUs and the job API. The S3 settings
     are in the environment of its `ray start`, as the README advises, never in a job's runtime_env."""
-    # A short path: Ray's socket paths inside it must stay under the 107 bytes a Unix socket allows.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    head = start_head(str(tmp_path_factory.mktemp("rayhead")), env)
+    head = start_head(env)
     yield head
     stop(head)
 

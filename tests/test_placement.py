@@ -98,11 +98,14 @@ def wait(what, condition, job):
 """
 
 LOST_NODES = r"""
-# After a node is lost, Ray Train first tries the old group size again (the dead node's resources still
-# show for a moment) and waits this long for a placement group before it shrinks; 60 s by default.
+# After a node is lost, Ray Train first tries the old group size again (the node is still in the view of
+# Ray's AutoscalingCoordinator) and waits this long for a placement group before it shrinks; 60 s by default.
 os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
 import re
 from ray.cluster_utils import Cluster
+from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+    get_or_create_autoscaling_coordinator,
+)
 
 source, output, images, model_dir, gate = sys.argv[1:6]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # decoding; no GPU
@@ -133,6 +136,11 @@ decoders = [t for t in tasks if "decode_batch" in t.name]
 # taken back after the first checkpoint.
 live = [n for n in gpu_nodes if n is not lost] + [cluster.add_node(num_cpus=1, num_gpus=1)]
 cluster.wait_for_nodes()
+# Ray Train sizes an elastic group from the nodes that Ray's AutoscalingCoordinator actor saw last, and it
+# looks every 20 s: had it looked while only one GPU node was up, the group would start with one worker.
+# (A user's group grows later: Ray Train checks for more resources while it trains.) Make it look now.
+coordinator = get_or_create_autoscaling_coordinator()
+ray.get(coordinator.get_reserved_resources.remote("raytl-test", recompute=True))
 trained = {}
 job = threading.Thread(target=lambda: trained.update(raytl.finetune(
     images, model_dir, weights="random", image_size=32, epochs=4, batch_size=4, lr=0.2, warmup_epochs=0.5,
@@ -156,6 +164,11 @@ def trainers():
 wait("a checkpoint", checkpoints, job)
 first = trainers()
 cluster.remove_node(next(n for n in live if n.node_id == first[0].node_id), allow_graceful=False)
+# Ray Train retries the old group size until the coordinator's view drops the node (10 s a try): once Ray
+# has marked the node dead, make the coordinator look (a user's cluster waits up to 20 s more here).
+gone = first[0].node_id
+wait("the node marked dead", lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == gone), job)
+ray.get(coordinator.get_reserved_resources.remote("raytl-test", recompute=True))
 job.join()
 print("RESULT", json.dumps({
     "embedded": extracted["embedded"],
@@ -237,11 +250,11 @@ print("RESULT", json.dumps({
 
 
 @pytest.fixture
-def autoscaling_head(tmp_path_factory):
+def autoscaling_head():
     """A cluster of its own (clusters.py): a head with 2 CPUs and no GPU, under Ray's fake multi-node
     autoscaler with a GPU node type that scales from zero to two."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    head = start_head(str(tmp_path_factory.mktemp("rayhead")), env, max_gpu_nodes=2)  # a short path
+    head = start_head(env, max_gpu_nodes=2)
     yield head
     stop(head)
 
