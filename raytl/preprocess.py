@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
 
 from raytl import storage
 
@@ -65,10 +63,13 @@ class Transform:
         """An RGB PIL image -> the uint8 crop. Exactly torchvision's ImageClassification on a PIL image:
         bilinear (antialiased) resize of the shorter side, then centre crop; the float conversion and
         normalisation happen on the model's device."""
-        mode = InterpolationMode(self.interpolation)
-        image = F.resize(image, [self.resize_size], interpolation=mode, antialias=True)
-        image = F.center_crop(image, [self.image_size])
-        return np.asarray(image, dtype=np.uint8)
+        width, height = image.size
+        short, long = min(width, height), max(width, height)
+        new_long = int(self.resize_size * long / short)
+        size = (self.resize_size, new_long) if width <= height else (new_long, self.resize_size)
+        if size != image.size:
+            image = image.resize(size, _pil_filter(self.interpolation))
+        return np.asarray(_center_crop(image, self.image_size), dtype=np.uint8)
 
     def of_value(self, value: object) -> np.ndarray:
         """A dataset cell -> the uint8 crop: encoded bytes (EXIF-oriented as files are), a uint8 array
@@ -109,6 +110,41 @@ class Transform:
                 return to_rgb(image)
         except _DECODE_ERRORS as exc:
             raise ImageError(f"cannot decode: {exc}") from None
+
+
+# torchvision's InterpolationMode values -> Pillow's filters, as torchvision.transforms.functional maps them
+# for PIL images (where it resizes with Pillow, always antialiased). This module does torchvision's PIL path
+# with Pillow alone: CPU decode tasks then never import torch (seconds and hundreds of MB a worker process).
+_PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "nearest-exact": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+def _pil_filter(interpolation: str) -> Image.Resampling:
+    try:
+        return _PIL_FILTERS[interpolation]
+    except KeyError:
+        allowed = ", ".join(_PIL_FILTERS)
+        raise ValueError(f"interpolation must be one of {allowed}, not {interpolation!r}") from None
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's center_crop of a PIL image to size x size, with its zero padding of a smaller image."""
+    width, height = image.size
+    if size > width or size > height:
+        padded = Image.new(image.mode, (max(size, width), max(size, height)))
+        padded.paste(image, ((padded.width - width) // 2, (padded.height - height) // 2))
+        image, width, height = padded, padded.width, padded.height
+        if (width, height) == (size, size):
+            return image
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
 
 
 # Longest side / shortest side beyond which an image is refused: its centre crop would show under 1% of it,
@@ -153,12 +189,11 @@ class TrainTransform(Transform):
         image = self.decode(data)
         rng = np.random.default_rng()
         top, left, height, width = crop_box(image.size, self.min_scale, rng)
-        size = [self.image_size, self.image_size]
-        image = F.resized_crop(
-            image, top, left, height, width, size, InterpolationMode(self.interpolation), antialias=True
-        )
+        image = image.crop((left, top, left + width, top + height))
+        if image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), _pil_filter(self.interpolation))
         if self.flip and rng.random() < 0.5:
-            image = F.hflip(image)
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(image, dtype=np.uint8)
 
 

@@ -219,3 +219,13 @@ def predict_models(ray_session, tmp_path_factory):
             )  # fmt: skip
         )
     return tmp
+
+
+def heavy_modules_after(imports: str, heavy: tuple[str, ...]) -> list[str]:
+    """Which of `heavy` a fresh Python has loaded after `import IMPORTS` (a comma-separated list)."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {imports}\nprint(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return out.split()

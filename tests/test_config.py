@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from conftest import heavy_modules_after
 
 from raytl.config import Choice, ConfigError, Decode, ExtractConfig, Layer, Pool, Precision
 
@@ -91,13 +92,7 @@ def test_the_cli_answers_help_and_usage_errors_without_torch_or_ray():
     import subprocess
     import sys
 
-    code = (
-        "import sys, raytl.cli\n"
-        "heavy = [m for m in ('torch', 'torchvision', 'ray', 'pyarrow', 'numpy') if m in sys.modules]\n"
-        "print(heavy)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert heavy_modules_after("raytl.cli", ("torch", "torchvision", "ray", "pyarrow", "numpy")) == []
     usage = subprocess.run(
         [sys.executable, "-m", "raytl.cli", "extract", "--pool", "median"], capture_output=True, text=True
     )

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import heavy_modules_after
 from images import BROKEN_REASONS, bomb_png, broken_files, encode, encodings, picture, reference_rgb
 from PIL import Image
 
@@ -123,3 +124,51 @@ def test_gpu_decode_path_applies_the_same_guard():
     with pytest.raises(ImageError, match="once its shorter side is resized to 256"):
         jpeg_orientation(_strip(40, 3000, "JPEG"), 1_000_000, 256)
     assert jpeg_orientation(_strip(40, 300, "JPEG"), 1_000_000, 256) == 1
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("shape, size, resize", [((50, 70), 32, 37), ((90, 40), 32, 37), ((30, 30), 48, 40)])
+def test_crops_are_torchvision_resize_and_center_crop(interpolation, shape, size, resize):
+    """raytl resizes and crops with Pillow alone, as torchvision's functional API does for PIL images:
+    any interpolation, either orientation, and a crop larger than the resized image (zero padding)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8))
+    mode = InterpolationMode(interpolation)
+    expected = F.center_crop(F.resize(image, [resize], interpolation=mode, antialias=True), [size])
+    got = Transform(size, resize, interpolation=interpolation).crop(image)
+    assert got.shape == (size, size, 3) and np.array_equal(got, np.asarray(expected))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_train_crops_are_torchvision_resized_crop_and_flip(monkeypatch, interpolation):
+    """TrainTransform's crop of a random box, resized, flipped half the time: torchvision's resized_crop and
+    hflip of the same box give the same pixels."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    import raytl.preprocess as preprocess
+
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    data = encode(image, "PNG")
+    flips = 0
+    for seed in range(12):
+        monkeypatch.setattr(preprocess.np.random, "default_rng", lambda s=seed: np.random.Generator(
+            np.random.PCG64(s)))  # fmt: skip
+        got = preprocess.TrainTransform(32, 37, interpolation=interpolation, min_scale=0.2)(data)
+        rng = np.random.Generator(np.random.PCG64(seed))
+        top, left, height, width = preprocess.crop_box(image.size, 0.2, rng)
+        mode = InterpolationMode(interpolation)
+        expected = F.resized_crop(image, top, left, height, width, [32, 32], mode, antialias=True)
+        if rng.random() < 0.5:
+            expected, flips = F.hflip(expected), flips + 1
+        assert np.array_equal(got, np.asarray(expected)), seed
+    assert 0 < flips < 12
+
+
+def test_cpu_decode_tasks_import_neither_torch_nor_torchvision():
+    """What extract's CPU tasks run (listing, manifests, tar shards, decoding, writing parts) lives in
+    modules that never import torch: a decode worker process starts in a fraction of the time and memory."""
+    modules = "raytl.preprocess, raytl.reader, raytl.shards, raytl.writer, raytl.doneset, raytl.output"
+    assert heavy_modules_after(modules, ("torch", "torchvision")) == []
