@@ -9,9 +9,12 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import Field, asdict, dataclass, field, fields, make_dataclass
-from typing import Any, Self, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar, get_type_hints
 
 from raytl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11's; only annotations name it (raytl runs on 3.10)
 
 
 def option(default: Any, help: str, flag: str | None = None, metavar: str | None = None) -> Any:
@@ -90,8 +93,35 @@ ALLOW_SCHEMES = (
 )
 
 
+class Validated:
+    """A config built from options by `create`: string choices parsed, `prepare`d, the PATHS made absolute,
+    then `validate`d; ConfigError with one clear sentence on the first bad value."""
+
+    # The fields that name files or URIs, made absolute: `class X(Validated, paths=(...))`.
+    PATHS: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, paths: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.PATHS = paths
+
+    @classmethod
+    def create(cls, **options: Any) -> Self:
+        """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
+        config = cls(**absolute(cls.prepare(parsed(cls, options)), *cls.PATHS))
+        config.validate()
+        return config
+
+    @classmethod
+    def prepare(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Options whose values need more than their type to parse; by default, none."""
+        return options
+
+    def validate(self) -> None:
+        """Raise ConfigError on the first bad value."""
+
+
 @dataclass(frozen=True)
-class ExtractConfig:
+class ExtractConfig(Validated, paths=("source", "output", "manifest")):
     """Everything `raytl extract` needs; build with `ExtractConfig.create` to validate."""
 
     source: str
@@ -139,13 +169,11 @@ class ExtractConfig:
     overwrite: bool = option(False, "replace raytl embeddings already in OUTPUT")
 
     @classmethod
-    def create(cls, **options: Any) -> ExtractConfig:
-        """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
-        options = _vgg16_size(parsed(cls, options))
+    def prepare(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The default sizes of vgg16's weights; --max-errors as a count or a share."""
+        options = _vgg16_size(options)
         options["max_errors"] = parse_max_errors(options.get("max_errors"))
-        config = cls(**absolute(options, "source", "output", "manifest"))
-        config.validate()
-        return config
+        return options
 
     def validate(self) -> None:
         """Raise ConfigError on the first bad value."""
@@ -391,7 +419,7 @@ class ClassWeight(Choice):
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Validated, paths=("embeddings", "model_dir", "val")):
     """Everything `raytl train` needs; build with `TrainConfig.create` to validate."""
 
     embeddings: str
@@ -414,14 +442,6 @@ class TrainConfig:
     mlflow_uri: str | None = option(None, MLFLOW_URI)
     mlflow_experiment: str = option("raytl", "MLflow experiment of the run (made if missing)")
     mlflow_run_name: str | None = option(None, MLFLOW_RUN_NAME)
-
-    @classmethod
-    def create(cls, **options: Any) -> TrainConfig:
-        """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
-        options = parsed(cls, options)
-        config = cls(**absolute(options, "embeddings", "model_dir", "val"))
-        config.validate()
-        return config
 
     def validate(self) -> None:
         """Raise ConfigError on the first bad value."""
@@ -503,7 +523,7 @@ class Optimizer(Choice):
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(Validated, paths=("source", "model_dir", "manifest", "val")):
     """Everything `raytl finetune` needs; build with `FinetuneConfig.create` to validate."""
 
     source: str | None
@@ -556,13 +576,11 @@ class FinetuneConfig:
     mlflow_run_name: str | None = option(None, MLFLOW_RUN_NAME)
 
     @classmethod
-    def create(cls, **options: Any) -> FinetuneConfig:
-        """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
-        options = _vgg16_size(parsed(cls, options))
+    def prepare(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The default sizes of vgg16's weights; --freeze as a block or a fraction of the model."""
+        options = _vgg16_size(options)
         options["freeze"] = parse_freeze(options.get("freeze"), options.get("model", "vgg16"))
-        config = cls(**absolute(options, "source", "model_dir", "manifest", "val"))
-        config.validate()
-        return config
+        return options
 
     def validate(self) -> None:
         """Raise ConfigError on the first bad value."""
