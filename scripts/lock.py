@@ -1,7 +1,8 @@
 """Refresh requirements/lock.txt from pyproject.toml with uv, or check (offline) that it still matches.
 
-    python scripts/lock.py          # re-lock: after any change to pyproject.toml's dependencies or extras,
-                                    # to requirements/tested.txt, or to take newer releases on purpose
+    python scripts/lock.py          # re-lock after any change to pyproject.toml's dependencies or extras,
+                                    # or to requirements/tested.txt: the lock's versions stay where they can
+    python scripts/lock.py --upgrade  # re-lock afresh: newest releases, on purpose
     python scripts/lock.py --check  # what tests/test_lock.py runs: no network
 
 The lock is one file of exact versions for every package that raytl and all its extras need, on
@@ -79,15 +80,17 @@ def check(root: str = ROOT) -> None:
         )
 
 
-def relock(root: str = ROOT) -> None:
-    """Resolve every dependency and extra afresh with uv and write the lock with its inputs' digest."""
+def relock(root: str = ROOT, upgrade: bool = False) -> None:
+    """Resolve every dependency and extra with uv (keeping the lock's versions unless `upgrade`) and write
+    the lock with its inputs' digest."""
     uv = shutil.which("uv") or shutil.which("uv", path=os.path.dirname(sys.executable))
     if uv is None:
         raise SystemExit('uv is not installed: `pip install -c requirements/lock.txt -e ".[dev]"` brings it.')
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "lock.txt")
-        if os.path.exists(os.path.join(root, LOCK)):  # uv keeps the versions of an existing output file
-            shutil.copy(os.path.join(root, LOCK), out)  # where the inputs allow: no bump by the way
+        if not upgrade and os.path.exists(os.path.join(root, LOCK)):
+            # uv keeps the versions of an existing output file where the inputs allow: no bump by the way
+            shutil.copy(os.path.join(root, LOCK), out)
         command = [
             uv, "pip", "compile", "pyproject.toml", "--all-extras", "--universal",
             "--python-version", PYTHON_FLOOR, "--constraint", TESTED, "--output-file", out,
@@ -104,12 +107,13 @@ def relock(root: str = ROOT) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that the lock matches its inputs")
+    parser.add_argument("--upgrade", action="store_true", help="newest releases, not the lock's versions")
     args = parser.parse_args()
     if args.check:
         check()
         print(f"{LOCK} matches pyproject.toml")
     else:
-        relock()
+        relock(upgrade=args.upgrade)
 
 
 if __name__ == "__main__":
