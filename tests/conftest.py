@@ -229,3 +229,26 @@ def heavy_modules_after(imports: str, heavy: tuple[str, ...]) -> list[str]:
     code = f"import sys, {imports}\nprint(' '.join(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return out.split()
+
+
+def own_processes() -> dict[int, bytes]:
+    """{pid: command line} of the processes started under this test process: under pytest-xdist, the other
+    worker's Ray runs workers with the same titles, and a test that finds (or kills) a Ray worker by its
+    title must not take one of those. xdist's PYTEST_XDIST_WORKER, in this process's environment before
+    its Ray started, is in the environment of every process that Ray starts."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    mark = f"PYTEST_XDIST_WORKER={worker}".encode()
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"{entry.path}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            with open(f"{entry.path}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if worker is None or mark in environ:  # one pytest process: every process is its own
+            found[int(entry.name)] = cmdline
+    return found

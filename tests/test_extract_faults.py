@@ -18,7 +18,7 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-from conftest import assert_user_error
+from conftest import assert_user_error, own_processes
 from images import encode, picture, write_corpus
 from s3faults import Rule
 
@@ -100,17 +100,7 @@ def summary(output: str) -> dict:
 
 def pipeline_processes(stage: bytes = b"MapBatches") -> set[int]:
     """Ray worker processes now running a stage of an extract (their process title names it)."""
-    pids = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"{entry.path}/cmdline", "rb") as f:
-                    title = f.read()
-            except OSError:
-                continue
-            if title.startswith(b"ray::") and stage in title:
-                pids.add(int(entry.name))
-    return pids
+    return {pid for pid, title in own_processes().items() if title.startswith(b"ray::") and stage in title}
 
 
 def wait_for(condition, what: str, timeout: float = 180) -> None:
@@ -142,16 +132,22 @@ def test_driver_killed_then_rerun_with_an_actor_killed(corpus, ray_session, tmp_
     assert 0 < len(before) < IMAGES and len(set(before)) == len(before)
 
     rerun = start_cli(ray_session, tmp_path, *args, RAYTL_PART_SECONDS=PART_SECONDS)
-    wait_for(lambda: len(parts(output)) > written, "the rerun's first part file")
-    victims = pipeline_processes(b"MapBatches(Embedder)") - lingering
-    assert len(victims) == 1
-    victim = victims.pop()
-    os.kill(victim, signal.SIGKILL)
-    written_at_kill = len(written_paths(output))
-    actors = set()
-    while rerun.poll() is None:
-        actors |= pipeline_processes(b"MapBatches(Embedder)") - lingering - {victim}
-        time.sleep(0.5)
+    try:
+        wait_for(lambda: len(parts(output)) > written, "the rerun's first part file")
+        own = pipeline_processes(b"MapBatches(Embedder)") - lingering
+        assert len(own) == 1, own
+        victim = min(own)
+        os.kill(victim, signal.SIGKILL)
+        written_at_kill = len(written_paths(output))
+        actors = set()
+        deadline = time.monotonic() + 300
+        while rerun.poll() is None:
+            actors |= pipeline_processes(b"MapBatches(Embedder)") - lingering - own
+            assert time.monotonic() < deadline, "the rerun did not finish within 300 s"
+            time.sleep(0.5)
+    finally:
+        rerun.kill()  # a failed assertion must not leave a run holding this Ray's CPUs for later tests
+        rerun.wait()
     assert rerun.returncode == 0
     assert actors, "Ray started a new model actor after the kill"
     assert written_at_kill < IMAGES  # the kill came with work left to do

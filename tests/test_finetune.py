@@ -17,7 +17,7 @@ import pytest
 import s3fs
 import torch
 import torchvision
-from conftest import assert_user_error, exported_scores, upload_dir
+from conftest import assert_user_error, exported_scores, own_processes, upload_dir
 from images import random_state_dict, write_colour_corpus
 from PIL import Image
 
@@ -97,16 +97,7 @@ def _run_killing_a_worker(config, fs, seen: set[str], stale: set[int], workers: 
 
 def _training_workers() -> list[int]:
     """Process ids of live Ray Train workers (their process titles read `ray::RayTrainWorker...`)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0]
-        except (OSError, ValueError):
-            continue
-        if entry.isdigit() and title.startswith(b"ray::RayTrainWorker"):
-            pids.append(int(entry))
-    return pids
+    return [pid for pid, title in own_processes().items() if title.startswith(b"ray::RayTrainWorker")]
 
 
 @pytest.fixture(scope="module")
