@@ -8,14 +8,13 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from raytl.config import Device, Layer, Pool, Precision
-from raytl.jpeg import DeviceDecoder
 from raytl.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -26,6 +25,9 @@ from raytl.models import (
     resolve_precision,
 )
 from raytl.preprocess import ImageError, Transform
+
+if TYPE_CHECKING:
+    from raytl.jpeg import DeviceDecoder
 
 _AUTOCAST_DTYPE = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 # Host memory one model actor reserves: VGG16 trunk, activations of a batch, Ray's buffers. Besides
@@ -74,7 +76,11 @@ class Embedder:
             torch.compile(network, dynamic=False) if compile else network
         )
         # --decode gpu: rows arrive as JPEG bytes (preprocess.fetch_batch) and are decoded on this device.
-        self.decoder = DeviceDecoder(device_decode, self.device) if device_decode else None
+        self.decoder: DeviceDecoder | None = None
+        if device_decode:  # --decode gpu; torchvision's decoder, imported only then
+            from raytl.jpeg import DeviceDecoder
+
+            self.decoder = DeviceDecoder(device_decode, self.device)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
         self.batch_size = batch_size

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from raytl import storage
@@ -34,6 +33,34 @@ class Weights:
     id: str  # recorded in the embeddings' metadata, e.g. torchvision:VGG16_Weights.IMAGENET1K_V1
 
 
+# torchvision's VGG16 (configuration "D": 3x3 convolutions, the numbers their channels, M a 2x2 max-pool),
+# with the same module names, so that it holds a torchvision VGG16 state_dict. Built here rather than by
+# torchvision so that a process running VGG16 (every model actor and training worker of the default
+# backbone) never imports torchvision: its import loads torch._dynamo, 1.1 CPU-seconds a process.
+# tests/test_models.py checks it against torchvision's.
+_VGG16_CONVS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class _VGG16(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for width in _VGG16_CONVS:
+            if width == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(channels, int(width), kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+                channels = int(width)
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(p=0.5),
+            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(p=0.5),
+            nn.Linear(4096, 1000),
+        )  # fmt: skip
+
+
 class VGG16Trunk(nn.Module):
     """VGG16 up to pool5 (pooled avg / max / flattened) or up to fc6 / fc7 after their ReLU."""
 
@@ -42,7 +69,7 @@ class VGG16Trunk(nn.Module):
         # Built without storage (VGG16's own init of 138M parameters takes seconds): the weights come
         # from `from_state_dict`.
         with torch.device("meta"):
-            vgg = torchvision.models.vgg16(weights=None)
+            vgg = _VGG16()
         self.layer, self.pool = Layer(layer), Pool(pool)
         self.features = vgg.features
         if self.layer != Layer.POOL5:
@@ -82,8 +109,20 @@ class Preset:
     gflops: float | None  # per image at the crop size, as torchvision's weights meta says
 
 
+# VGG16's, as torchvision's VGG16_Weights.DEFAULT says (tests/test_models.py compares): written out, so that
+# VGG16's model actors and training workers need not import torchvision.
+_VGG16_PRESET = Preset(
+    "VGG16_Weights.IMAGENET1K_V1", 224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD, 15.47
+)
+
+
 def preset(model: str) -> Preset:
     """The preset of a torchvision classification model, by name; one ConfigError sentence otherwise."""
+    return _VGG16_PRESET if model == VGG16 else torchvision_preset(model)
+
+
+def torchvision_preset(model: str) -> Preset:
+    """`preset`, read from torchvision's weights."""
     weights = _weights_enum(model).DEFAULT
     transforms = weights.transforms()
     return Preset(
@@ -98,6 +137,8 @@ def preset(model: str) -> Preset:
 
 
 def _weights_enum(model: str) -> Any:
+    import torchvision
+
     if model not in torchvision.models.list_models(module=torchvision.models):
         raise ConfigError(
             f"--model {model!r} is not a torchvision classification model; for example vgg16, resnet50, "
@@ -121,6 +162,8 @@ def trunk(model: str, layer: Layer = Layer.POOL5, pool: Pool = Pool.AVG, storage
     ResNet-50, the class token of a ViT. On the meta device (no memory) unless `storage` is "cpu"."""
     if model == VGG16:
         return VGG16Trunk(layer, pool)
+    import torchvision
+
     try:
         with torch.device(storage):
             network = torchvision.models.get_model(model, weights=None)
@@ -175,6 +218,8 @@ def load_weights(spec: str, layer: Layer, seed: int = 0, model: str = VGG16) -> 
     if spec == "imagenet":
         state, weights_id = _imagenet_state_dict(model), f"torchvision:{preset(model).weights}"
     elif spec == "random":
+        import torchvision  # its own initialisation, so that a seed gives the weights it always gave
+
         torch.manual_seed(seed)
         state, weights_id = (
             torchvision.models.get_model(model, weights=None).state_dict(),
@@ -240,7 +285,7 @@ def check_fits(state: dict[str, torch.Tensor], spec: str, needed: Iterable[str],
 
 def _vgg16_shapes() -> dict[str, torch.Tensor]:
     with torch.device("meta"):
-        return torchvision.models.vgg16(weights=None).state_dict()
+        return _VGG16().state_dict()
 
 
 def prefers_channels_last(network: nn.Module) -> bool:
