@@ -15,8 +15,13 @@ import pytest
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Ray Data 2.60 reads Parquet footers in a pool of 32 new actor processes on every read_parquet, however
 # few the files; the suite's reads have a handful of files, and the process starts cost it more than
-# anything else Ray does. Two readers, the same code path.
-os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
+# anything else Ray does. One reader, the same code path.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+# A raylet keeps idle worker processes only while it runs fewer than `num_workers_soft_limit` (its CPU count,
+# 2 here) and kills the others after a second idle; Ray Data's and Ray Train's actors count, so every
+# task worker was killed between two stages and a new one started (importing pyarrow, Ray Data, raytl: ~2
+# CPU-seconds each). Kept here for reuse, as they would be on a node with more CPUs.
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 # The tests track runs in MLflow's file store (a folder), which MLflow 3 takes only when asked to.
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
@@ -43,6 +48,15 @@ _LONGEST_FIRST = [
     "test_placement.py", "test_finetune.py", "test_models.py", "test_extract_faults.py", "test_predict.py",
     "test_extract.py", "test_probe.py", "test_jobs.py", "test_api.py", "test_shards.py",
 ]  # fmt: skip
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Two test processes (and their Rays) share two cores: the references a test computes with torch
+        # itself take one thread, not two that wait on each other.
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(items):

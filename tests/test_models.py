@@ -110,6 +110,41 @@ def test_precision_resolution():
     assert resolve_precision(Precision.AUTO, cpu) in (Precision.FP32, Precision.BF16)
 
 
+def test_vgg16_is_torchvisions_without_importing_it():
+    """raytl builds VGG16 itself (the same modules under the same names; the preset its weights give), so
+    that a process embedding with it, or fine-tuning it, never imports torchvision (1.1 CPU-s a process)."""
+    import subprocess
+    import sys
+
+    from raytl.models import _VGG16, VGG16, preset, torchvision_preset
+
+    ours, theirs = _VGG16(), torchvision.models.vgg16(weights=None)
+    for name in ("features", "avgpool", "classifier"):
+        assert repr(getattr(ours, name)) == repr(getattr(theirs, name))
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in theirs.state_dict().items()
+    }
+    assert preset(VGG16) == torchvision_preset(VGG16)
+    worker = """
+import sys
+import numpy as np, torch
+import raytl.commands.finetune as finetune, raytl.commands.predict, raytl.commands.extract
+from raytl.config import FinetuneConfig
+from raytl.embedder import Embedder
+from raytl.models import VGG16Trunk, preset
+
+torch.manual_seed(0)
+state = {k: torch.randn(v.shape) * 0.01 for k, v in VGG16Trunk().state_dict().items()}
+Embedder(state, precision="fp32", batch_size=2).embed(np.zeros((2, 32, 32, 3), np.uint8))
+config = FinetuneConfig.create(source="s", model_dir="m", image_size=32)
+network = finetune.build_network(state, config, classes=3)
+network(torch.zeros(2, 3, 32, 32)).sum().backward()
+print(preset("vgg16").mean, "torchvision" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", worker], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "False", out
+
+
 def test_embedder_without_ray_matches_torchvision(state):
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     fp32 = Embedder({k: state[k] for k in VGG16Trunk().state_dict()}, precision=Precision.FP32, batch_size=2)
@@ -162,7 +197,7 @@ BACKBONES = [
     ("resnet50", 64),
     ("convnext_tiny", 64),
     ("efficientnet_v2_s", 64),
-    ("vit_b_16", None),
+    ("vit_b_32", None),  # a ViT-B with 32 px patches: a quarter of vit_b_16's compute, the same code
 ]
 
 
