@@ -138,8 +138,9 @@ def reference_embeddings(
     transform = torchvision.models.VGG16_Weights.IMAGENET1K_V1.transforms(
         crop_size=image_size, resize_size=round(image_size * 256 / 224)
     )
-    model = torchvision.models.vgg16(weights=None)
-    model.load_state_dict(state_dict)
+    with torch.device("meta"):  # the tensors are the state_dict's (pool5 needs only the convolutions)
+        model = torchvision.models.vgg16(weights=None)
+    model.load_state_dict(state_dict, strict=layer != "pool5", assign=True)
     model.eval()
     x = torch.stack([transform(reference_rgb(data)) for data in files])
     with torch.no_grad():
@@ -155,9 +156,26 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def random_state_dict(seed: int = 7) -> dict:
+def random_state_dict(seed: int = 7, classifier: bool = False) -> dict:
+    """A seeded VGG16 state_dict drawn as torchvision initialises VGG16 (convolutions Kaiming-normal on their
+    fan-out, linear layers N(0, 0.01), biases 0): its convolutions (features.*, all that pool5 needs: 58 MB)
+    and with `classifier` its fc6, fc7 and fc8 too (528 MB, 100 times the random numbers)."""
     torch.manual_seed(seed)
-    return torchvision.models.vgg16(weights=None).state_dict()
+    with torch.device("meta"):
+        shapes = torchvision.models.vgg16(weights=None).state_dict()
+    state = {}
+    for key, meta in shapes.items():
+        if not (classifier or key.startswith("features.")):
+            continue
+        tensor = torch.empty(meta.shape)
+        if key.endswith(".bias"):
+            tensor.zero_()
+        elif key.startswith("features."):
+            torch.nn.init.kaiming_normal_(tensor, mode="fan_out", nonlinearity="relu")
+        else:
+            tensor.normal_(0, 0.01)
+        state[key] = tensor
+    return state
 
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}

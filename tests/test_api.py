@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
-from images import cosine, reference_embeddings, write_corpus
+from images import cosine, random_state_dict, reference_embeddings, write_corpus
 from PIL import Image
 
 import raytl
@@ -32,10 +32,11 @@ def api_run(ray_session, tmp_path_factory):
     ImageNet weights file staged where torch.hub looks for it (seeded random tensors: nothing downloaded)."""
     tmp = tmp_path_factory.mktemp("api")
     good = write_corpus(tmp / "images", CLASSES, broken=False, strays=False)
-    state = torchvision.models.vgg16(weights=None).state_dict()
+    state = random_state_dict(3, classifier=True)  # the whole network, as torchvision's file holds it
     checkpoints = tmp / "torch" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     torch.save(state, checkpoints / os.path.basename(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url))
+    state = {k: v for k, v in state.items() if k.startswith("features.")}
     torch.save(state, tmp / "vgg16.pt")
     saved = os.getcwd(), os.environ.get("TORCH_HOME")
     os.environ["TORCH_HOME"] = str(tmp / "torch")

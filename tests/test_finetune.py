@@ -400,7 +400,7 @@ def test_train_transform_crops_and_flips_at_random():
 )
 def test_freeze_leaves_exactly_the_later_blocks_trainable(freeze, head, first_trained):
     config = FinetuneConfig.create(source="in", model_dir="out", head=head, freeze=freeze, image_size=32)
-    network = finetune.build_network(random_state_dict(1), config, classes=3)
+    network = finetune.build_network(random_state_dict(1, classifier=head == Head.FC7), config, classes=3)
     trainable = {n for n, p in network.named_parameters() if p.requires_grad}
     conv = {int(n.split(".")[2]) for n in trainable if n.startswith("trunk.features.")}
     assert conv == (

@@ -17,7 +17,7 @@ from raytl.preprocess import Transform
 
 @pytest.fixture(scope="module")
 def state():
-    return random_state_dict(11)
+    return random_state_dict(11, classifier=True)
 
 
 @pytest.mark.parametrize(
