@@ -5,6 +5,7 @@ preprocessing their weights expect, and the precision they run at."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import os
@@ -215,18 +216,31 @@ def _vgg16_dim(layer: Layer, pool: Pool, image_size: int) -> int:
 
 def load_weights(spec: str, layer: Layer, seed: int = 0, model: str = VGG16) -> Weights:
     """Load and validate `--weights` (imagenet | random | path or URI) into the tensors the backbone needs."""
+    if spec == "random":
+        return _random_weights(model, Layer(layer), seed)
     if spec == "imagenet":
         state, weights_id = _imagenet_state_dict(model), f"torchvision:{preset(model).weights}"
-    elif spec == "random":
-        import torchvision  # its own initialisation, so that a seed gives the weights it always gave
-
-        torch.manual_seed(seed)
-        state, weights_id = (
-            torchvision.models.get_model(model, weights=None).state_dict(),
-            f"random:seed={seed}",
-        )
     else:
         state, weights_id = _state_dict_from_file(spec)
+    return _fitted(state, spec, layer, model, weights_id)
+
+
+@functools.lru_cache(maxsize=1)
+def _random_weights(model: str, layer: Layer, seed: int) -> Weights:
+    """torchvision's own initialisation of the model, seeded (a seed gives the weights it always gave), on a
+    copy of the global generator. Kept for the next call in this process with the same arguments (a
+    notebook's, a test suite's): VGG16 draws 138M numbers, 2-3 CPU-seconds. Its tensors are shared: read
+    them (as the model stages and Ray's object store do), never change them."""
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        state = torchvision.models.get_model(model, weights=None).state_dict()
+    return _fitted(state, "random", layer, model, f"random:seed={seed}")
+
+
+def _fitted(state: dict[str, torch.Tensor], spec: str, layer: Layer, model: str, weights_id: str) -> Weights:
+    """The tensors of `state` that the backbone cut at `layer` needs, once they are checked to fit it."""
     needed = trunk(model, layer).state_dict().keys()
     check_fits(state, spec, needed, model)
     return Weights({k: state[k].detach().contiguous() for k in needed}, weights_id)

@@ -73,11 +73,18 @@ def test_weights_from_file_keep_only_what_the_layer_needs(tmp_path, state):
     assert "classifier.3.weight" in load_weights(str(path), Layer.FC7).state_dict
 
 
-def test_random_weights_are_seeded():
-    a = load_weights("random", Layer.POOL5, seed=3).state_dict["features.0.weight"]
-    b = load_weights("random", Layer.POOL5, seed=3).state_dict["features.0.weight"]
-    c = load_weights("random", Layer.POOL5, seed=4).state_dict["features.0.weight"]
-    assert torch.equal(a, b) and not torch.equal(a, c)
+def test_random_weights_are_torchvisions_initialisation_seeded():
+    a = load_weights("random", Layer.POOL5, seed=3).state_dict
+    torch.manual_seed(3)
+    expected = torchvision.models.vgg16(weights=None).state_dict()
+    assert set(a) == {k for k in expected if k.startswith("features.")}
+    assert all(torch.equal(a[k], expected[k]) for k in a)
+    before = torch.random.get_rng_state()
+    b = load_weights("random", Layer.POOL5, seed=3).state_dict  # drawn once a process
+    c = load_weights("random", Layer.POOL5, seed=4).state_dict
+    assert torch.equal(a["features.0.weight"], b["features.0.weight"])
+    assert not torch.equal(a["features.0.weight"], c["features.0.weight"])
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator is left as it was
 
 
 def test_weights_of_the_wrong_shape_are_refused(tmp_path, state):
