@@ -131,18 +131,22 @@ def start_head(env: dict[str, str], max_gpu_nodes: int = 0, head_cpus: int = 2) 
 
 
 def _wait_for_job_api(head: Head, timeout: float = 120) -> None:
+    """Until the job API lists jobs (the request `ray job list` makes; asked over HTTP here, not by a new
+    Python process importing Ray each time)."""
+    import urllib.error
+    import urllib.request
+
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert head.process.poll() is None, "ray start --head exited"
-        probe = subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "job", "list", "--address", head.dashboard],
-            env=head.env,
-            capture_output=True,
-            text=True,
-        )
-        if probe.returncode == 0:
-            return
-        time.sleep(2)
+        try:
+            with direct.open(f"{head.dashboard}/api/jobs/", timeout=10) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
     raise TimeoutError(f"the job API at {head.dashboard} did not come up")
 
 
