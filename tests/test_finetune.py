@@ -510,7 +510,11 @@ def test_a_resnet_fine_tune_resumes_after_a_lost_worker_and_predicts(ray_session
     metrics, _ = _run_killing_a_worker(config, fsspec.filesystem("file"), set(), stale, workers=1)
     assert [h["epoch"] for h in metrics["history"]] == list(range(3))
     (resumed,) = metrics["resumed_at_epochs"]
-    assert 1 <= resumed < 3 and metrics["samples"] == 9 and metrics["accuracy"] >= 0.75
+    # Validation takes at least a fifth of each class (3 of 16) by the hash of each path, and more where the
+    # cut falls between two paths in one hash bin: these paths are under pytest's temp dir, which varies.
+    val = metrics["val_samples"]
+    assert 1 <= resumed < 3 and metrics["samples"] == sum(val.values()) and min(val.values()) >= 3
+    assert metrics["accuracy"] >= 0.75
 
     info = json.loads((tmp_path / "ft" / "model.json").read_text())
     backbone = info["backbone"]
