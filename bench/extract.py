@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +50,8 @@ def main() -> None:
     # Random weights (no download): speed does not depend on their values.
     state = {f"features.{k}": v for k, v in torchvision.models.vgg16().features.state_dict().items()}
     workdir = Path(tempfile.mkdtemp(prefix="raytl-bench-"))
-    if args.stage:
-        result = stage_run(args, state, workdir)
-    else:
-        with S3Server() as endpoint:
-            result = memory_run(args, workdir) if args.memory else speed_run(args, state, workdir, endpoint)
+    with S3Server() as endpoint:
+        result = memory_run(args, workdir) if args.memory else speed_run(args, state, workdir, endpoint)
     result["machine"] = machine()
     result["command"] = "python " + " ".join(sys.argv)
     print(json.dumps(result, indent=2))
@@ -76,9 +73,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--memory", action="store_true", help="measure peak memory at --memory-images")
     parser.add_argument("--memory-images", default="1000,10000")
     parser.add_argument("--memory-size", type=int, default=64)
-    parser.add_argument(
-        "--stage", action="store_true", help="the model actor's work alone, without Ray or S3 (GPU machines)"
-    )
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()
 
@@ -127,41 +121,6 @@ def memory_run(args: argparse.Namespace, workdir: Path) -> dict:
         "image_size": args.memory_size,
         "runs": runs,
         "peak_ratio_largest_over_smallest": {k: round(last[k] / first[k], 3) for k in first},
-    }
-
-
-def stage_run(args: argparse.Namespace, state: dict, workdir: Path) -> dict:
-    """Without Ray or S3 (lent GPU machines have neither): (a), an actor's work under --decode gpu from
-    JPEG bytes, and what one CPU core decodes (how many cores keep a GPU busy with --decode cpu)."""
-    from raytl.preprocess import Transform, decode_batch, fetch_batch
-
-    files = write_photos(workdir / "photos", args.images)
-    precision = resolve_precision(Precision(args.precision), DEVICE)
-    ceiling = model_alone(state, args, precision)
-    log(f"(a) model alone, {precision}: {ceiling['images_per_second']:.2f} img/s")
-    transform = Transform(args.image_size, round(args.image_size * 256 / 224))
-    batch = {"path": np.array([str(f) for f in files]), "label": np.array([""] * len(files))}
-    started = time.perf_counter()
-    decode_batch(batch, transform)
-    cpu_decode = len(files) / (time.perf_counter() - started)
-    fetched = fetch_batch(batch, transform)
-    size = args.batch_size or (256 if DEVICE.type == "cuda" else 32)
-    embedder = Embedder(
-        state, Layer.POOL5, Pool.AVG, precision, size, os.cpu_count(), transform, args.compile
-    )
-    chunks = [{k: v[i : i + size] for k, v in fetched.items()} for i in range(0, len(files), size)]
-    embedder(chunks[0])
-    started = time.perf_counter()
-    for chunk in chunks:
-        embedder(chunk)
-    on_device = len(files) / (time.perf_counter() - started)
-    log(f"decode + model in the actor: {on_device:.2f} img/s; one core decodes {cpu_decode:.1f} img/s")
-    return {
-        "images": len(files),
-        "image_size": args.image_size,
-        "a_model_alone": ceiling,
-        "actor_with_device_decode_images_per_second": on_device,
-        "cpu_decode_images_per_second_per_core": cpu_decode,
     }
 
 
@@ -280,14 +239,27 @@ def compare(output: str, expected: np.ndarray, files: list[Path], root: Path) ->
     return float(np.abs(np.stack(rows) - expected).max())
 
 
-def write_photos(root: Path, count: int) -> list[Path]:
-    """~500x375 JPEGs (a quarter of them portrait): jittered crops of scikit-learn's two photographs."""
+def write_photos(root: Path, count: int, workers: int = 1) -> list[Path]:
+    """~500x375 JPEGs (a quarter of them portrait): jittered crops of scikit-learn's two photographs. Photo
+    i is drawn from its own seed, so the files are the same whatever `workers` (processes) write them."""
+    bounds = np.linspace(0, count, max(1, min(workers, count)) + 1).astype(int)
+    ranges = [(root, int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+    if len(ranges) == 1:
+        files = _write_range(*ranges[0])
+    else:
+        with ProcessPoolExecutor(len(ranges)) as pool:
+            files = [f for part in pool.map(_write_range, *zip(*ranges, strict=True)) for f in part]
+    log(f"wrote {count} JPEG photographs, {sum(f.stat().st_size for f in files) / count / 1024:.0f} KiB each")
+    return files
+
+
+def _write_range(root: Path, start: int, stop: int) -> list[Path]:
     from sklearn.datasets import load_sample_images
 
     sources = load_sample_images()
-    rng = np.random.default_rng(0)
     files = []
-    for i in range(count):
+    for i in range(start, stop):
+        rng = np.random.default_rng(i)
         label = i % 2
         photo = Image.fromarray(sources.images[label])
         portrait = rng.random() < 0.25
@@ -303,7 +275,6 @@ def write_photos(root: Path, count: int) -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, quality=90)
         files.append(path)
-    log(f"wrote {count} JPEG photographs, {sum(f.stat().st_size for f in files) / count / 1024:.0f} KiB each")
     return files
 
 

@@ -88,13 +88,14 @@ def test_cli_options_reach_the_configs():
 
 
 def test_the_cli_answers_help_and_usage_errors_without_torch_or_ray():
-    """`raytl --help` took 7-9 s and 1.1 GB when cli.py imported the pipeline: it must stay light."""
+    """`raytl --help` took 7-9 s and 1.1 GB when cli.py imported the pipeline: it must stay light (here as
+    `python -m raytl`, the command where its script is not on PATH)."""
     import subprocess
     import sys
 
     assert heavy_modules_after("raytl.cli", ("torch", "torchvision", "ray", "pyarrow", "numpy")) == []
     usage = subprocess.run(
-        [sys.executable, "-m", "raytl.cli", "extract", "--pool", "median"], capture_output=True, text=True
+        [sys.executable, "-m", "raytl", "extract", "--pool", "median"], capture_output=True, text=True
     )
     assert usage.returncode == 2 and "usage: raytl extract" in usage.stderr
 
