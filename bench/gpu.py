@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import csv
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -60,6 +61,9 @@ TRANSFORM = Transform(224, 256)
 
 def main() -> None:
     args = parse_args()
+    # Process pools (photos, CPU decoding) start fresh interpreters: forking a process that holds a CUDA
+    # context and torch's thread pools can hang the children.
+    multiprocessing.set_start_method("spawn", force=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
@@ -321,6 +325,10 @@ def correctness(files: list[Path], state: dict) -> dict:
 
 def extract_runs(files: list[Path], weights: Path, work: Path, a: object, args: argparse.Namespace) -> dict:
     """(b): `raytl extract` over every photo, --decode cpu and gpu, with nvidia-smi sampling."""
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager
+
+    if CUDA and not NvidiaGPUAcceleratorManager.get_current_node_num_accelerators():
+        raise RuntimeError("torch sees a GPU but Ray does not (its NVML query found none): Ray runs on CPU")
     runs = {}
     for decode in ("cpu", "gpu"):
         output = _fresh(work / f"embeddings-{decode}")
@@ -391,13 +399,22 @@ def training_runs(files: list[Path], work: Path, args: argparse.Namespace) -> di
     return result
 
 
-def raytl(command: list[str]) -> dict:
+def raytl(command: list[str], timeout: float = 240) -> dict:
     """One `raytl` command in its own process (its own local Ray, as a user runs it), GPU sampled meanwhile;
-    its JSON result line, wall time and nvidia-smi's utilisation."""
+    its JSON result line, wall time and nvidia-smi's utilisation. A command that hangs (e.g. a GPU that Ray
+    does not see, asked for with --device cuda) is killed after `timeout` seconds and counts as failed."""
     log("raytl " + " ".join(command))
     with GpuSampler() as gpu:
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "raytl", *command], capture_output=True, text=True)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "raytl", *command], capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:  # its local Ray may hold the GPU: stopped before the next step
+            subprocess.run(
+                [sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True
+            )
+            raise
         wall = time.perf_counter() - started
     if done.returncode:
         raise RuntimeError(f"raytl {command[0]} exited {done.returncode}: {done.stderr[-3000:]}")
