@@ -131,7 +131,7 @@ class Model:
 def _tensors(data: bytes, uri: str) -> dict[str, np.ndarray]:
     """model.pt's four arrays; a damaged file is one StorageError sentence."""
     try:
-        tensors = torch.load(io.BytesIO(data), weights_only=True)
+        tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         arrays = {k: tensors[k].numpy().astype(np.float32) for k in ("mean", "std", "weight", "bias")}
     except Exception as exc:
         raise storage.StorageError(

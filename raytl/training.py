@@ -42,9 +42,11 @@ def report(metrics: dict, state: dict, name: str) -> None:
 
 
 def load(checkpoint: Any, name: str) -> dict:
-    """The state a `report` saved in checkpoint as `name`."""
+    """The state a `report` saved in checkpoint as `name`, its tensors on the CPU: GPU workers save CUDA
+    tensors (the head, the optimizer's moments), and the driver that reads the best epoch back often has
+    no GPU (a KubeRay head, a CPU node); load_state_dict puts them on a worker's device."""
     with checkpoint.as_directory() as directory:
-        return torch.load(os.path.join(directory, name), weights_only=True)
+        return torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
 
 
 def json_bytes(data: dict) -> bytes:
