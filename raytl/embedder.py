@@ -20,6 +20,7 @@ from raytl.models import (
     IMAGENET_STD,
     VGG16,
     from_state_dict,
+    model_device,
     prefers_channels_last,
     preset,
     resolve_precision,
@@ -54,12 +55,13 @@ class Embedder:
         model: str = VGG16,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        device: Device = Device.AUTO,
     ) -> None:
         if not isinstance(state_dict, dict):  # an ObjectRef: every actor fetches the same validated tensors
             import ray
 
             state_dict = ray.get(state_dict)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = model_device(Device(device))  # on_actors: cpu unless Ray gave the actor a GPU
         if self.device.type == "cpu" and threads:
             # Ray sets OMP_NUM_THREADS from the actor's num_cpus; the model may use more cores than
             # the actor reserves, because decoding tasks are short and interleave.
@@ -224,6 +226,7 @@ def on_actors(
             "model": options.model,
             "mean": preset(options.model).mean,
             "std": preset(options.model).std,
+            "device": Device.CUDA if gpu else Device.CPU,  # as num_gpus says
         },
         compute=pool,
         batch_size=batch_size,

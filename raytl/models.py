@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from raytl import storage
-from raytl.config import ConfigError, Layer, Pool, Precision
+from raytl.config import ConfigError, Device, Layer, Pool, Precision
 from raytl.errors import WeightsError
 
 VGG16 = "vgg16"  # the default backbone, with its own layers (--layer) and pooling (--pool)
@@ -318,6 +318,14 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def model_device(device: Device = Device.AUTO) -> torch.device:
+    """Where a model runs in this process: the CPU for Device.CPU, else CUDA where it works. A Ray actor
+    that Ray gave no GPU still sees the node's GPUs (Ray leaves CUDA_VISIBLE_DEVICES alone when num_gpus is
+    0), so its driver passes CPU: a model actor or replica of `--device cpu` placed on a GPU node must not
+    take a GPU that Ray gives to others."""
+    return torch.device("cuda" if device != Device.CPU and torch.cuda.is_available() else "cpu")
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> Precision:

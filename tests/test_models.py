@@ -186,6 +186,45 @@ def test_only_the_tensors_a_layer_needs_are_required(tmp_path, state):
         load_weights(str(tmp_path / "conv.pt"), Layer.FC7)
 
 
+def test_a_model_actor_that_ray_gave_no_gpu_stays_on_the_cpu_of_a_gpu_node(state, monkeypatch):
+    """Ray leaves CUDA_VISIBLE_DEVICES as the node has it in a process that it gave no GPU, so torch there
+    sees the node's GPUs: on_actors tells each model actor the device that its num_gpus asked Ray for."""
+    import types
+
+    import ray.data
+
+    from raytl.config import Device
+    from raytl.embedder import Resources, on_actors
+    from raytl.models import model_device
+
+    calls = []
+
+    class Rows:  # what on_actors uses of a Ray Dataset
+        context = ray.data.DataContext()
+
+        def map_batches(self, fn, **options):
+            calls.append(options)
+            return self
+
+    options = types.SimpleNamespace(
+        model="vgg16", layer=Layer.POOL5, pool=Pool.AVG, precision=Precision.FP32, batch_size=2,
+        num_actors=None, compile=False,
+    )  # fmt: skip
+    for gpu in (False, True):
+        on_actors(Rows(), Embedder, "weights", options, Resources(gpus=int(gpu), cpus=2, use_gpu=gpu))
+    asked = [(c["num_gpus"], c["fn_constructor_kwargs"]["device"]) for c in calls]
+    assert asked == [(0, Device.CPU), (1, Device.CUDA)]
+
+    images = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    features = {k: v for k, v in state.items() if k.startswith("features.")}
+    expected = Embedder(features, precision=Precision.FP32, batch_size=2).embed(images)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, as such an actor sees it
+    assert model_device(Device.AUTO).type == "cuda"
+    on_cpu = Embedder(features, precision=Precision.FP32, batch_size=2, device=asked[0][1])
+    assert on_cpu.device.type == "cpu"
+    np.testing.assert_array_equal(on_cpu.embed(images), expected)
+
+
 def test_compiled_embedder_matches_eager(state):
     """--compile: torch.compile (inductor, a C++ build on CPU) computes the same embeddings."""
     images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)

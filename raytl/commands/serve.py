@@ -32,16 +32,15 @@ _DEPLOYMENT = "Classifier"
 class Classifier:
     """A replica: the model on this replica's device, batched scoring, one JSON answer per upload."""
 
-    def __init__(self, config: ServeConfig) -> None:
-        import torch
-
+    def __init__(self, config: ServeConfig, device: Device = Device.AUTO) -> None:
         from raytl import portable
         from raytl.classifier import Model
+        from raytl.models import model_device
         from raytl.preprocess import Transform
 
         model = Model.load(config.model_dir)
         self.classes = model.classes
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = model_device(device)  # application: cpu unless Ray gave the replica a GPU
         self.network = portable.build(model, config.model_dir, config.weights).to(self.device)
         backbone = model.info["backbone"]
         size, resize = int(backbone["image_size"]), int(backbone["preprocessing"]["resize"])
@@ -116,7 +115,7 @@ def application(config: ServeConfig, use_gpu: bool) -> Any:
         max_ongoing_requests=max(2 * config.max_batch_size, 8),
         **replicas,
     )(Classifier)
-    return deployment.bind(config)
+    return deployment.bind(config, Device.CUDA if use_gpu else Device.CPU)
 
 
 def app(args: dict[str, str]) -> Any:
