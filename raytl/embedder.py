@@ -77,6 +77,7 @@ class Embedder:
         self.model: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(network, dynamic=False) if compile else network
         )
+        self.compiled = compile
         # --decode gpu: rows arrive as JPEG bytes (preprocess.fetch_batch) and are decoded on this device.
         self.decoder: DeviceDecoder | None = None
         if device_decode:  # --decode gpu; torchvision's decoder, imported only then
@@ -129,6 +130,11 @@ class Embedder:
             x = images
         if x.device.type != self.device.type:
             x = x.pin_memory().to(self.device, non_blocking=True)
+        rows = len(x)
+        if self.compiled and rows < self.batch_size:
+            # torch.compile(dynamic=False) compiles once per batch shape: a short batch (a block's last,
+            # one without its failed rows) would compile again (a minute on a GPU). Zeros pad it.
+            x = torch.cat([x, x.new_zeros((self.batch_size - rows, *x.shape[1:]))])
         # NHWC uint8 viewed as NCHW is already channels_last: no copy until the float conversion.
         x = x.permute(0, 3, 1, 2).float()
         x = x if self.channels_last else x.contiguous()
@@ -136,7 +142,7 @@ class Embedder:
         x = x.div_(255).sub_(self.mean).div_(self.std)
         with self._autocast():
             y = self.model(x)
-        return y.float().cpu().numpy()
+        return y[:rows].float().cpu().numpy()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == Precision.FP32:

@@ -225,13 +225,22 @@ def test_a_model_actor_that_ray_gave_no_gpu_stays_on_the_cpu_of_a_gpu_node(state
     np.testing.assert_array_equal(on_cpu.embed(images), expected)
 
 
-def test_compiled_embedder_matches_eager(state):
-    """--compile: torch.compile (inductor, a C++ build on CPU) computes the same embeddings."""
+def test_compiled_embedder_matches_eager_and_compiles_once(state):
+    """--compile: torch.compile (inductor, a C++ build on CPU) computes the same embeddings, and batches
+    shorter than --batch-size (a block's last, one without its failed rows) reuse the one compiled graph
+    (padded), where each new shape compiled again: a minute or more per shape on a GPU."""
+    from torch._dynamo.utils import counters
+
     images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     features = {k: v for k, v in state.items() if k.startswith("features.")}
-    eager = Embedder(features, precision=Precision.FP32, batch_size=4).embed(images)
-    compiled = Embedder(features, precision=Precision.FP32, batch_size=4, compile=True).embed(images)
-    np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-5)
+    eager = Embedder(features, precision=Precision.FP32, batch_size=4)
+    compiled = Embedder(features, precision=Precision.FP32, batch_size=4, compile=True)
+    counters.clear()
+    for rows in (4, 3, 1):
+        np.testing.assert_allclose(
+            compiled.embed(images[:rows]), eager.embed(images[:rows]), rtol=1e-4, atol=1e-5
+        )
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 # --- any torchvision classification backbone (--model) ------------------------------------------------------
