@@ -21,8 +21,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", 
 
 
 def is_image(path: str) -> bool:
-    """True for an image file name (for `zip://MEMBER::ARCHIVE`, the member's; URLs without their query)."""
-    if path.startswith("zip://"):
+    """True for an image file name (for `zip://MEMBER::ARCHIVE` and `tar://`, the member's; URLs without their
+    query)."""
+    if path.startswith(("zip://", "tar://")):
         path = path[len("zip://") :].split("::", 1)[0]
     elif path.startswith(("http://", "https://")):
         path = path.split("?", 1)[0].split("#", 1)[0]

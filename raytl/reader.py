@@ -249,6 +249,7 @@ def resolve_manifest_paths(paths: list[str], manifest: str, allow_schemes: tuple
     folder = posixpath.dirname(manifest_path)
     resolved = []
     for path in paths:
+        storage.check_chain(path, f"--manifest {storage.redact(manifest)} lists {storage.redact(path)}")
         scheme = storage.scheme_of(path)
         if "://" not in path and not path.startswith("/"):  # relative: beside the manifest
             path = storage.to_uri(fs, posixpath.normpath(posixpath.join(folder, path)))

@@ -93,13 +93,34 @@ def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def scheme_of(uri: str) -> str:
     """The filesystem a URI names: `s3`, `gs`, `http`, ... (`file` for local paths); for a chained
-    `zip://MEMBER::TARGET`, the scheme of its TARGET, where the bytes come from."""
+    `zip://MEMBER::TARGET`, the scheme of its TARGET, where the bytes come from (`check_chain` says whether
+    the segments before it may be trusted to read nothing else)."""
     if "::" in uri:
         uri = uri.rsplit("::", 1)[1]
     if "://" not in uri:
         return "file"
     scheme = uri.split("://", 1)[0].lower()
     return {"s3a": "s3", "gcs": "gs", "local": "file"}.get(scheme, scheme)
+
+
+# fsspec opens a chained URL `A::B::C` with A's filesystem, which reads through B's and C's: every segment
+# decides what is read, and most can read elsewhere than the last one names (a plain path or `file://` before
+# `::` reads the local disk, `simplecache::` and `filecache::` write local copies, `reference::` and `dir::`
+# redirect). Of chains, raytl reads archive members only: each segment but the last `zip://MEMBER` or
+# `tar://MEMBER`, the bytes coming from the last segment's filesystem.
+ARCHIVE_SCHEMES = ("zip", "tar")
+
+
+def check_chain(uri: str, what: str) -> None:
+    """Refuse a chained URL other than archive members (`zip://MEMBER::ARCHIVE`, `tar://MEMBER::ARCHIVE`,
+    nested ones too), naming it as `what` (e.g. "--manifest s3://b/m.csv lists s3://...")."""
+    for segment in uri.split("::")[:-1]:
+        scheme = segment.split("://", 1)[0].lower() if "://" in segment else ""
+        if scheme not in ARCHIVE_SCHEMES or not segment[len(scheme) + 3 :]:
+            raise StorageError(
+                f"{what}, which chains filesystems with `::` through {redact(segment)!r}; only archive "
+                "members are read that way (zip://MEMBER::ARCHIVE or tar://MEMBER::ARCHIVE)."
+            )
 
 
 def location(uri: str) -> tuple[str, str]:

@@ -132,6 +132,56 @@ def test_manifest_paths_stay_on_the_manifests_filesystem(tmp_path, bucket, monke
     assert [r["path"] for r in rows] == [str(tmp_path / "sub" / "a.jpg"), str(tmp_path / "b.png")]
 
 
+# fsspec's protocols that read through another filesystem named after `::` (its registry's wrappers), and
+# those a segment before `::` can name to read something of its own (local disk, memory).
+_CHAINING = ["zip", "tar", "simplecache", "filecache", "blockcache", "cached", "reference", "dir", "local",
+             "file", "memory"]  # fmt: skip
+
+
+def test_chained_urls_in_a_manifest_read_only_archive_members_on_its_filesystem(tmp_path, bucket):
+    """fsspec opens a chained URL `A::B::C` with A's filesystem: every segment decides what is read. From an
+    S3 manifest, only `zip://MEMBER::` / `tar://MEMBER::` segments before an S3 object pass; every other chain
+    (`a::b` and `a::b::c` over each chaining protocol in fsspec's registry, a plain path or URL first) is
+    refused in one sentence, with or without --allow-schemes."""
+    import fsspec
+    import s3fs
+
+    from raytl.reader import resolve_manifest_paths
+
+    assert set(_CHAINING) <= set(fsspec.available_protocols())
+    secret = tmp_path / "x.png"
+    secret.write_bytes(b"worker-local bytes")
+    s3fs.S3FileSystem().pipe(f"{bucket}/any.png", b"s3 bytes")
+    target = f"s3://{bucket}/any.png"
+    # The regression: a local path before `::` reads the worker's disk, whatever follows.
+    with fsspec.open(f"{secret}::{target}", "rb") as f:
+        assert f.read() == b"worker-local bytes"
+    refused = [f"{secret}::{target}", f"file://{secret}::{target}", f"local://{secret}::{target}",
+               f"http://127.0.0.1:9/x.png::{target}", f"https://h.invalid/x.png::{target}"]  # fmt: skip
+    for protocol in _CHAINING:
+        refused.append(f"{protocol}::{target}")
+        if protocol not in ("zip", "tar"):  # `zip://MEMBER::ARCHIVE` is a member of the S3 object ARCHIVE
+            refused += [f"{protocol}://x.png::{target}", f"{protocol}://{secret}::{target}"]
+            refused += [f"zip://x.png::{protocol}::{target}", f"zip://x.png::{protocol}://a.zip::{target}",
+                        f"{protocol}::zip://x.png::{target}", f"zip://x.png::tar://a.zip::{protocol}::{target}"]  # fmt: skip
+    refused += ["zip://::" + target, "tar://::" + target, f"zip://x.png::{secret}::{target}"]
+    manifest = f"s3://{bucket}/m.csv"
+    for path in refused:
+        for allowed in ((), ("file", "memory", "http", "https", *_CHAINING)):
+            with pytest.raises(StorageError) as raised:
+                resolve_manifest_paths([path], manifest, allowed)
+            message = str(raised.value)
+            assert message.startswith(f"--manifest {manifest} lists "), path
+            assert "only archive members are read that way" in message, path
+    members = [f"zip://x.png::s3://{bucket}/a.zip", f"tar://d/x.png::s3://{bucket}/a.tar",
+               f"zip://x.png::tar://in.zip::s3://{bucket}/a.tar"]  # fmt: skip
+    assert resolve_manifest_paths(members, manifest) == members
+    assert all(is_image(m) for m in members)
+    # An archive on another filesystem is another filesystem, as before.
+    with pytest.raises(StorageError, match=r"on another filesystem \(file\) than the manifest \(s3\)"):
+        resolve_manifest_paths([f"zip://x.png::{tmp_path}/a.zip"], manifest)
+
+
 def test_manifest_rows_that_are_not_images_are_never_read(tmp_path, monkeypatch):
     """A manifest row naming a file without an image extension is an `_errors` row; the file is not read."""
     import numpy as np
