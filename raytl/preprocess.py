@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import posixpath
+import re
 import struct
 import warnings
 from collections.abc import Iterator
@@ -35,8 +36,9 @@ def not_an_image(path: str) -> str:
     return f"not read: not an image file name ({' '.join(sorted(IMAGE_EXTENSIONS))})"
 
 
-# Pillow's own bomb check fires at 2x its limit; raytl checks the header against its own limit instead.
-Image.MAX_IMAGE_PIXELS = None
+# Pillow's own bomb checks (Image.MAX_IMAGE_PIXELS) run at raytl's --max-pixels: `open_image` sets the limit.
+# Pillow warns at half the limit it raises at; raytl refuses at its own limit and ignores the warning.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # What Pillow's decoders raise on broken data (truncated streams, bad headers, corrupt chunks).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error)
@@ -94,14 +96,7 @@ class Transform:
 
     def decode(self, data: bytes) -> Image.Image:
         """bytes -> EXIF-oriented RGB PIL image."""
-        if not data:
-            raise ImageError("empty file (0 bytes)")
-        try:
-            image: Image.Image = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise ImageError("not a recognised image format") from None
-        except _DECODE_ERRORS as exc:
-            raise ImageError(f"cannot decode: {exc}") from None
+        image = open_image(data, self.max_pixels)
         check_size(image.size, self.resize_size, self.max_pixels)
         try:
             with warnings.catch_warnings():
@@ -111,6 +106,32 @@ class Transform:
                 return to_rgb(image)
         except _DECODE_ERRORS as exc:
             raise ImageError(f"cannot decode: {exc}") from None
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """bytes -> a PIL image whose header is read and whose pixels are not decoded yet; ImageError when the
+    bytes are empty, not an image, or a container declaring anything over max_pixels.
+
+    Pillow decodes some images inside `Image.open` (the PNG inside an ICO, whatever its directory says) and
+    sizes others from their contents (a GIF frame larger than its screen, a TIFF tile, a WebP canvas); its own
+    decompression-bomb checks guard each of those places before any pixel is decoded, so they run here at
+    raytl's limit. The one place raytl opens image bytes."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    # Pillow raises over twice its limit: half of raytl's, as a float so that an odd limit stays exact.
+    Image.MAX_IMAGE_PIXELS = max_pixels / 2  # type: ignore[assignment]
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} px" if found else "more pixels"
+        raise ImageError(
+            f"image of {size} exceeds --max-pixels {max_pixels} (decompression bomb guard)"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageError("not a recognised image format") from None
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"cannot decode: {exc}") from None
 
 
 # torchvision's InterpolationMode values -> Pillow's filters, as torchvision.transforms.functional maps them
@@ -313,12 +334,12 @@ def jpeg_orientation(data: bytes, max_pixels: int, resize_size: int = 256) -> in
     Raises ImageError for a JPEG over max_pixels, as a full decode would."""
     if not data.startswith(b"\xff\xd8\xff"):
         return None
+    image = open_image(data, max_pixels)  # over max_pixels: refused here, as a full decode would
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
             orientation = image.getexif().get(0x0112, 1)
-    except _DECODE_ERRORS + (UnidentifiedImageError,):
+    except _DECODE_ERRORS:
         return None  # let the full decoder name the problem
     check_size(image.size, resize_size, max_pixels)
     if image.mode not in ("RGB", "L"):

@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,6 +237,13 @@ def _manifest_block(block: pa.Table, uri: str, allow_schemes: tuple[str, ...], s
     labels = _strings(block["label"]) if "label" in block.column_names else [""] * len(paths)
     table = pa.table([paths, labels], schema=CORPUS_SCHEMA)
     return table if skip is None else table.filter(pa.array(~doneset.contains(skip, paths)))
+
+
+def image_schemes(source: str | None, manifest: str | None, allow_schemes: Sequence[str] = ()) -> list[str]:
+    """The filesystems a corpus's image paths may be on: its SOURCE's (or its manifest's) and those
+    --allow-schemes adds. Recorded with the embeddings (`schemes`), so that what reads their paths later
+    (the report's thumbnails) reads nothing the corpus could not."""
+    return sorted({storage.scheme_of(source or manifest or ""), *allow_schemes})
 
 
 def resolve_manifest_paths(paths: list[str], manifest: str, allow_schemes: tuple[str, ...] = ()) -> list[str]:

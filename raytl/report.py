@@ -112,7 +112,10 @@ def write(model_dir: str) -> str:
             "per_class": ("Per-class precision and recall", per_class_figure(metrics)),
             "curves": ("Training curves", curves_figure(metrics.get("history") or [])),
             "pca": ("Validation embeddings, first two principal components", pca_figure(sample)),
-            "misclassified": ("Misclassified validation images", misclassified_figure(sample)),
+            "misclassified": (
+                "Misclassified validation images",
+                misclassified_figure(sample, image_schemes(info, model_dir)),
+            ),
         }
     for name, (_, png) in figures.items():
         storage.write_bytes(storage.join(model_dir, FIGURES_DIR, f"{name}.png"), png)
@@ -311,14 +314,25 @@ def pca_figure(sample: pa.Table) -> bytes:
     return _png(figure)
 
 
-def misclassified_figure(sample: pa.Table) -> bytes:
-    """Up to _GRID misclassified validation images, each titled true -> predicted (score)."""
+def image_schemes(info: dict, model_dir: str) -> tuple[str, ...]:
+    """The filesystems the report reads images from: those the images' SOURCE (or manifest) and its
+    --allow-schemes allowed, as recorded with the embeddings (`schemes` in their metadata, copied into
+    model.json); for a MODEL_DIR from before that record, MODEL_DIR's own."""
+    recorded = (info.get("backbone") or {}).get("schemes")
+    if isinstance(recorded, list) and all(isinstance(s, str) for s in recorded):
+        return tuple(recorded)
+    return (storage.scheme_of(model_dir),)
+
+
+def misclassified_figure(sample: pa.Table, schemes: Sequence[str] = ("file",)) -> bytes:
+    """Up to _GRID misclassified validation images, each titled true -> predicted (score); only images on
+    the filesystems `schemes` are read."""
     rows = [r for r in sample.select(["path", "label", "predicted_label", "score"]).to_pylist()
             if r["label"] != r["predicted_label"]][:_GRID]  # fmt: skip
     if not rows:
         return _message("no misclassified images in the validation sample")
     plt = _pyplot()
-    images = thumbnails([r["path"] for r in rows])
+    images = thumbnails([r["path"] for r in rows], schemes)
     columns = min(6, len(rows))
     lines = -(-len(rows) // columns)
     figure, grid = plt.subplots(lines, columns, figsize=(2.1 * columns, 2.4 * lines), squeeze=False)
@@ -333,13 +347,16 @@ def misclassified_figure(sample: pa.Table) -> bytes:
     return _png(figure)
 
 
-def thumbnails(paths: list[str]) -> list[np.ndarray | None]:
+def thumbnails(paths: list[str], schemes: Sequence[str]) -> list[np.ndarray | None]:
     """Small RGB pictures of the images at paths (loose files, zip members, SHARD#KEY samples); None for
-    those that cannot be read."""
-    from PIL import Image, ImageOps
+    those that cannot be read, and for those the rules of a manifest refuse (`readable`): a sample's paths
+    come from embeddings or a MODEL_DIR made elsewhere. Decoded under extract's bomb guard."""
+    from raytl.preprocess import Transform
 
+    decode = Transform().decode  # extract's default --max-pixels, checked before any pixel is decoded
+    paths = [p if readable(p, schemes) else "" for p in paths]
     data: dict[str, bytes] = {}
-    loose = [p for p in paths if shards.sample_of(p) is None]
+    loose = [p for p in paths if p and shards.sample_of(p) is None]
     try:
         fetched = storage.fetch_many(loose)
     except storage.StorageError as exc:  # no access to the images: the grid says so
@@ -349,7 +366,7 @@ def thumbnails(paths: list[str]) -> list[np.ndarray | None]:
         if isinstance(got, bytes):
             data[path] = got
     wanted: dict[str, set[str]] = {}
-    for shard, key in filter(None, map(shards.sample_of, paths)):
+    for shard, key in filter(None, map(shards.sample_of, filter(None, paths))):
         wanted.setdefault(shard, set()).add(key)
     for shard, keys in wanted.items():
         try:
@@ -366,10 +383,20 @@ def thumbnails(paths: list[str]) -> list[np.ndarray | None]:
     out: list[np.ndarray | None] = []
     for path in paths:
         try:
-            with Image.open(io.BytesIO(data[path])) as opened:
-                picture = ImageOps.exif_transpose(opened).convert("RGB")
-                picture.thumbnail((_THUMB, _THUMB))
-                out.append(np.asarray(picture))
-        except Exception:  # missing, moved or undecodable: the grid says so
+            picture = decode(data[path])
+            picture.thumbnail((_THUMB, _THUMB))
+            out.append(np.asarray(picture))
+        except Exception:  # refused, missing, moved, undecodable or a bomb: the grid says so
             out.append(None)
     return out
+
+
+def readable(path: str, schemes: Sequence[str]) -> bool:
+    """Whether the report may read path: a manifest's rules (storage.check_chain; a filesystem in schemes)."""
+    sample = shards.sample_of(path)
+    where = sample[0] if sample is not None else path
+    try:
+        storage.check_chain(where, where)
+    except storage.StorageError:
+        return False
+    return storage.scheme_of(where) in schemes

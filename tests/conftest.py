@@ -266,3 +266,30 @@ def own_processes() -> dict[int, bytes]:
         if worker is None or mark in environ:  # one pytest process: every process is its own
             found[int(entry.name)] = cmdline
     return found
+
+
+@pytest.fixture
+def pixels_decoded(monkeypatch):
+    """The sizes of every image Pillow decodes (ImageFile.load) and of every WebP canvas it allocates."""
+    from PIL import ImageFile, WebPImagePlugin
+
+    sizes: list[tuple[int, int]] = []
+    load = ImageFile.ImageFile.load
+
+    def spy_load(self):
+        sizes.append(self.size)
+        return load(self)
+
+    class Webp:
+        def __getattr__(self, name):
+            return getattr(webp, name)
+
+        def WebPAnimDecoder(self, data):  # noqa: N802 (Pillow's name)
+            decoder = webp.WebPAnimDecoder(data)
+            sizes.append(decoder.get_info()[0])
+            return decoder
+
+    webp = WebPImagePlugin._webp
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy_load)
+    monkeypatch.setattr(WebPImagePlugin, "_webp", Webp())
+    return sizes

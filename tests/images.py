@@ -95,6 +95,36 @@ def bomb_png(width: int, height: int) -> bytes:
     )
 
 
+def container_bombs(inner: int = 200) -> dict[str, bytes]:
+    """Hostile containers whose first header says 16x16 but which hold, or size themselves to, an image of
+    inner x inner px (or, for the WebP, a canvas of 5 * inner): Pillow reaches the big image inside
+    `Image.open` (ICO's PNG is decoded there, a WebP's canvas allocated there, a GIF's first frame or a CUR's
+    bitmap resizes the image). Each is a few hundred bytes."""
+    big = Image.new("RGBA", (inner, inner), (1, 2, 3, 255))
+    ico = ico_holding(encode(big, "PNG"))
+    dib = encode(big.convert("RGB"), "BMP")[14:]  # the bitmap without its file header, as ICO/CUR store it
+    dib = dib[:8] + struct.pack("<i", 2 * inner) + dib[12:]  # an icon's bitmap height counts its mask too
+    cur = struct.pack("<HHH", 0, 2, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 0, 0, len(dib), 22) + dib
+    small = [Image.new("RGB", (16, 16), (40 * i, 0, 0)) for i in range(2)]
+    webp = encode(small[0], "WEBP", save_all=True, append_images=small[1:], lossless=True)
+    canvas = (5 * inner - 1).to_bytes(3, "little")
+    webp = webp[:24] + canvas + canvas + webp[30:]  # VP8X: the canvas the decoder allocates when created
+    gif = encode(Image.new("P", (inner, inner)), "GIF")
+    gif = gif[:6] + struct.pack("<HH", 16, 16) + gif[10:]  # a 16x16 screen, a frame of inner x inner
+    return {"ico_png.ico": ico, "ico_png.png": ico, "cur_bmp.cur": cur, "canvas.webp": webp, "frame.gif": gif}
+
+
+def ico_holding(png: bytes) -> bytes:
+    """An ICO whose directory says 16x16 and which holds png (Pillow decodes it inside `Image.open`)."""
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+
+
+def two_page_tiff(inner: int = 200) -> bytes:
+    """A TIFF whose first page is 16x16 and whose second is inner x inner px."""
+    first = Image.new("RGB", (16, 16), (200, 100, 0))
+    return encode(first, "TIFF", save_all=True, append_images=[Image.new("RGB", (inner, inner))])
+
+
 def _exif_orientation(value: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = value

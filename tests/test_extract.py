@@ -148,6 +148,7 @@ print(json.dumps({{'types': [str(f.type) for f in schema], 'names': schema.names
     )
     assert meta["weights"].startswith("s3://raytl-extract-e2e/models/vgg16.pt#sha256:")
     assert meta["preprocessing"]["resize"] == 37 and meta["preprocessing"]["center_crop"] == 32
+    assert meta["schemes"] == ["s3"]  # where its paths may be: what the report's thumbnails may read
     assert meta["raytl_version"]
 
 

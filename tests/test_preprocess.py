@@ -7,7 +7,17 @@ import pytest
 import torch
 import torchvision
 from conftest import heavy_modules_after
-from images import BROKEN_REASONS, bomb_png, broken_files, encode, encodings, picture, reference_rgb
+from images import (
+    BROKEN_REASONS,
+    bomb_png,
+    broken_files,
+    container_bombs,
+    encode,
+    encodings,
+    picture,
+    reference_rgb,
+    two_page_tiff,
+)
 from PIL import Image
 
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD
@@ -65,8 +75,49 @@ def test_broken_files_raise_with_reason(name):
 
 def test_bomb_guard_checks_the_header_before_decoding():
     # 100 million pixels of header and a few bytes of data: refused without allocating the image.
-    with pytest.raises(ImageError, match="10000x10000 px exceeds --max-pixels 1000"):
+    with pytest.raises(ImageError, match="image of 100,000,000 px exceeds --max-pixels 1000"):
         Transform(max_pixels=1000).decode(bomb_png(10000, 10000))
+
+
+@pytest.mark.parametrize("name", sorted(container_bombs()))
+def test_bombs_inside_containers_are_refused_before_any_pixel_is_decoded(name, pixels_decoded):
+    """An ICO holding a PNG larger than its directory says, a CUR's bitmap, a WebP canvas, a GIF frame larger
+    than its screen: refused by --max-pixels before Pillow decodes (or allocates) the big image, in the
+    CPU decoder and in --decode gpu's header check alike."""
+    from raytl.preprocess import jpeg_orientation, open_image
+
+    data = container_bombs(200)[name]
+    limit = 10_000  # 16x16 passes, 200x200 (and the WebP's 1000x1000 canvas) does not
+    transform = Transform(8, 8, max_pixels=limit)
+    for decode in (transform.decode, transform, lambda d: open_image(d, limit)):
+        with pytest.raises(ImageError, match=rf"image of [\d,x ]+px exceeds --max-pixels {limit} \(decomp"):
+            decode(data)
+    assert jpeg_orientation(data, limit) is None  # not a JPEG: the decoder above names it
+    assert all(w * h <= limit for w, h in pixels_decoded), pixels_decoded
+    # Under a limit that allows it, the same file decodes (these are valid images).
+    assert Transform(8, 8, max_pixels=10**7)(data).shape == (8, 8, 3)
+
+
+def test_only_the_first_page_of_a_tiff_is_decoded(pixels_decoded):
+    crop = Transform(8, 8, max_pixels=10_000)(two_page_tiff(200))
+    assert crop.shape == (8, 8, 3) and tuple(crop[4, 4]) == (200, 100, 0)
+    assert set(pixels_decoded) == {(16, 16)}
+
+
+def test_image_bytes_are_opened_in_one_place():
+    """Every decoder of untrusted bytes (extract, predict, serve, embed, the report) goes through
+    preprocess.open_image, where the bomb guard is."""
+    import pathlib
+    import re
+
+    import raytl
+
+    root = pathlib.Path(raytl.__file__).parent
+    opens = {
+        str(path.relative_to(root)): len(re.findall(r"Image\.open\(", path.read_text()))
+        for path in root.rglob("*.py")
+    }
+    assert {k: v for k, v in opens.items() if v} == {"preprocess.py": 1}
 
 
 def test_decode_batch_marks_errors_and_keeps_order(tmp_path):

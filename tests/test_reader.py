@@ -163,7 +163,8 @@ def test_chained_urls_in_a_manifest_read_only_archive_members_on_its_filesystem(
         if protocol not in ("zip", "tar"):  # `zip://MEMBER::ARCHIVE` is a member of the S3 object ARCHIVE
             refused += [f"{protocol}://x.png::{target}", f"{protocol}://{secret}::{target}"]
             refused += [f"zip://x.png::{protocol}::{target}", f"zip://x.png::{protocol}://a.zip::{target}",
-                        f"{protocol}::zip://x.png::{target}", f"zip://x.png::tar://a.zip::{protocol}::{target}"]  # fmt: skip
+                        f"{protocol}::zip://x.png::{target}",
+                        f"zip://x.png::tar://a.zip::{protocol}::{target}"]  # fmt: skip
     refused += ["zip://::" + target, "tar://::" + target, f"zip://x.png::{secret}::{target}"]
     manifest = f"s3://{bucket}/m.csv"
     for path in refused:

@@ -105,11 +105,62 @@ def test_thumbnails_read_files_zip_members_and_shard_samples(tmp_path):
             f"{tmp_path / 's.tar'}#k1",
             str(tmp_path / "photo#1.png"),
             str(tmp_path / "missing.png"),
-        ]
+        ],
+        ("file",),
     )
     for image in got[:4]:
         assert image.shape == (40, 64, 3) and tuple(image[10, 10]) == (200, 30, 30)
     assert got[4] is None
+
+
+def test_report_reads_only_what_its_source_allowed_under_the_bomb_guard(trained, tmp_path, pixels_decoded):
+    """validation.parquet's paths come from embeddings or a MODEL_DIR made elsewhere. Edited to an internal
+    URL, a chained URL onto the local disk, an object in another store and an ICO bomb named `.png`, the
+    report sends no request, reads none of them, decodes no bomb, and draws placeholders."""
+    import http.server
+    import shutil
+    import threading
+
+    from images import bomb_png, ico_holding
+
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            requests.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"secret")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained["model_dir"], model_dir)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(ico_holding(bomb_png(10_000, 10_000)))  # 100M px, 400 MB once decoded
+    good = trained["paths"][0]
+    hostile = [f"http://127.0.0.1:{server.server_port}/internal/metadata.jpg", f"{good}::s3://b/x.png",
+               "s3://elsewhere/x.png", f"zip://a.png::simplecache::{tmp_path}/c.zip", str(bomb)]  # fmt: skip
+    sample = pq.read_table(model_dir / report.VALIDATION_FILE).to_pylist()
+    wrong = [i for i, r in enumerate(sample) if r["label"] != r["predicted_label"]]
+    assert len(wrong) >= 2
+    for n, i in enumerate(wrong):
+        sample[i]["path"] = hostile[n % len(hostile)] if n < len(wrong) - 1 else good
+    pq.write_table(pa.Table.from_pylist(sample, report.SAMPLE_SCHEMA), model_dir / report.VALIDATION_FILE)
+    try:
+        report.write(str(model_dir))
+    finally:
+        server.shutdown()
+    assert requests == [] and all(w * h <= 89_478_485 for w, h in pixels_decoded), (requests, pixels_decoded)
+    assert (model_dir / "report" / "misclassified.png").stat().st_size > 1000
+    schemes = report.image_schemes(Model.load(str(model_dir)).info, str(model_dir))
+    assert schemes == ("file",)  # embeddings from before `schemes` was recorded: MODEL_DIR's filesystem
+    got = report.thumbnails([*hostile, good], schemes)
+    assert got[:-1] == [None] * len(hostile) and got[-1].shape[2] == 3
+    assert report.thumbnails([good], ("s3",)) == [None]
 
 
 def test_inspect_describes_embeddings_predictions_and_models(trained, capsys):

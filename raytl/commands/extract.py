@@ -13,7 +13,7 @@ from raytl import doneset, logs, output, pipeline, storage, writer
 from raytl.config import ConfigError, Decode, ExtractConfig
 from raytl.errors import ExtractError
 from raytl.models import embedding_dim, load_weights, resolved
-from raytl.reader import Corpus, list_corpus
+from raytl.reader import Corpus, image_schemes, list_corpus
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ def run(config: ExtractConfig) -> dict[str, Any]:
         log.warning("resuming: %d images are already in %s and are skipped", skipped, config.output)
     stages = pipeline.Stages.of(config)
     metadata = pipeline.embeddings_metadata(stages, weights.id, dim)
+    metadata["schemes"] = image_schemes(config.source, config.manifest, config.allow_schemes)
     log.info("extract config: %s", config.to_json())
     started = time.perf_counter()
     counts: dict[str, int] = {}

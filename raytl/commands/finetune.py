@@ -34,7 +34,7 @@ from raytl.models import (
 )
 from raytl.output import NOTHING
 from raytl.preprocess import TrainTransform, Transform
-from raytl.reader import CORPUS_SCHEMA, Corpus, list_corpus
+from raytl.reader import CORPUS_SCHEMA, Corpus, image_schemes, list_corpus
 from raytl.tracking import UNTRACKED, Tracker
 
 log = logging.getLogger(__name__)
@@ -643,9 +643,12 @@ def save_model(
     info = {
         "kind": "finetune",
         "head": str(config.head),
-        "backbone": pipeline.embeddings_metadata(
-            backbone_stages(config, layer), f"{storage.redact(uri)}#sha256:{digest}", dim
-        ),
+        "backbone": {
+            **pipeline.embeddings_metadata(
+                backbone_stages(config, layer), f"{storage.redact(uri)}#sha256:{digest}", dim
+            ),
+            "schemes": image_schemes(config.source, config.manifest, config.allow_schemes),
+        },
         "initial_weights": weights_id,
         "best_epoch": best["epoch"],
         "config": json.loads(config.to_json()),
