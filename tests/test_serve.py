@@ -72,6 +72,38 @@ def test_bad_uploads_get_a_4xx_sentence_and_the_replica_keeps_serving(served, pr
     )
 
 
+def test_chunked_uploads_are_read_only_up_to_the_limit(served):
+    """Without a Content-Length (Transfer-Encoding: chunked) an upload is read until it passes
+    --max-upload-mb, then refused (413): over loopback, and chunk by chunk in the replica's reader."""
+    import asyncio
+    import http.client
+    import urllib.parse
+
+    from raytl.commands.serve import read_upload
+
+    url = urllib.parse.urlsplit(served["url"])
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+    connection.request("POST", url.path or "/", body=iter([b"\0" * 20_000] * 5), encode_chunked=True)
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    connection.close()
+    limit = int(0.05 * 1024**2)
+    assert response.status == 413
+    assert answer == {"error": f"the upload is over {limit:,} bytes, more than --max-upload-mb 0.05 allows."}
+
+    class Request:  # starlette's Request.stream(), counting what was pulled
+        pulled = 0
+
+        async def stream(self):
+            for _ in range(1024):  # 64 MB in 64 KB chunks
+                Request.pulled += 1
+                yield b"\0" * 65_536
+
+    assert asyncio.run(read_upload(Request(), 1024**2)) is None
+    assert Request.pulled == 17  # 1 MB and one chunk more, not 64 MB
+    assert asyncio.run(read_upload(Request(), 64 * 1024**2)) == b"\0" * 64 * 1024**2
+
+
 def test_serve_options_and_models_it_cannot_serve(predict_models, tmp_path, capsys):
     model = str(predict_models / "model")
     assert_user_error(

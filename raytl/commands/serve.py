@@ -67,11 +67,11 @@ class Classifier:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return 413, {"error": self._too_large(int(declared))}
-        data = await request.body()
+        data = await read_upload(request, self.max_bytes)
+        if data is None:  # chunked (no Content-Length) and past the limit: the rest is never read
+            return 413, {"error": self._too_large(self.max_bytes + 1, over=True)}
         if not data:
             return 400, {"error": "the upload is empty: POST the image's bytes as the request body."}
-        if len(data) > self.max_bytes:
-            return 413, {"error": self._too_large(len(data))}
         try:
             crop = await asyncio.to_thread(self.transform, data)
         except ImageError as exc:
@@ -97,8 +97,21 @@ class Classifier:
         with torch.inference_mode():
             return self.network(torch.from_numpy(crops).to(self.device)).float().cpu().numpy()
 
-    def _too_large(self, size: int) -> str:
-        return f"the upload is {size:,} bytes, more than --max-upload-mb {self.max_upload_mb:g} allows."
+    def _too_large(self, size: int, over: bool = False) -> str:
+        size_text = f"over {size - 1:,}" if over else f"{size:,}"
+        return f"the upload is {size_text} bytes, more than --max-upload-mb {self.max_upload_mb:g} allows."
+
+
+async def read_upload(request: Any, max_bytes: int) -> bytes | None:
+    """A request's body, read chunk by chunk until it passes max_bytes (None then, the rest unread): a
+    chunked upload declares no length, and reading it whole first would let one request fill the replica."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def application(config: ServeConfig, use_gpu: bool) -> Any:
