@@ -165,15 +165,42 @@ def trunk(model: str, layer: Layer = Layer.POOL5, pool: Pool = Pool.AVG, storage
         return VGG16Trunk(layer, pool)
     import torchvision
 
+    options = _builder_options(model)
     try:
         with torch.device(storage):
-            network = torchvision.models.get_model(model, weights=None)
+            network = torchvision.models.get_model(model, weights=None, **options)
     except NotImplementedError:  # a builder that computes with tensors (RegNet) cannot run on meta
-        network = torchvision.models.get_model(model, weights=None)
-    last = [name for name, module in network.named_modules() if isinstance(module, nn.Linear)][-1]
+        network = torchvision.models.get_model(model, weights=None, **options)
+    last = final_layer(network, model)
     parent, _, leaf = last.rpartition(".")
     setattr(network.get_submodule(parent) if parent else network, leaf, nn.Identity())
     return network.eval()
+
+
+def _builder_options(model: str) -> dict[str, Any]:
+    """What torchvision's builder sets from a model's default weights when it loads them, which raytl sets
+    itself (it builds with weights=None, then loads the tensors): a ViT's image_size (vit_h_14's default
+    weights are for 518 px crops, its builder's default 224)."""
+    if not model.startswith("vit_"):
+        return {}
+    size = int(_weights_enum(model).DEFAULT.meta.get("min_size", (224, 224))[0])
+    return {"image_size": size} if size != 224 else {}
+
+
+def final_layer(network: nn.Module, model: str) -> str:
+    """The name of the layer that maps a model's features to its classes: its last nn.Linear, or, for
+    SqueezeNet (a classifier of Dropout, a 1x1 conv, ReLU and global pooling), its last 1x1 nn.Conv2d,
+    whose removal leaves the pooled features (already ReLU'd) as the embedding."""
+    modules = list(network.named_modules())
+    linear = [name for name, module in modules if isinstance(module, nn.Linear)]
+    conv = [
+        name for name, module in modules if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
+    ]
+    if not linear and not conv:
+        raise ConfigError(
+            f"--model {model} has no final nn.Linear or 1x1 nn.Conv2d to take an embedding from."
+        )
+    return linear[-1] if linear else conv[-1]
 
 
 def from_state_dict(model: str, state_dict: dict[str, torch.Tensor], layer: Layer, pool: Pool) -> nn.Module:
@@ -189,9 +216,9 @@ def embedding_dim(layer: Layer, pool: Pool, image_size: int, model: str = VGG16)
     """D, the length of one embedding; ConfigError when the model does not take image_size px crops."""
     if model == VGG16:
         return _vgg16_dim(layer, pool, image_size)
+    network = trunk(model)
+    device = next(network.parameters()).device  # meta, or CPU for a builder that cannot run on meta
     try:
-        network = trunk(model)
-        device = next(network.parameters()).device  # meta, or CPU for a builder that cannot run on meta
         with torch.no_grad():
             out = network(torch.zeros(1, 3, image_size, image_size, device=device))
     except Exception as exc:
