@@ -3,6 +3,7 @@ classes and its backbone."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from dataclasses import dataclass
@@ -14,10 +15,10 @@ import torch
 from torch import nn
 
 from raytl import storage
-from raytl.config import Layer, Pool
 from raytl.embeddings import matrix
 from raytl.errors import WeightsError
-from raytl.models import VGG16, Weights, load_weights
+from raytl.modelinfo import Backbone, parse_backbone
+from raytl.models import Weights, load_weights
 
 MODEL_FILE = "model.pt"
 MODEL_JSON = "model.json"
@@ -73,6 +74,11 @@ class Model:
     info: dict[str, Any]  # model.json: kind, head, backend, backbone (embedding metadata), training data
     kernel: Any = None  # --kernel rbf: a fitted scikit-learn Pipeline(StandardScaler, SVC); weight unused
 
+    @functools.cached_property
+    def backbone(self) -> Backbone:
+        """model.json's `backbone`, checked (Model.load checked it already)."""
+        return parse_backbone(self.info.get("backbone"), "this MODEL_DIR")
+
     @classmethod
     def from_head(cls, head: LinearHead, classes: list[str], info: dict[str, Any]) -> Model:
         state = {k: v.detach().cpu().numpy() for k, v in head.state_dict().items()}
@@ -120,6 +126,7 @@ class Model:
         info, data = read_model_dir(model_dir, MODEL_JSON, MODEL_FILE)
         arrays = _tensors(data, storage.join(model_dir, MODEL_FILE))
         _check(info, arrays, model_dir)
+        parse_backbone(info.get("backbone"), f"MODEL_DIR {storage.redact(model_dir)}")  # every field, once
         kernel = None
         if info.get("kernel") == "rbf":
             kernel = _kernel(model_dir)
@@ -220,32 +227,21 @@ def classify(batch: pa.Table, model: Model, dim: int) -> pa.Table:
 def backbone_weights(model: Model, model_dir: str, weights: str | None = None) -> Weights:
     """The tensors of the model's backbone: from where the model's embeddings were made (a fine-tuned
     backbone lives in MODEL_DIR itself), or from `weights` when they moved; other weights are refused."""
-    backbone = model.info["backbone"]
+    backbone = model.backbone
     spec = weights or default_weights(model, model_dir)
-    name, layer, _ = backbone_of(backbone)
-    loaded = load_weights(spec, layer, weights_spec(backbone["weights"])[1], name)
-    if weights_content(loaded.id) != weights_content(backbone["weights"]) and not weights:
+    loaded = load_weights(spec, backbone.layer, weights_spec(backbone.weights)[1], backbone.model)
+    if weights_content(loaded.id) != weights_content(backbone.weights) and not weights:
         raise WeightsError(
-            f"the backbone weights changed since the model was trained: {loaded.id} != {backbone['weights']}."
+            f"the backbone weights changed since the model was trained: {loaded.id} != {backbone.weights}."
         )
     return loaded
-
-
-def backbone_of(backbone: dict[str, Any]) -> tuple[str, Layer, Pool]:
-    """(model, layer, pool) of the embeddings' metadata; a backbone other than vgg16 gives the input of
-    its final classifier layer, with no layer or pool of its own to choose."""
-    name = backbone.get("model", VGG16)
-    if name != VGG16:
-        return name, Layer.POOL5, Pool.AVG
-    layer = Layer.parse(backbone["layer"], "the model's layer")
-    return name, layer, Pool.parse(backbone.get("pool") or "avg", "the model's pool")
 
 
 def default_weights(model: Model, model_dir: str) -> str:
     """The --weights the model's backbone came from; a fine-tuned backbone lives in MODEL_DIR itself."""
     if model.info.get("kind") == "finetune":
         return storage.join(model_dir, "backbone.pt")
-    return weights_spec(model.info["backbone"]["weights"])[0]
+    return weights_spec(model.backbone.weights)[0]
 
 
 def weights_content(weights_id: str) -> str:

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from raytl import storage
-from raytl.classifier import Model, backbone_of, backbone_weights
+from raytl.classifier import Model, backbone_weights
 from raytl.config import ConfigError
-from raytl.models import IMAGENET_MEAN, IMAGENET_STD, from_state_dict
+from raytl.models import from_state_dict
 
 
 class Portable(nn.Module):
@@ -21,8 +21,7 @@ class Portable(nn.Module):
         super().__init__()
         self.trunk, self.image_size = trunk, image_size
         self.softmax = model.info.get("head") != "svm"
-        preprocessing = model.info["backbone"].get("preprocessing", {})
-        mean, std = preprocessing.get("mean", IMAGENET_MEAN), preprocessing.get("std", IMAGENET_STD)
+        mean, std = model.backbone.mean, model.backbone.std
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         for name in ("mean", "std", "weight", "bias"):
@@ -57,8 +56,7 @@ def build(model: Model, model_dir: str, weights: str | None = None) -> Portable:
     """The model's backbone (its own backbone.pt, or the weights its embeddings were made with; `weights`
     when they moved) and head as one module, in eval mode, in fp32."""
     check_linear(model, model_dir, "run")
-    backbone = model.info["backbone"]
+    backbone = model.backbone
     state = backbone_weights(model, model_dir, weights)
-    name, layer, pool = backbone_of(backbone)
-    trunk = from_state_dict(name, state.state_dict, layer, pool)
-    return Portable(trunk, model, int(backbone["image_size"])).eval()
+    trunk = from_state_dict(backbone.model, state.state_dict, backbone.layer, backbone.pool)
+    return Portable(trunk, model, backbone.image_size).eval()

@@ -148,6 +148,9 @@ _PIL_FILTERS = {
 }
 
 
+INTERPOLATIONS = tuple(_PIL_FILTERS)
+
+
 def _pil_filter(interpolation: str) -> Image.Resampling:
     try:
         return _PIL_FILTERS[interpolation]

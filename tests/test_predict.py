@@ -1,5 +1,7 @@
 """`raytl predict`: from images and from their embeddings alike; output schema; errors."""
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -50,6 +52,7 @@ def test_an_exported_model_scores_images_as_predict_does_without_raytl(trained, 
     """raytl export -> one .pt2 that plain torch loads (raytl never imported) and runs on the images' uint8
     crops: the labels and scores (logreg: probability; SVM: margin) of raytl predict on the same images."""
     summary = raytl.export(str(trained / model), str(tmp_path / "m.pt2"))
+    assert summary["bytes"] == (tmp_path / "m.pt2").stat().st_size > 100_000
     raytl.predict(str(trained / model), str(trained / "corpus"), str(tmp_path / "pred"))
     rows = pq.read_table(tmp_path / "pred").to_pylist()
     backbone = Model.load(str(trained / model)).info["backbone"]
@@ -82,6 +85,77 @@ def test_export_errors(trained, tmp_path, capsys):
     )  # fmt: skip
     assert_user_error(capsys, ["export", str(tmp_path / "rbf"), out], "train it with --kernel linear")
     assert not (tmp_path / "m.pt2").exists()
+
+
+def _edited(model_dir, tmp_path, edit) -> str:
+    """A copy of model_dir whose model.json's backbone `edit` changed."""
+    import shutil
+
+    copy = tmp_path / f"edited-{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(model_dir, copy)
+    info = json.loads((copy / "model.json").read_text())
+    edit(info)
+    (copy / "model.json").write_text(json.dumps(info))
+    return str(copy)
+
+
+def _set(path: str, value=None, delete: bool = False):
+    def edit(info):
+        *parents, leaf = path.split(".")
+        node = info
+        for key in parents:
+            node = node[key]
+        if delete:
+            del node[leaf]
+        else:
+            node[leaf] = value
+
+    return edit
+
+
+HAND_EDITED = [  # (edit of model.json, what the one sentence says)
+    (_set("backbone.image_size", "abc"), "backbone.image_size is 'abc', not a positive integer"),
+    (_set("backbone", delete=True), "has a damaged model.json (no `backbone` record)"),
+    (_set("backbone.model", "../../x"), "backbone.model is '../../x', not a torchvision classification"),
+    (_set("backbone.model", "fasterrcnn_resnet50_fpn"), "'fasterrcnn_resnet50_fpn', not a torchvision"),
+    (_set("backbone.preprocessing.mean", [0.5]), "backbone.preprocessing.mean is [0.5], not three finite"),
+    (_set("backbone.preprocessing.std", [1, 0, 1]), "preprocessing.std is [1, 0, 1], not three positive"),
+    (_set("backbone.preprocessing.resize", delete=True), "backbone.preprocessing.resize is missing"),
+    (_set("backbone.preprocessing", delete=True), "backbone.preprocessing is missing"),
+    (_set("backbone.preprocessing.interpolation", "cubic"), "interpolation is 'cubic', not one of nearest"),
+    (_set("backbone.dim", True), "backbone.dim is True, not a positive integer"),
+    (_set("backbone.layer", "fc9"), "backbone.layer is 'fc9', not one of pool5, fc6, fc7"),
+    (_set("backbone.precision", 16), "backbone.precision is 16, not one of auto"),
+    (_set("backbone.weights", None), "backbone.weights is None, not a weights id"),
+]
+
+
+def test_a_hand_edited_model_json_is_one_sentence_naming_its_bad_fields(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """export, predict and serve read model.json through one check (modelinfo.parse_backbone): every bad
+    field is named, no traceback, and nothing is downloaded to find out what a named model is."""
+    import urllib.request
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a MODEL_DIR made raytl download something")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_download)
+    model = trained / "model"
+    images = str(trained / "corpus")
+    for edit, message in HAND_EDITED:
+        edited = _edited(model, tmp_path, edit)
+        out, pred = str(tmp_path / "m.pt2"), str(tmp_path / "p")
+        verbs = [["export", edited, out], ["predict", edited, images, pred], ["serve", edited, "--port", "1"]]
+        for args in verbs:
+            text = assert_user_error(capsys, args, message)
+            assert text.endswith("; train the model again."), text
+    both = _edited(
+        model, tmp_path, lambda i: [_set(f"backbone.{k}", v)(i) for k, v in (("image_size", 0), ("dim", -1))]
+    )
+    text = assert_user_error(capsys, ["export", both, str(tmp_path / "m.pt2")], "backbone.dim is -1, not a")
+    assert "backbone.image_size is 0, not a positive integer" in text
+    assert not (tmp_path / "m.pt2").exists() and not (tmp_path / "p").exists()
 
 
 def test_prediction_schema(trained):

@@ -20,7 +20,6 @@ import raytl
 from raytl import portable, storage
 from raytl.classifier import Model
 from raytl.config import ExportConfig
-from raytl.models import IMAGENET_MEAN, IMAGENET_STD
 
 INFO_FILE = "raytl.json"  # the extra file inside OUT
 
@@ -44,11 +43,12 @@ def run(config: ExportConfig) -> dict[str, Any]:
     info = describe(model, config.model_dir)
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={INFO_FILE: json.dumps(info, indent=2)})
-    storage.write_bytes(config.output, buffer.getvalue())
+    data = buffer.getvalue()
+    storage.write_bytes(config.output, data)
     return {
         "model_dir": storage.redact(config.model_dir),
         "output": storage.redact(config.output),
-        "bytes": buffer.tell(),
+        "bytes": len(data),  # written (torch.export.save leaves the buffer's position at 0)
         "classes": model.classes,
         "input": info["input"],
         "scores": info["scores"],
@@ -57,10 +57,8 @@ def run(config: ExportConfig) -> dict[str, Any]:
 
 def describe(model: Model, model_dir: str) -> dict[str, Any]:
     """OUT's raytl.json: what goes in, what comes out, and how the images must be prepared."""
-    backbone = model.info["backbone"]
-    size, resize = int(backbone["image_size"]), int(backbone["preprocessing"]["resize"])
-    recorded = backbone["preprocessing"]
-    interpolation = recorded.get("interpolation", "bilinear")
+    backbone = model.backbone
+    size, resize, interpolation = backbone.image_size, backbone.resize, backbone.interpolation
     return {
         "format": "raytl-export/1",
         "raytl": raytl.__version__,
@@ -78,11 +76,11 @@ def describe(model: Model, model_dir: str) -> dict[str, Any]:
             "crop": size,
             "interpolation": interpolation,
             # inside the program: pixels / 255, then these per channel
-            "mean": list(recorded.get("mean", IMAGENET_MEAN)),
-            "std": list(recorded.get("std", IMAGENET_STD)),
+            "mean": list(backbone.mean),
+            "std": list(backbone.std),
         },
         "precision": "fp32",
         "model": {k: v for k, v in model.info.items() if k != "backbone"},
-        "backbone": backbone,
+        "backbone": model.info["backbone"],  # as recorded (checked into `model.backbone`)
         "model_dir": storage.redact(model_dir),
     }

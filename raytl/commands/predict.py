@@ -13,8 +13,8 @@ import pyarrow as pa
 import ray
 
 from raytl import logs, pipeline, storage, writer
-from raytl.classifier import Model, backbone_of, backbone_weights, classify
-from raytl.config import Decode, ExtractConfig, Precision, PredictConfig
+from raytl.classifier import Model, backbone_weights, classify
+from raytl.config import Decode, ExtractConfig, PredictConfig
 from raytl.embeddings import check_same_backbone, is_embeddings, open_embeddings
 from raytl.output import check_apart, prepare_output
 from raytl.reader import list_corpus
@@ -112,20 +112,18 @@ def _summary(config: PredictConfig, counts: dict[str, int], wall: float) -> dict
 
 def backbone_stages(model: Model, config: PredictConfig) -> pipeline.Stages:
     """The image stages as the model's embeddings were made (their `raytl` metadata), on predict's actors."""
-    backbone = model.info["backbone"]
-    preprocessing = backbone["preprocessing"]
-    name, layer, pool = backbone_of(backbone)
+    backbone = model.backbone
     return pipeline.Stages(
-        model=name,
-        layer=layer,
-        pool=pool,
-        interpolation=preprocessing.get("interpolation", "bilinear"),
-        precision=Precision.parse(backbone.get("precision", "auto"), "the model's precision"),
-        image_size=int(backbone["image_size"]),
-        resize=int(preprocessing["resize"]),
+        model=backbone.model,
+        layer=backbone.layer,
+        pool=backbone.pool,
+        interpolation=backbone.interpolation,
+        precision=backbone.precision,
+        image_size=backbone.image_size,
+        resize=backbone.resize,
         max_pixels=ExtractConfig.max_pixels,  # extract's default
         decode_batch=ExtractConfig.decode_batch,
-        decode=Decode.parse(preprocessing.get("decode", "cpu"), "the model's decode"),
+        decode=backbone.decode,
         batch_size=config.batch_size,
         num_actors=config.num_actors,
         device=config.device,

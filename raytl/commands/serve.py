@@ -42,10 +42,10 @@ class Classifier:
         self.classes = model.classes
         self.device = model_device(device)  # application: cpu unless Ray gave the replica a GPU
         self.network = portable.build(model, config.model_dir, config.weights).to(self.device)
-        backbone = model.info["backbone"]
-        size, resize = int(backbone["image_size"]), int(backbone["preprocessing"]["resize"])
-        interpolation = backbone["preprocessing"].get("interpolation", "bilinear")
-        self.transform = Transform(size, resize, config.max_pixels, interpolation)
+        backbone = model.backbone
+        self.transform = Transform(
+            backbone.image_size, backbone.resize, config.max_pixels, backbone.interpolation
+        )
         self.max_bytes = int(config.max_upload_mb * 1024**2)
         self.max_upload_mb = config.max_upload_mb
         # Ray's stubs type a @serve.batch method as a plain coroutine function, without its setters.
