@@ -194,7 +194,7 @@ def init_ray() -> None:
         logging_config=ray.LoggingConfig(
             encoding="JSON" if SETTINGS.json else "TEXT", log_level="DEBUG" if debug else "WARNING"
         ),
-        runtime_env={"env_vars": SETTINGS.worker_env} if SETTINGS.worker_env else None,
+        runtime_env=_runtime_env(),
     )
     # ray.init's logging_config also gives this process's root logger a handler of Ray's: every raytl line
     # would print twice (once in Ray's own JSON shape). The workers keep Ray's.
@@ -207,6 +207,32 @@ def init_ray() -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = debug
     ray.data.DataContext.get_current().print_on_execution_start = debug
+
+
+def _runtime_env() -> dict[str, Any] | None:
+    """The job's runtime_env: raytl's worker environment, and, when this process starts a local Ray on a
+    host where another Ray runs, `name_own_ray` in every worker (a runtime_env makes each worker start
+    through Ray's runtime-env agent: ~10 s more for the quickstart, paid only where it is needed)."""
+    from ray._private.services import canonicalize_bootstrap_address, find_gcs_addresses
+
+    env: dict[str, Any] = {"env_vars": SETTINGS.worker_env} if SETTINGS.worker_env else {}
+    try:
+        starts_local = canonicalize_bootstrap_address(None) is None  # type: ignore[arg-type]
+    except Exception:  # Ray names a bad RAY_ADDRESS itself, in ray.init
+        starts_local = False
+    if starts_local and find_gcs_addresses():
+        env["worker_process_setup_hook"] = "raytl.logs.name_own_ray"
+    return env or None
+
+
+def name_own_ray() -> None:
+    """Every worker process of a raytl job starts here (Ray's worker_process_setup_hook): RAY_ADDRESS names
+    the cluster the worker belongs to. What Ray looks up by address inside a worker (Ray Train's placement
+    group cleaner asks the state API, which, given no address, refuses a host running several Ray
+    instances: "Found multiple active Ray instances") then finds its own, whatever else runs on the host."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 class Progress:

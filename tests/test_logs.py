@@ -80,3 +80,32 @@ def test_a_json_run_writes_only_json_lines_each_once(ray_session):
     }.items() <= next(line for line in lines if line["logger"] == "ray.core_worker.cc").items()
     # Ray forwards a worker's plain output bare here (no "(shout pid=…)" prefix when workers log JSON).
     assert messages.count("from a worker") == 1
+
+
+_OWN_RAY = """
+import json, ray
+from ray._private.services import canonicalize_bootstrap_address_or_die
+from raytl import logs
+
+logs.init_ray()  # a local Ray of its own, beside the test session's
+
+@ray.remote(num_cpus=0)
+def look_up():  # as Ray Train's placement group cleaner does through the state API: no address given
+    try:
+        return canonicalize_bootstrap_address_or_die(None)
+    except ConnectionError as exc:
+        return str(exc)
+
+print(json.dumps([ray.get_runtime_context().gcs_address, ray.get(look_up.remote())]))
+"""
+
+
+def test_a_second_ray_on_the_host_changes_nothing_for_raytls_workers(ray_session):
+    """With another Ray running on the host (this session's), Ray's own lookups inside raytl's workers find
+    raytl's Ray, not "Found multiple active Ray instances" (a traceback in every `raytl train`)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _OWN_RAY], env=env, capture_output=True, text=True, timeout=180, check=True
+    )
+    own, found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found == own != ray_session.get_runtime_context().gcs_address
