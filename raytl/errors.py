@@ -22,5 +22,9 @@ class ExtractError(ValueError):
     """The run stopped on purpose (too many broken files); the message says why and what to do."""
 
 
+class RayStartError(ValueError):
+    """Ray could not be started or joined (after one retry); the message names the likely causes."""
+
+
 # What `raytl` prints as one line; Ray re-raises a task's errors as RayTaskError subclasses of these.
-USER_ERRORS = (ConfigError, StorageError, WeightsError, EmbeddingsError, ExtractError)
+USER_ERRORS = (ConfigError, StorageError, WeightsError, EmbeddingsError, ExtractError, RayStartError)

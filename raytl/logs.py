@@ -186,7 +186,7 @@ def init_ray() -> None:
         # Before init: its first lines come early (e.g. that a local Ray uses token authentication).
         for name in ("ray", "ray._private.authentication"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    ray.init(
+    _start_ray(
         # Ray's own warnings (e.g. that a local instance uses token authentication) from --log-level info.
         logging_level=SETTINGS.level if SETTINGS.level <= logging.INFO else logging.ERROR,
         # Workers log at WARNING (Ray Data's and Ray Train's INFO lines off); raytl's own progress comes
@@ -207,6 +207,38 @@ def init_ray() -> None:
 
     ray.data.DataContext.get_current().enable_progress_bars = debug
     ray.data.DataContext.get_current().print_on_execution_start = debug
+
+
+def _start_ray(**options: Any) -> None:
+    """ray.init, tried twice: under heavy load a local Ray's start-up times out ("The current node timed out
+    during startup") and a second try usually works; a second failure is one sentence (RayStartError)."""
+    import ray
+
+    from raytl.errors import RayStartError
+
+    address = os.environ.get("RAY_ADDRESS")
+    for attempt in (1, 2):
+        try:
+            ray.init(**options)
+            return
+        except Exception as exc:
+            ray.shutdown()  # whatever half-started
+            if attempt == 1:
+                logging.getLogger(__name__).warning("Ray did not start (%s); once more", _first_line(exc))
+                continue
+            what = f"join the Ray cluster at {address}" if address else "start a local Ray instance"
+            causes = (
+                "is the cluster up and its address right?"
+                if address
+                else "the machine may be overloaded, /tmp (Ray's session folder) full, or Ray's ports taken"
+            )
+            raise RayStartError(f"raytl could not {what}, twice ({_first_line(exc)}): {causes}.") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's first sentence (Ray's start-up errors run to a paragraph)."""
+    text = str(exc).strip().split("\n", 1)[0].split(". ", 1)[0].rstrip(".")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _runtime_env() -> dict[str, Any] | None:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from raytl import logs
 
 
@@ -109,3 +111,38 @@ def test_a_second_ray_on_the_host_changes_nothing_for_raytls_workers(ray_session
     )
     own, found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert found == own != ray_session.get_runtime_context().gcs_address
+
+
+def test_ray_start_up_is_retried_once_then_one_sentence(monkeypatch, capsys):
+    """Under heavy load a local Ray's start-up times out (a traceback from logs.init_ray): raytl tries once
+    more, and a second failure is one `raytl: error:` sentence naming the likely causes."""
+    import ray
+
+    calls = []
+
+    def init(**options):
+        calls.append(options)
+        if len(calls) == 1 or fail_always:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(logs, "quiet_ray", lambda: None)
+    fail_always = False
+    logs.init_ray()
+    assert len(calls) == 2
+    fail_always, calls[:] = True, []
+    from raytl.errors import USER_ERRORS, RayStartError
+
+    with pytest.raises(RayStartError) as raised:
+        logs.init_ray()
+    assert len(calls) == 2 and RayStartError in USER_ERRORS  # the CLI prints it as one `raytl: error:` line
+    assert str(raised.value) == (
+        "raytl could not start a local Ray instance, twice (Exception: The current node timed out during "
+        "startup): the machine may be overloaded, /tmp (Ray's session folder) full, or Ray's ports taken."
+    )
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(RayStartError, match=r"^raytl could not join the Ray cluster at 10.0.0.1:6379, twice"):
+        logs.init_ray()
