@@ -23,10 +23,71 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 assert {f".{e}" for e in IMAGE_EXTENSIONS} == preprocess.IMAGE_EXTENSIONS
 
 
+_BRACES: Any = braceexpand  # its parser's regular expressions and helpers too (its stubs name one function)
+
+# The most shards one brace pattern may name (at 100 samples a shard, 100M images): the list is built on the
+# driver, and `{00000000..30000000}` would otherwise fill its memory before anything is read.
+MAX_SHARDS = 1_000_000
+
+
 def expand(pattern: str) -> list[str]:
     """`s3://b/shards/{00000..00099}.tar` -> the 100 URIs, as bash and WebDataset expand braces (zero padding,
-    descending ranges, steps `{0..8..2}`, lists `{a,b}`), by the `braceexpand` library they use."""
-    return list(braceexpand.braceexpand(pattern))
+    descending ranges, steps `{0..8..2}`, lists `{a,b}`), by the `braceexpand` library they use. Expanded
+    lazily and refused (StorageError) past MAX_SHARDS."""
+    if _count(pattern) > MAX_SHARDS:
+        raise storage.StorageError(
+            f"SOURCE {storage.redact(pattern)} names more than {MAX_SHARDS:,} shards, more than one run "
+            "reads; split the range over several runs (each into its own OUTPUT), or write larger shards."
+        )
+    try:
+        return list(braceexpand.braceexpand(pattern))
+    except _BRACES.UnbalancedBracesError:
+        raise storage.StorageError(f"SOURCE {storage.redact(pattern)} has unbalanced braces.") from None
+
+
+def _count(pattern: str) -> int:
+    """How many names braceexpand would make of pattern, counted without making them (its parser's
+    grammar: a pattern is the product of its literals and `{…}` groups; a group is an integer or letter
+    range, or a comma list whose items are patterns, summed; any other group is a literal around a pattern).
+    braceexpand itself builds every range in full (itertools.product), whatever it is asked for."""
+    count, start, depth, pos = 1, 0, 0, 0
+    while pos < len(pattern):
+        if pattern[pos] == "\\":
+            pos += 2
+            continue
+        if pattern[pos] == "{":
+            start = pos if depth == 0 else start
+            depth += 1
+        elif pattern[pos] == "}":
+            depth -= 1
+            if depth == 0:
+                count *= _count_group(pattern[start + 1 : pos])
+        pos += 1
+    return count
+
+
+def _count_group(expr: str) -> int:
+    found = _BRACES.int_range_re.match(expr)
+    if found:
+        first, last, step = int(found.group(1)), int(found.group(2)), int(found.group(3) or 1) or 1
+        return abs(last - first) // step + 1
+    found = _BRACES.char_range_re.match(expr)
+    if found:
+        return len(_BRACES.make_char_range(*found.groups()))
+    items, start, depth = [], 0, 0
+    pos = 0
+    while pos < len(expr):
+        if expr[pos] == "\\":
+            pos += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(expr[pos], 0)
+        if expr[pos] == "," and depth == 0:
+            items.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if depth != 0 or not items:
+        return _count(expr)  # not a list: `{` + pattern + `}`
+    return sum(_count(item) for item in [*items, expr[start:]])
 
 
 def is_shard(path: str) -> bool:

@@ -45,6 +45,47 @@ def test_brace_patterns_expand_like_webdataset():
     assert split_name("train/0001.seg.JPG") == ("train/0001", "seg.jpg")
 
 
+_HUGE_RANGE = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 * 1024**3, 2 * 1024**3))  # 30M names take more than that
+from raytl.errors import StorageError
+from raytl.shards import expand
+try:
+    expand("/nosuch/{00000000..30000000}.tar")
+except StorageError as exc:
+    print(exc)
+"""
+
+
+def test_a_huge_brace_range_is_one_sentence_not_all_of_memory(tmp_path, capsys):
+    """`{00000000..30000000}` is expanded lazily and refused past shards.MAX_SHARDS, under an address-space
+    limit that expanding it whole exceeds (MemoryError); `raytl extract` says so in one sentence."""
+    import subprocess
+    import sys
+
+    from conftest import assert_user_error
+
+    from raytl.shards import MAX_SHARDS
+
+    proc = subprocess.run([sys.executable, "-c", _HUGE_RANGE], capture_output=True, text=True, timeout=300)
+    sentence = (
+        f"SOURCE /nosuch/{{00000000..30000000}}.tar names more than {MAX_SHARDS:,} shards, more than one run "
+        "reads; split the range over several runs (each into its own OUTPUT), or write larger shards."
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == sentence, proc.stderr[-2000:]
+    out = str(tmp_path / "out")
+    args = ["extract", "/nosuch/{00000000..30000000}.tar", out, "--weights", "random"]
+    assert_user_error(capsys, args, sentence)
+    assert not (tmp_path / "out").exists()
+    assert len(expand(f"s/{{1..{MAX_SHARDS}}}.tar")) == MAX_SHARDS
+    # Counted without expanding, as braceexpand expands: lists multiply too (2**21 names from 105 bytes).
+    with pytest.raises(storage.StorageError, match="names more than 1,000,000 shards"):
+        expand("s/" + "{a,b}" * 21 + ".tar")
+    assert len(expand("s/" + "{a,b}" * 9 + "{1..0}.tar")) == 2**9 * 2
+    with pytest.raises(storage.StorageError, match=r"^SOURCE s/\{1..3.tar has unbalanced braces\.$"):
+        expand("s/{1..3.tar")
+
+
 def test_samples_labels_and_broken_members(tmp_path):
     jpeg = encode(picture(1), "JPEG", quality=90)
     png = encode(picture(2), "PNG")
