@@ -15,8 +15,8 @@ from typing import Any
 import ray
 import torch
 
-from raytl import logs
-from raytl.config import Device
+from raytl import logs, storage
+from raytl.config import ConfigError, Device
 from raytl.tracking import UNTRACKED, Tracker
 
 # A split up to this share of the cluster's object store is cached there for the epochs.
@@ -153,3 +153,104 @@ class History:
                 logs.show_epoch(logs.epoch_line(self.command, record, self.epochs, self.started, self.first))
             self.tracker.log_epoch(record)
         return record
+
+
+def fit(trainer: Any) -> Any:
+    """trainer.fit(), with raytl's Ctrl-C. Ray Train's own SIGINT handler aborts the run and lets fit return
+    as if it had ended (a result without its last checkpoint: exit 1, a MODEL_DIR the rerun refused). Here
+    the first Ctrl-C aborts the run the same way (every checkpoint is written whole) and raises
+    KeyboardInterrupt: `raytl: interrupted`, exit 130, and the same command resumes; a second one raises at
+    once."""
+    import signal
+    import threading
+
+    interrupted: list[int] = []
+
+    def register(controller: Any) -> None:
+        def on_sigint(signum: int, frame: Any) -> None:
+            if not interrupted:
+                interrupted.append(signum)
+                try:
+                    ray.get(controller.abort.remote(), timeout=60)
+                except Exception:  # gone already: Ctrl-C reaches the whole process group, Ray's too
+                    pass
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    trainer._register_sigint_handler = register  # Ray Train's hook for its handler (main thread only)
+    try:
+        result = trainer.fit()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
+# --- MODEL_DIR: a new run, the unfinished one resumed, or a finished model kept -------------------------
+
+# The options that do not change what a run trains: how hard to try, and where it is tracked.
+_NOT_RUN_OPTIONS = ("overwrite", "max_failures", "mlflow_uri", "mlflow_experiment", "mlflow_run_name")
+
+
+def run_options(config: Any) -> dict[str, Any]:
+    """What a run in MODEL_DIR is recorded by: its config, less the options that change nothing trained."""
+    options = json.loads(config.to_json())
+    for name in _NOT_RUN_OPTIONS:
+        options.pop(name, None)
+    return options
+
+
+def prepare_model_dir(
+    model_dir: str, options: dict[str, Any], run_file: str, written: tuple[str, ...], overwrite: bool,
+    what: str, option_name: Any = str, recorded_defaults: dict[str, Any] | None = None, record: bool = True,
+) -> bool:  # fmt: skip
+    """Start a run in MODEL_DIR (its options written to `run_file`), or resume the unfinished one with the
+    same options (True): an interrupted run (Ctrl-C, a lost driver) continues from its last checkpoint, which
+    Ray Train restores from MODEL_DIR/train. A finished model or another run's files are never replaced
+    without --overwrite, which removes exactly the files a run writes (`written`, run_file and train/).
+    record=False leaves the recording to `record_run`, once the inputs are checked (a run refused for its
+    data leaves nothing behind)."""
+    fs, root = storage.filesystem(model_dir)
+    root = root.rstrip("/")
+    where = f"MODEL_DIR {storage.redact(model_dir)}"
+    uri = storage.join(model_dir, run_file)
+    with storage.guarded(f"prepare {where}"):
+        held = fs.exists(root) and bool(fs.ls(root))
+        if held and overwrite:
+            for name in (*written, run_file, "train"):
+                if fs.exists(f"{root}/{name}"):
+                    fs.rm(f"{root}/{name}", recursive=True)
+        elif held:
+            if fs.exists(f"{root}/model.json"):
+                raise storage.StorageError(
+                    f"{where} already holds a finished model; pass --overwrite to train a new one there or "
+                    "choose another MODEL_DIR."
+                )
+            if not fs.exists(f"{root}/{run_file}"):
+                raise storage.StorageError(
+                    f"{where} is not empty and holds no raytl {what} run; choose another MODEL_DIR or pass "
+                    "--overwrite."
+                )
+            stored = {**(recorded_defaults or {}), **json.loads(storage.read_bytes(uri))}
+            changed = [k for k in options if stored.get(k) != options[k]]
+            if changed:
+                name = changed[0]
+                raise ConfigError(
+                    f"{where} holds an unfinished run with other options ({option_name(name)} was "
+                    f"{stored.get(name)!r}, now {options[name]!r}); rerun with the same options to resume "
+                    "it, or pass --overwrite to start over."
+                )
+            return True
+        if record:
+            record_run(model_dir, run_file, options)
+    return False
+
+
+def record_run(model_dir: str, run_file: str, options: dict[str, Any]) -> None:
+    """Write the run's options to MODEL_DIR/run_file: from here on, the same command resumes it."""
+    storage.write_bytes(storage.join(model_dir, run_file), json.dumps(options, indent=2).encode())

@@ -365,7 +365,9 @@ def test_bad_training_data(ray_session, capsys, tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.json").write_text("{}")
     assert_user_error(
-        capsys, ["train", str(tmp_path / "ok"), str(tmp_path / "m")], "is not empty; pass --overwrite"
+        capsys,
+        ["train", str(tmp_path / "ok"), str(tmp_path / "m")],
+        "already holds a finished model; pass --overwrite",
     )
 
 
@@ -398,3 +400,58 @@ def test_a_model_dir_cannot_make_predict_run_code(data, tmp_path):
     (tmp_path / "m" / "model.pt").write_bytes(b"\x80\x02garbage")
     with pytest.raises(StorageError, match="model.pt is not a raytl model file"):
         Model.load(str(tmp_path / "m"))
+
+
+def test_ctrl_c_is_exit_130_and_the_same_command_resumes(ray_session, data, tmp_path, capsys):
+    """Ctrl-C to the process group during Ray Train's epochs: `raytl: interrupted`, exit 130 (it was exit 1
+    with a MODEL_DIR the rerun refused: "is not empty"); the same command then resumes the run and ends."""
+    import signal
+    import sys
+    import time
+
+    write(str(tmp_path / "emb"), data["x"], names(data["y"]))
+    model_dir = tmp_path / "model"
+    args = [sys.executable, "-m", "raytl", "train", str(tmp_path / "emb"), str(model_dir), "--workers", "1",
+            "--epochs", "30", "--patience", "30", "--batch-size", "64"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (model_dir / "train").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # into the epochs
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last == "raytl: interrupted; rerun the same command to resume.", err[-3000:]
+    assert not (model_dir / "model.json").exists() and (model_dir / train.RUN_FILE).exists()
+    assert main(args[3:]) == 0  # the same command (in this process, on this session's Ray: quicker)
+    assert "resuming the unfinished run in MODEL_DIR" in capsys.readouterr().err
+    assert json.loads((model_dir / "metrics.json").read_text())["accuracy"] > 0.8
+    # Other options than the unfinished run's are refused; a finished model is kept.
+    assert_user_error(capsys, [*args[3:-1], "32"], "already holds a finished model")
+
+
+def test_an_unfinished_probe_run_resumes_only_with_its_own_options(data, tmp_path, capsys):
+    from raytl import training
+
+    config = TrainConfig.create(embeddings=str(tmp_path / "emb"), model_dir=str(tmp_path / "m"))
+    assert train.prepare_model_dir(config) is False  # a new run, recorded once its labels are counted:
+    assert not (tmp_path / "m").exists()  # a run refused for its data leaves nothing behind
+    training.record_run(config.model_dir, train.RUN_FILE, training.run_options(config))
+    assert train.prepare_model_dir(config) is True  # the same command resumes it
+    assert train.prepare_model_dir(TrainConfig.create(**{**config.__dict__, "mlflow_uri": "x"})) is True
+    with pytest.raises(raytl.errors.ConfigError, match=r"holds an unfinished run with other options \(--lr"):
+        train.prepare_model_dir(TrainConfig.create(**{**config.__dict__, "lr": 0.5}))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    other = TrainConfig.create(**{**config.__dict__, "model_dir": str(tmp_path / "other")})
+    with pytest.raises(raytl.errors.StorageError, match="is not empty and holds no raytl probe training run"):
+        train.prepare_model_dir(other)
+    overwrite = TrainConfig.create(**{**config.__dict__, "lr": 0.5, "overwrite": True})
+    for name in (*train.WRITTEN, "train"):
+        (tmp_path / "m" / name).mkdir()
+    (tmp_path / "m" / "mine.txt").write_text("kept")
+    assert train.prepare_model_dir(overwrite) is False
+    assert os.listdir(tmp_path / "m") == ["mine.txt"]  # every file a run writes, and only those, removed

@@ -20,7 +20,7 @@ from torch import nn
 import raytl
 from raytl import logs, pipeline, report, shards, split, storage, tracking, training
 from raytl import metrics as classification
-from raytl.classifier import METRICS_FILE, MODEL_FILE, MODEL_JSON, Model, classify
+from raytl.classifier import KERNEL_FILE, METRICS_FILE, MODEL_FILE, MODEL_JSON, Model, classify
 from raytl.config import ConfigError, FinetuneConfig, Freeze, Head, Layer, Optimizer, Pool
 from raytl.models import (
     VGG16,
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 BACKBONE_FILE = "backbone.pt"  # the fine-tuned backbone the head needs, as a torchvision state_dict
 RUN_FILE = "finetune.json"  # the options of the run in MODEL_DIR: a rerun with the same ones resumes it
+# What a run writes in MODEL_DIR besides RUN_FILE and train/: what --overwrite removes.
+WRITTEN = (MODEL_FILE, MODEL_JSON, METRICS_FILE, BACKBONE_FILE, KERNEL_FILE, report.REPORT_FILE,
+           report.FIGURES_DIR, report.VALIDATION_FILE)  # fmt: skip
 STATE_FILE = "state.pt"  # inside each Ray Train checkpoint
 # Index in VGG16's `features` where each conv block ends (after its max-pool): --freeze block1..block5.
 BLOCK_ENDS = {
@@ -192,51 +195,12 @@ def _require_labels(table: pa.Table, what: str) -> None:
 
 
 def prepare_model_dir(config: FinetuneConfig) -> bool:
-    """Start a run in MODEL_DIR, or resume the unfinished one with the same options; True when resuming.
-
-    A finished model or another run's checkpoints are never overwritten without --overwrite."""
-    fs, root = storage.filesystem(config.model_dir)
-    root = root.rstrip("/")
-    where = f"MODEL_DIR {storage.redact(config.model_dir)}"
-    run_file = storage.join(config.model_dir, RUN_FILE)
-    options = _run_options(config)
-    if fs.exists(root) and fs.ls(root) and config.overwrite:
-        for name in (MODEL_FILE, MODEL_JSON, METRICS_FILE, BACKBONE_FILE, RUN_FILE, "train"):
-            if fs.exists(f"{root}/{name}"):
-                fs.rm(f"{root}/{name}", recursive=True)
-    elif fs.exists(root) and fs.ls(root):
-        if fs.exists(f"{root}/{MODEL_JSON}"):
-            raise storage.StorageError(
-                f"{where} already holds a finished model; pass --overwrite to train a new one there "
-                "or choose another MODEL_DIR."
-            )
-        if not fs.exists(f"{root}/{RUN_FILE}"):
-            raise storage.StorageError(
-                f"{where} is not empty and holds no raytl fine-tuning run; choose another MODEL_DIR "
-                "or pass --overwrite."
-            )
-        # Runs recorded before --model existed are vgg16's.
-        stored = {"model": VGG16, **json.loads(storage.read_bytes(run_file))}
-        changed = [k for k in options if stored.get(k) != options[k]]
-        if changed:
-            name = changed[0]
-            raise ConfigError(
-                f"{where} holds an unfinished run with other options ({_option(name)} was "
-                f"{stored.get(name)!r}, now {options[name]!r}); rerun with the same options to resume it, "
-                "or pass --overwrite to start over."
-            )
-        return True
-    storage.write_bytes(run_file, json.dumps(options, indent=2).encode())
-    return False
-
-
-def _run_options(config: FinetuneConfig) -> dict[str, Any]:
-    options = json.loads(config.to_json())
-    options.pop("overwrite")
-    options.pop("max_failures")  # how hard to try does not change what is trained
-    for name in ("mlflow_uri", "mlflow_experiment", "mlflow_run_name"):  # nor where it is tracked
-        options.pop(name)
-    return options
+    """Start a run in MODEL_DIR, or resume the unfinished one with the same options; True when resuming
+    (training.prepare_model_dir)."""
+    return training.prepare_model_dir(
+        config.model_dir, training.run_options(config), RUN_FILE, WRITTEN, config.overwrite, "fine-tuning",
+        _option, recorded_defaults={"model": VGG16},  # runs recorded before --model existed are vgg16's
+    )  # fmt: skip
 
 
 def _option(field: str) -> str:
@@ -352,7 +316,7 @@ def fit(
         datasets=datasets(config, train, val, classes),  # type: ignore[arg-type]
         torch_config=TorchConfig(backend=training.collective_backend(use_gpu)),
     )
-    return trainer.fit()
+    return training.fit(trainer)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 
 import raytl
 from raytl import logs, report, split, storage, tracking, training
-from raytl.classifier import METRICS_FILE, MODEL_FILE, MODEL_JSON, LinearHead, Model
+from raytl.classifier import KERNEL_FILE, METRICS_FILE, MODEL_FILE, MODEL_JSON, LinearHead, Model
 from raytl.config import Backend, ClassWeight, ConfigError, Kernel, ProbeHead, TrainConfig
 from raytl.embeddings import Embeddings, EmbeddingsError, check_same_backbone, matrix, open_embeddings
 from raytl.metrics import report as classification_report
@@ -26,6 +26,10 @@ from raytl.metrics import report as classification_report
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "head.pt"  # inside each Ray Train checkpoint
+RUN_FILE = "train.json"  # the options of the run in MODEL_DIR: a rerun with the same ones resumes it
+# What a run writes in MODEL_DIR besides RUN_FILE and train/: what --overwrite removes.
+WRITTEN = (MODEL_FILE, MODEL_JSON, METRICS_FILE, KERNEL_FILE, report.REPORT_FILE, report.FIGURES_DIR,
+           report.VALIDATION_FILE)  # fmt: skip
 
 # A worker keeps its shard of the splits in memory (CPU or GPU) after the first epoch up to this size.
 _WORKER_CACHE_BYTES = 2 * 1024**3
@@ -73,9 +77,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
             f"{train.rows:,} rows, more than the {_RBF_MAX_ROWS:,} it takes; use --kernel linear (the Ray "
             "Train SVM)."
         )
-    prepare_model_dir(config.model_dir, config.overwrite)
+    if prepare_model_dir(config):
+        log.warning("resuming the unfinished run in MODEL_DIR %s", storage.redact(config.model_dir))
     logs.init_ray()
     plan = plan_split(config, train, val)
+    training.record_run(config.model_dir, RUN_FILE, training.run_options(config))  # from here on, resumable
     train_rows = xy(train, plan, config.seed, side="all" if val else "train")
     val_rows = xy(val, plan, None, side="all") if val else xy(train, plan, config.seed, side="val")
     train_rows, val_rows = cache_if_small(train_rows, val_rows, train, val)
@@ -121,26 +127,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
-def prepare_model_dir(model_dir: str, overwrite: bool) -> None:
-    """Refuse a MODEL_DIR that already holds a model, unless --overwrite (then clear it first)."""
-    with storage.guarded(f"prepare MODEL_DIR {model_dir}"):
-        _prepare_model_dir(model_dir, overwrite)
-
-
-def _prepare_model_dir(model_dir: str, overwrite: bool) -> None:
-    fs, root = storage.filesystem(model_dir)
-    root = root.rstrip("/")
-    if not fs.exists(root) or not fs.ls(root):
-        return
-    if not overwrite:
-        raise storage.StorageError(
-            f"MODEL_DIR {storage.redact(model_dir)} is not empty; pass --overwrite to replace what is there "
-            "or choose another MODEL_DIR."
-        )
-    for name in (MODEL_FILE, MODEL_JSON, METRICS_FILE, "train"):
-        path = f"{root}/{name}"
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+def prepare_model_dir(config: TrainConfig) -> bool:
+    """Start a probe's run in MODEL_DIR, or resume the unfinished one with the same options (True): Ray
+    Train restores its last checkpoint (training.prepare_model_dir)."""
+    return training.prepare_model_dir(
+        config.model_dir, training.run_options(config), RUN_FILE, WRITTEN, config.overwrite, "probe training",
+        lambda name: name.upper() if name in ("embeddings", "model_dir") else "--" + name.replace("_", "-"),
+        record=False,  # recorded once the labels are counted: a run refused for its data leaves nothing
+    )  # fmt: skip
 
 
 # --- pass 1: labels and the split ------------------------------------------------------------------
@@ -326,7 +320,7 @@ def fit_ray(
         dataset_config=training.in_order(),
         torch_config=TorchConfig(backend=training.collective_backend(use_gpu)),
     )
-    result = trainer.fit()
+    result = training.fit(trainer)
     assert result.checkpoint is not None, "the last epoch always reports a checkpoint"
     state = training.load(result.checkpoint, CHECKPOINT_FILE)
     head = LinearHead(torch.from_numpy(mean), torch.from_numpy(std), len(plan.classes))
