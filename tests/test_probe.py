@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
-from synthetic import blobs, entangled, names, write
+from synthetic import BACKBONE, blobs, entangled, names, write
 
 import raytl
 from raytl import split
@@ -288,7 +288,8 @@ def test_sklearn_svm_heads_are_linearsvc_and_svc(data, tmp_path):
         config = TrainConfig.create(
             embeddings="e", model_dir="m", backend="sklearn", head="svm", kernel=kernel
         )
-        return train.fit_sklearn(xs, ys, labels, config, 1.0 / len(ys), {"head": "svm", "kernel": kernel})[0]
+        info = {"head": "svm", "kernel": kernel, "backbone": {**BACKBONE, "dim": xs.shape[1]}}
+        return train.fit_sklearn(xs, ys, labels, config, 1.0 / len(ys), info)[0]
 
     linear = make_pipeline(StandardScaler(), LinearSVC(max_iter=10_000)).fit(x, y)
     index, score = fit("linear").predict(x_test)
@@ -379,7 +380,7 @@ def test_a_model_dir_cannot_make_predict_run_code(data, tmp_path):
     from raytl.storage import StorageError
 
     config = TrainConfig.create(embeddings="e", model_dir="m", backend="sklearn", head="svm", kernel="rbf")
-    info = {"head": "svm", "kernel": "rbf", "backbone": {"model": "vgg16"}}
+    info = {"head": "svm", "kernel": "rbf", "backbone": {**BACKBONE, "dim": data["x"].shape[1]}}
     model, _ = train.fit_sklearn(data["x"][:200], data["y"][:200], ["a", "b", "c", "d"], config, 0.01, info)
     model.save(str(tmp_path / "m"))
     assert Model.load(str(tmp_path / "m")).kernel is not None
