@@ -194,7 +194,7 @@ def init_ray() -> None:
         logging_config=ray.LoggingConfig(
             encoding="JSON" if SETTINGS.json else "TEXT", log_level="DEBUG" if debug else "WARNING"
         ),
-        runtime_env={"env_vars": SETTINGS.worker_env} if SETTINGS.worker_env else None,
+        runtime_env=_runtime_env(),
     )
     # ray.init's logging_config also gives this process's root logger a handler of Ray's: every raytl line
     # would print twice (once in Ray's own JSON shape). The workers keep Ray's.
@@ -213,23 +213,13 @@ def _start_ray(**options: Any) -> None:
     """ray.init, tried twice: under heavy load a local Ray's start-up times out ("The current node timed out
     during startup") and a second try usually works; a second failure is one sentence (RayStartError)."""
     import ray
-    from ray._private.services import canonicalize_bootstrap_address
 
     from raytl.errors import RayStartError
 
     address = os.environ.get("RAY_ADDRESS")
-    try:
-        local = canonicalize_bootstrap_address(None) is None  # type: ignore[arg-type]
-    except Exception:  # a bad RAY_ADDRESS: ray.init names it
-        local = False
     for attempt in (1, 2):
-        saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
         try:
-            if local:
-                os.environ.update(_own_address())
-                ray.init(address="local", **options)
-            else:
-                ray.init(**options)
+            ray.init(**options)
             return
         except Exception as exc:
             ray.shutdown()  # whatever half-started
@@ -243,35 +233,38 @@ def _start_ray(**options: Any) -> None:
                 else "the machine may be overloaded, /tmp (Ray's session folder) full, or Ray's ports taken"
             )
             raise RayStartError(f"raytl could not {what}, twice ({_first_line(exc)}): {causes}.") from None
-        finally:
-            for name, value in saved.items():  # this process's environment as it was
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-
-
-def _own_address() -> dict[str, str]:
-    """The environment a local Ray is started in, so that its processes know their own address: its GCS on a
-    port chosen here (RAY_GCS_SERVER_PORT), and RAY_ADDRESS naming it, which the raylet and every worker
-    inherit. What Ray looks up by address inside a worker (Ray Train's placement group cleaner asks the
-    state API, which, given none, refuses a host running several Ray instances: "Found multiple active Ray
-    instances") then finds its own Ray, whatever else runs on the host. No runtime_env: that would start
-    every worker through Ray's runtime-env agent (~10 s more for the quickstart)."""
-    import socket
-
-    from ray._private.services import get_node_ip_address
-
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    return {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}
 
 
 def _first_line(exc: BaseException) -> str:
     """The exception's first sentence (Ray's start-up errors run to a paragraph)."""
     text = str(exc).strip().split("\n", 1)[0].split(". ", 1)[0].rstrip(".")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _runtime_env() -> dict[str, Any] | None:
+    """The job's runtime_env: raytl's worker environment, and, when this process starts a local Ray on a
+    host where another Ray runs, `name_own_ray` in every worker (a runtime_env makes each worker start
+    through Ray's runtime-env agent: ~10 s more for the quickstart, paid only where it is needed)."""
+    from ray._private.services import canonicalize_bootstrap_address, find_gcs_addresses
+
+    env: dict[str, Any] = {"env_vars": SETTINGS.worker_env} if SETTINGS.worker_env else {}
+    try:
+        starts_local = canonicalize_bootstrap_address(None) is None  # type: ignore[arg-type]
+    except Exception:  # Ray names a bad RAY_ADDRESS itself, in ray.init
+        starts_local = False
+    if starts_local and find_gcs_addresses():
+        env["worker_process_setup_hook"] = "raytl.logs.name_own_ray"
+    return env or None
+
+
+def name_own_ray() -> None:
+    """Every worker process of a raytl job starts here (Ray's worker_process_setup_hook): RAY_ADDRESS names
+    the cluster the worker belongs to. What Ray looks up by address inside a worker (Ray Train's placement
+    group cleaner asks the state API, which, given no address, refuses a host running several Ray
+    instances: "Found multiple active Ray instances") then finds its own, whatever else runs on the host."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 class Progress:

@@ -109,6 +109,8 @@ def test_retries_on_the_command_line_reach_this_process_and_rays_workers(bucket,
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: inits.append(kwargs))
     monkeypatch.setattr(logs, "quiet_ray", lambda: None)
+    others: list[str] = []  # the Ray instances already on this host (none, then one)
+    monkeypatch.setattr(ray._private.services, "find_gcs_addresses", lambda: others)
     assert main(["--retries", "1", "inspect", f"s3://{bucket}/m"]) == 2
     assert set(rule.attempts.values()) == {2}
     assert "RAYTL_RETRIES" not in os.environ
@@ -117,6 +119,9 @@ def test_retries_on_the_command_line_reach_this_process_and_rays_workers(bucket,
     logs.setup()
     logs.init_ray()
     assert inits[-1]["runtime_env"] is None
+    others.append("127.0.0.1:6379")  # another Ray here: the workers name their own (logs.name_own_ray)
+    logs.init_ray()
+    assert inits[-1]["runtime_env"] == {"worker_process_setup_hook": "raytl.logs.name_own_ray"}
 
 
 def test_access_denied_fails_at_once(objects, bucket, s3_faults):
