@@ -46,7 +46,8 @@ def _free_port() -> int:
 # order) hands each worker a whole module at a time, and the suite ends when the later of the two does.
 _LONGEST_FIRST = [
     "test_placement.py", "test_finetune.py", "test_models.py", "test_extract_faults.py", "test_predict.py",
-    "test_extract.py", "test_probe.py", "test_jobs.py", "test_api.py", "test_shards.py",
+    "test_extract.py", "test_probe.py", "test_jobs.py", "test_api.py", "test_shards.py", "test_serve.py",
+    "test_registry.py", "test_report.py", "test_logs.py",
 ]  # fmt: skip
 
 
