@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from raytl.version import VERSION as __version__  # noqa: F401 (the package's version, `raytl.__version__`)
 
 
 def extract(source: str | None, output: str, **options: Any) -> dict[str, Any]:

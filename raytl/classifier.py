@@ -3,9 +3,7 @@ classes and its backbone."""
 
 from __future__ import annotations
 
-import functools
 import io
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,32 +14,19 @@ from torch import nn
 
 from raytl import storage
 from raytl.embeddings import matrix
-from raytl.errors import WeightsError
-from raytl.modelinfo import Backbone, parse_backbone
+from raytl.errors import StorageError, WeightsError
+from raytl.model_dir import (
+    BACKBONE_FILE,
+    KERNEL_FILE,
+    MODEL_FILE,
+    MODEL_JSON,
+    Backbone,
+    ModelInfo,
+    named,
+    read_files,
+    write_json,
+)
 from raytl.models import Weights, load_weights
-
-MODEL_FILE = "model.pt"
-MODEL_JSON = "model.json"
-METRICS_FILE = "metrics.json"
-# --kernel rbf: the fitted scikit-learn pipeline in skops' format, which loads only the types it names (no
-# pickle: a MODEL_DIR from elsewhere, or a `kernel` flipped in model.json, cannot run code in predict).
-KERNEL_FILE = "kernel.skops"
-
-
-def read_model_dir(model_dir: str, *names: str, finished: bool = False) -> list[Any]:
-    """MODEL_DIR's files `names` (JSON ones parsed); any of them missing is one sentence naming them all."""
-    try:
-        return [
-            (storage.read_json if name.endswith(".json") else storage.read_bytes)(
-                storage.join(model_dir, name)
-            )
-            for name in names
-        ]
-    except FileNotFoundError:
-        kind = "finished raytl model" if finished else "raytl model"
-        raise storage.StorageError(
-            f"MODEL_DIR {storage.redact(model_dir)} holds no {kind} ({' and '.join(names)})."
-        ) from None
 
 
 class LinearHead(nn.Module):
@@ -71,16 +56,16 @@ class Model:
     std: np.ndarray
     weight: np.ndarray  # (classes, D)
     bias: np.ndarray  # (classes,)
-    info: dict[str, Any]  # model.json: kind, head, backend, backbone (embedding metadata), training data
+    info: ModelInfo  # model.json: kind, head, backend, backbone (embedding metadata), training data
     kernel: Any = None  # --kernel rbf: a fitted scikit-learn Pipeline(StandardScaler, SVC); weight unused
 
-    @functools.cached_property
+    @property
     def backbone(self) -> Backbone:
-        """model.json's `backbone`, checked (Model.load checked it already)."""
-        return parse_backbone(self.info.get("backbone"), "this MODEL_DIR")
+        """How the model's embeddings are made (model.json's `backbone`, checked)."""
+        return self.info.backbone
 
     @classmethod
-    def from_head(cls, head: LinearHead, classes: list[str], info: dict[str, Any]) -> Model:
+    def from_head(cls, head: LinearHead, classes: list[str], info: ModelInfo) -> Model:
         state = {k: v.detach().cpu().numpy() for k, v in head.state_dict().items()}
         return cls(classes, state["mean"], state["std"], state["linear.weight"], state["linear.bias"], info)
 
@@ -95,7 +80,7 @@ class Model:
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """-> (class index, score) per row: logreg's probability of that class, or the SVM's margin."""
         logits = self.logits(x)
-        if self.info.get("head") == "svm":
+        if self.info.svm:
             index = logits.argmax(axis=1)
             return index, logits[np.arange(len(index)), index]
         logits -= logits.max(axis=1, keepdims=True)
@@ -118,20 +103,17 @@ class Model:
             import skops.io  # here, not at the top: it imports all of scikit-learn (~5 s a process)
 
             storage.write_bytes(storage.join(model_dir, KERNEL_FILE), skops.io.dumps(self.kernel))
-        info = dict(self.info, classes=self.classes)
-        storage.write_bytes(storage.join(model_dir, MODEL_JSON), json.dumps(info, indent=2).encode())
+        write_json(model_dir, MODEL_JSON, self.info.to_json(self.classes))
 
     @classmethod
     def load(cls, model_dir: str) -> Model:
-        info, data = read_model_dir(model_dir, MODEL_JSON, MODEL_FILE)
+        raw, data = read_files(model_dir, MODEL_JSON, MODEL_FILE)
         arrays = _tensors(data, storage.join(model_dir, MODEL_FILE))
-        _check(info, arrays, model_dir)
-        parse_backbone(info.get("backbone"), f"MODEL_DIR {storage.redact(model_dir)}")  # every field, once
-        kernel = None
-        if info.get("kernel") == "rbf":
-            kernel = _kernel(model_dir)
+        _check(raw, arrays, model_dir)
+        info = ModelInfo.parse(raw, named(model_dir))  # every field, once
+        kernel = _kernel(model_dir) if info.kernel == "rbf" else None
         return cls(
-            info["classes"], arrays["mean"], arrays["std"], arrays["weight"], arrays["bias"], info, kernel
+            raw["classes"], arrays["mean"], arrays["std"], arrays["weight"], arrays["bias"], info, kernel
         )
 
 
@@ -141,7 +123,7 @@ def _tensors(data: bytes, uri: str) -> dict[str, np.ndarray]:
         tensors = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         arrays = {k: tensors[k].numpy().astype(np.float32) for k in ("mean", "std", "weight", "bias")}
     except Exception as exc:
-        raise storage.StorageError(
+        raise StorageError(
             f"{storage.redact(uri)} is not a raytl model file ({storage.describe_error(exc)}): it was "
             "damaged; restore it or train again."
         ) from None
@@ -150,13 +132,13 @@ def _tensors(data: bytes, uri: str) -> dict[str, np.ndarray]:
 
 def _check(info: Any, arrays: dict[str, np.ndarray], model_dir: str) -> None:
     """model.json and model.pt agree: classes, dimension and shapes."""
-    where = f"MODEL_DIR {storage.redact(model_dir)}"
+    where = named(model_dir)
     classes = info.get("classes") if isinstance(info, dict) else None
     if not isinstance(classes, list) or len(classes) < 2:
-        raise storage.StorageError(f"{where} has a damaged {MODEL_JSON} (no list of classes); train again.")
+        raise StorageError(f"{where} has a damaged {MODEL_JSON} (no list of classes); train again.")
     dim = arrays["mean"].size
     if arrays["weight"].shape != (len(classes), dim) or arrays["bias"].shape != (len(classes),):
-        raise storage.StorageError(
+        raise StorageError(
             f"{where}: {MODEL_FILE} has weights of shape {arrays['weight'].shape} but {MODEL_JSON} names "
             f"{len(classes)} classes of {dim}-d embeddings; the two files come from different models."
         )
@@ -171,22 +153,22 @@ def _kernel(model_dir: str) -> Any:
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
-        raise storage.StorageError(
-            f"MODEL_DIR {storage.redact(model_dir)} names an RBF kernel in {MODEL_JSON} but has no "
+        raise StorageError(
+            f"{named(model_dir)} names an RBF kernel in {MODEL_JSON} but has no "
             f"{KERNEL_FILE}; train it again."
         ) from None
     try:
         untrusted = skops.io.get_untrusted_types(data=data)
         if untrusted:
-            raise storage.StorageError(
+            raise StorageError(
                 f"{storage.redact(uri)} holds types raytl does not load ({', '.join(untrusted[:3])}); it "
                 "was not written by raytl train."
             )
         return skops.io.loads(data)
-    except storage.StorageError:
+    except StorageError:
         raise
     except Exception as exc:
-        raise storage.StorageError(
+        raise StorageError(
             f"{storage.redact(uri)} is not a scikit-learn model raytl can load "
             f"({storage.describe_error(exc)})."
         ) from None
@@ -239,8 +221,8 @@ def backbone_weights(model: Model, model_dir: str, weights: str | None = None) -
 
 def default_weights(model: Model, model_dir: str) -> str:
     """The --weights the model's backbone came from; a fine-tuned backbone lives in MODEL_DIR itself."""
-    if model.info.get("kind") == "finetune":
-        return storage.join(model_dir, "backbone.pt")
+    if model.info.kind == "finetune":
+        return storage.join(model_dir, BACKBONE_FILE)
     return weights_spec(model.backbone.weights)[0]
 
 

@@ -10,8 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, get_args, get_type_hints
 
-import raytl
-from raytl import logs, storage
+from raytl import errors, logs, storage
 from raytl.config import (
     Choice,
     ExportConfig,
@@ -23,7 +22,8 @@ from raytl.config import (
     TrainConfig,
     flag,
 )
-from raytl.errors import USER_ERRORS, ConfigError
+from raytl.errors import ConfigError
+from raytl.version import VERSION
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,10 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_format == "json":
         logs.relay_stderr_as_json()
     try:
-        return args.run(args)
-    except USER_ERRORS as exc:
-        print(f"raytl: error: {storage.redact(str(exc))}", file=sys.stderr)
-        return 2
+        return _run(args)
     except KeyboardInterrupt:
         # What is written stays written (parts are whole, checkpoints too): the same command continues.
         print("raytl: interrupted; rerun the same command to resume.", file=sys.stderr)
@@ -53,6 +50,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The verb; a user's error (raised here or in a Ray task) is its one sentence and exit status 2."""
+    try:
+        return args.run(args)
+    except Exception as exc:
+        error = errors.user_error(exc)
+        if error is None:
+            raise
+        print(f"raytl: error: {error}", file=sys.stderr)
+        return 2
 
 
 def count(text: str) -> int:
@@ -172,7 +181,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raytl", description="Transfer learning at cluster scale on Ray.")
-    parser.add_argument("--version", action="version", version=f"raytl {raytl.__version__}")
+    parser.add_argument("--version", action="version", version=f"raytl {VERSION}")
     add_global_options(parser)
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     runs = {
@@ -401,7 +410,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _model_table(title: str, metrics: dict[str, Any], model_dir: str) -> None:
-    page = storage.join(model_dir, "report.html")
+    from raytl.model_dir import REPORT_FILE  # here: `raytl --help` loads no torch
+
+    page = storage.join(model_dir, REPORT_FILE)
     fs, path = storage.filesystem(page)
     shown = storage.redact(page) if fs.exists(path) else "not written (see the warning above)"
     logs.summary_table(

@@ -10,8 +10,9 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from raytl import storage, writer
-from raytl.classifier import METRICS_FILE, MODEL_JSON
 from raytl.embeddings import backbone_label
+from raytl.errors import StorageError
+from raytl.model_dir import METRICS_FILE, MODEL_JSON
 
 _TOP = 20  # label counts and error reasons listed
 
@@ -26,12 +27,12 @@ def _describe(uri: str) -> dict[str, Any]:
     fs, root = storage.filesystem(uri)
     root = root.rstrip("/")
     if not fs.exists(root):
-        raise storage.StorageError(f"OUTPUT {storage.redact(uri)} does not exist.")
+        raise StorageError(f"OUTPUT {storage.redact(uri)} does not exist.")
     if fs.exists(f"{root}/{MODEL_JSON}"):
         return _model(uri)
     parts = sorted(p for p in fs.ls(root, detail=False) if _is_part(p))
     if not parts:
-        raise storage.StorageError(
+        raise StorageError(
             f"{storage.redact(uri)} holds no raytl output (no part-*.parquet files and no {MODEL_JSON})."
         )
     schema = _schema(fs, parts[0])

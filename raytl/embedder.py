@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 
 from raytl.config import Device, Layer, Pool, Precision
+from raytl.errors import ImageError
 from raytl.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -25,7 +26,7 @@ from raytl.models import (
     preset,
     resolve_precision,
 )
-from raytl.preprocess import ImageError, Transform
+from raytl.preprocess import Transform
 
 if TYPE_CHECKING:
     from raytl.jpeg import DeviceDecoder

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raytl import storage
-from raytl.errors import EmbeddingsError
+from raytl.errors import DatasetError
 from raytl.writer import METADATA_KEY
 
 # Metadata fields that must agree between datasets used together (a probe and what it classifies).
@@ -58,7 +58,7 @@ def is_embeddings(uri: str) -> bool:
 
 
 def open_embeddings(uri: str, option: str = "EMBEDDINGS") -> Embeddings:
-    """Find and check every part file's schema (footers only); raises EmbeddingsError, or StorageError when
+    """Find and check every part file's schema (footers only); raises DatasetError, or StorageError when
     the storage fails."""
     with storage.guarded(f"read {option} {uri}"):
         return _open(uri, option)
@@ -67,7 +67,7 @@ def open_embeddings(uri: str, option: str = "EMBEDDINGS") -> Embeddings:
 def _open(uri: str, option: str) -> Embeddings:
     files = _part_files(uri)
     if not files:
-        raise EmbeddingsError(f"{option} {storage.redact(uri)} holds no raytl embeddings (part-*.parquet).")
+        raise DatasetError(f"{option} {storage.redact(uri)} holds no raytl embeddings (part-*.parquet).")
     dims, metas, rows = {}, {}, 0
     for file in files:
         fs, path = storage.filesystem(file)
@@ -81,13 +81,13 @@ def _open(uri: str, option: str) -> Embeddings:
     first = files[0]
     for file in files[1:]:
         if dims[file] != dims[first]:
-            raise EmbeddingsError(
+            raise DatasetError(
                 f"{option} {storage.redact(uri)} mixes embedding dimensions: {dims[first]} in "
                 f"{_name(first)} but {dims[file]} in {_name(file)}."
             )
         for key in BACKBONE_FIELDS:
             if metas[file].get(key) != metas[first].get(key):
-                raise EmbeddingsError(
+                raise DatasetError(
                     f"{option} {storage.redact(uri)} mixes embeddings made differently: {key} is "
                     f"{metas[first].get(key)!r} in {_name(first)} but {metas[file].get(key)!r} "
                     f"in {_name(file)}."
@@ -96,10 +96,10 @@ def _open(uri: str, option: str) -> Embeddings:
 
 
 def check_same_backbone(expected: dict[str, Any], got: Embeddings, what: str) -> None:
-    """Raise EmbeddingsError unless `got` was made by the backbone a model expects."""
+    """Raise DatasetError unless `got` was made by the backbone a model expects."""
     for key in BACKBONE_FIELDS:
         if got.metadata.get(key) != expected.get(key):
-            raise EmbeddingsError(
+            raise DatasetError(
                 f"{what} {storage.redact(got.uri)} has {key} {got.metadata.get(key)!r}, but the model "
                 f"expects {expected.get(key)!r}."
             )
@@ -111,7 +111,7 @@ def matrix(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
         column = column.combine_chunks()
     if pa.types.is_fixed_size_list(column.type):
         if column.null_count:
-            raise EmbeddingsError(f"{column.null_count} embeddings are null.")
+            raise DatasetError(f"{column.null_count} embeddings are null.")
         return np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim)
     return np.asarray(column.to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim)
 
@@ -120,7 +120,7 @@ def _part_files(uri: str) -> list[str]:
     fs, root = storage.filesystem(uri)
     root = root.rstrip("/")
     if not fs.exists(root):
-        raise EmbeddingsError(f"{storage.redact(uri)} does not exist.")
+        raise DatasetError(f"{storage.redact(uri)} does not exist.")
     names = fs.ls(root, detail=False) if fs.isdir(root) else []
     parts = [p for p in names if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet")]
     return sorted(storage.to_uri(fs, p) for p in parts)
@@ -128,10 +128,10 @@ def _part_files(uri: str) -> list[str]:
 
 def _dim(schema: pa.Schema, file: str, option: str) -> int:
     if "embedding" not in schema.names:
-        raise EmbeddingsError(f"{option} file {_name(file)} has no `embedding` column.")
+        raise DatasetError(f"{option} file {_name(file)} has no `embedding` column.")
     kind = schema.field("embedding").type
     if not pa.types.is_fixed_size_list(kind) or not pa.types.is_floating(kind.value_type):
-        raise EmbeddingsError(
+        raise DatasetError(
             f"{option} file {_name(file)} has embedding type {kind}, not fixed_size_list<float>."
         )
     return kind.list_size

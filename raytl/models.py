@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from raytl import storage
-from raytl.config import ConfigError, Device, Layer, Pool, Precision
-from raytl.errors import WeightsError
+from raytl.config import Device, Layer, Pool, Precision
+from raytl.errors import ConfigError, WeightsError
 
 VGG16 = "vgg16"  # the default backbone, with its own layers (--layer) and pooling (--pool)
 

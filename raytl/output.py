@@ -12,6 +12,7 @@ import ray
 
 from raytl import storage, writer
 from raytl.config import ExtractConfig
+from raytl.errors import StorageError
 
 # OUTPUT/_run.json: the options an extract was started with; a rerun with the same ones continues it.
 RUN_FILE = "_run.json"
@@ -28,7 +29,7 @@ def check_apart(output: str, inputs: dict[str, str | None]) -> None:
     for name, uri in inputs.items():
         if uri and storage.is_within(output, uri):
             where = "is" if storage.location(output) == storage.location(uri) else "is inside"
-            raise storage.StorageError(
+            raise StorageError(
                 f"OUTPUT {storage.redact(output)} {where} {name} {storage.redact(uri)}: raytl would write "
                 f"its results among the files it reads; choose an OUTPUT outside {name}."
             )
@@ -41,7 +42,7 @@ def prepare_output(output: str, overwrite: bool, kind: str = PREDICTIONS) -> Non
     existing = raytl_files(fs, root.rstrip("/"))
     check_kind(fs, existing, kind, output)
     if existing and not overwrite:
-        raise storage.StorageError(
+        raise StorageError(
             f"OUTPUT {storage.redact(output)} already holds raytl results ({len(existing)} files); "
             "pass --overwrite to replace them or choose another OUTPUT."
         )
@@ -63,7 +64,7 @@ def check_kind(fs: Any, existing: list[str], kind: str, output: str) -> None:
         columns = set(pq.read_schema(f).names)
     found = next((k for k, column in _KIND_COLUMN.items() if column in columns), "other Parquet data")
     if found != kind:
-        raise storage.StorageError(
+        raise StorageError(
             f"OUTPUT {storage.redact(output)} holds {found}, not {kind}, and --overwrite only replaces "
             f"{kind}; choose another OUTPUT."
         )
@@ -132,7 +133,7 @@ def resume(config: ExtractConfig, record: dict[str, Any]) -> Done:
         assert previous is not None
         for option, value in record.items():
             if previous.get(option) != value:
-                raise storage.StorageError(
+                raise StorageError(
                     f"OUTPUT {storage.redact(config.output)} holds embeddings made with {option} "
                     f"{previous.get(option)!r}, not {value!r}; rerun with the same options to continue it, "
                     "or pass --overwrite to replace it."
@@ -159,7 +160,7 @@ def _raytl_files(fs: Any, root: str) -> list[str]:
     if not fs.exists(root):
         return []
     if fs.isfile(root):
-        raise storage.StorageError(f"OUTPUT {storage.redact(root)} is a file, not a folder.")
+        raise StorageError(f"OUTPUT {storage.redact(root)} is a file, not a folder.")
     names = fs.ls(root, detail=False)
     ours = [p for p in names if _is_part(p) or _is_leftover(p) or p.endswith((writer.SUMMARY_FILE, RUN_FILE))]
     errors_dir = f"{root}/{writer.ERRORS_DIR}"
@@ -180,7 +181,7 @@ def _read_record(uri: str) -> dict[str, Any]:
     try:
         return json.loads(storage.read_bytes(uri))
     except ValueError:
-        raise storage.StorageError(f"{storage.redact(uri)} is not valid JSON; pass --overwrite.") from None
+        raise StorageError(f"{storage.redact(uri)} is not valid JSON; pass --overwrite.") from None
 
 
 def _footer_rows(fs: Any, part: str) -> int:

@@ -3,26 +3,23 @@ actors) -> Parquet parts. extract runs them whole; predict and finetune take the
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
 import ray
 
-import raytl
-from raytl import doneset, output, storage, writer
-from raytl.config import ConfigError, Decode, Device, ExtractConfig, Layer, Pool, Precision
+from raytl import doneset, output, writer
+from raytl.config import Decode, Device, ExtractConfig, Layer, Pool, Precision
 from raytl.embedder import Embedder, Resources, on_actors
-from raytl.errors import ExtractError
+from raytl.errors import ConfigError
 from raytl.models import VGG16, preset
 from raytl.preprocess import Transform, decode_batch, fetch_batch
 from raytl.reader import Corpus, manifest_rows
 from raytl.shards import read_shards
+from raytl.version import VERSION
 
 log = logging.getLogger(__name__)
 
@@ -64,30 +61,6 @@ class Stages:
 
 # Parquet part files stay near this size whatever D is (25088-d flattened pool5 rows are 100 KB each).
 _TARGET_FILE_BYTES = 256 * 1024 * 1024
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """A storage failure raised inside a Ray task reaches the driver wrapped by Ray: unwrap it."""
-    try:
-        yield
-    except Exception as exc:
-        remote = isinstance(exc, ray.exceptions.RayError)
-        if isinstance(exc, (storage.StorageError, ExtractError)) and not remote:
-            raise
-        # Ray Data re-raises a task's exception as RayTaskError(UserCodeException), keeping the original
-        # only as text in the remote traceback (and a RayTaskError(StorageError) *is* a StorageError,
-        # whose message is that whole traceback): its last StorageError line is the sentence.
-        found = _STORAGE_ERROR.findall(_ANSI.sub("", str(exc)))
-        if not found:
-            raise
-        raise storage.StorageError(found[-1].strip()) from None
-
-
-_STORAGE_ERROR = re.compile(r"raytl\.(?:errors|storage)\.StorageError: (.+)")
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def written(
@@ -221,5 +194,5 @@ def embeddings_metadata(stages: Stages, weights_id: str, dim: int) -> dict[str, 
             "mean": list(found.mean),
             "std": list(found.std),
         },
-        "raytl_version": raytl.__version__,
+        "raytl_version": VERSION,
     }

@@ -8,7 +8,7 @@ from torch import nn
 
 from raytl import storage
 from raytl.classifier import Model, backbone_weights
-from raytl.config import ConfigError
+from raytl.errors import ConfigError
 from raytl.models import from_state_dict
 
 
@@ -20,7 +20,7 @@ class Portable(nn.Module):
     def __init__(self, trunk: nn.Module, model: Model, image_size: int) -> None:
         super().__init__()
         self.trunk, self.image_size = trunk, image_size
-        self.softmax = model.info.get("head") != "svm"
+        self.softmax = not model.info.svm
         mean, std = model.backbone.mean, model.backbone.std
         self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from raytl import storage
+from raytl.errors import ImageError
 
 # The files raytl reads as images, by extension in any case; anything else in a SOURCE is ignored and counted,
 # and a manifest row naming anything else is an `_errors` row (the file is never read).
@@ -42,10 +43,6 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # What Pillow's decoders raise on broken data (truncated streams, bad headers, corrupt chunks).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error)
-
-
-class ImageError(ValueError):
-    """A file that is not a usable image; the message is the reason stored in `_errors`."""
 
 
 @dataclass(frozen=True)

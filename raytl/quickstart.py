@@ -11,7 +11,9 @@ from PIL import Image
 
 from raytl import storage
 from raytl.config import ExtractConfig, Layer, PredictConfig, TrainConfig
-from raytl.models import WeightsError, load_weights
+from raytl.errors import WeightsError
+from raytl.model_dir import REPORT_FILE
+from raytl.models import load_weights
 
 IMAGE_PX = 64  # digits are 8x8; 64 px keeps VGG16 quick on a laptop CPU and leaves a 2x2 pool5 map
 HELD_OUT = 297  # the last digits play "new images" for predict
@@ -53,7 +55,7 @@ def run(workdir: str) -> int:
                 f"  images       {paths['train']} (training), {paths['new']} (new)",
                 f"  embeddings   {paths['embeddings']}  (Parquet; _summary.json, _errors/)",
                 f"  model        {paths['model']}  (model.pt, model.json, metrics.json, train/ checkpoints)",
-                f"  report       {os.path.join(paths['model'], 'report.html')}  (open it in a browser)",
+                f"  report       {os.path.join(paths['model'], REPORT_FILE)}  (open it in a browser)",
                 f"  predictions  {paths['predictions']}  (Parquet: path, predicted_label, score, label)",
             ]
         )

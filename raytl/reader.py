@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raytl import doneset, shards, storage
+from raytl.errors import StorageError
 from raytl.preprocess import IMAGE_EXTENSIONS, is_image
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def list_corpus(
         corpus = list_folder(source or "")
     if corpus.table.num_rows == 0:
         where = f"manifest {manifest}" if manifest else f"SOURCE {source}"
-        raise storage.StorageError(
+        raise StorageError(
             f"{storage.redact(where)} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})."
         )
     return corpus
@@ -80,18 +81,18 @@ def list_folder(source: str) -> Corpus:
     root = root.rstrip("/")
     try:
         if not fs.exists(root):
-            raise storage.StorageError(
+            raise StorageError(
                 f"SOURCE {storage.redact(source)} does not exist (no such bucket, prefix or directory)."
             )
         if fs.isfile(root):
-            raise storage.StorageError(
+            raise StorageError(
                 f"SOURCE {storage.redact(source)} is a file; give the folder that holds the images."
             )
         files, unreadable = _utf8_names(sorted(fs.find(root, withdirs=False)), source)
-    except storage.StorageError:
+    except StorageError:
         raise
     except Exception as exc:
-        raise storage.StorageError(
+        raise StorageError(
             f"SOURCE {storage.redact(source)} cannot be listed: {storage.describe_error(exc)}."
         ) from None
     tars = [storage.to_uri(fs, f) for f in files if shards.is_shard(f)]
@@ -164,7 +165,7 @@ def read_manifest(manifest: str, allow_schemes: tuple[str, ...] = ()) -> Corpus:
         data = storage.read_bytes(manifest)
     table = _parse_manifest(manifest, data)
     if "path" not in table.column_names:
-        raise storage.StorageError(
+        raise StorageError(
             f"--manifest {storage.redact(manifest)} has no `path` column "
             f"(columns: {', '.join(table.column_names)})."
         )
@@ -187,11 +188,11 @@ def open_manifest(manifest: str, allow_schemes: tuple[str, ...] = ()) -> Manifes
                 columns = [c.strip().strip('"') for c in lines[0].split(delimiter)] if lines else []
                 rows = None if any(line.strip() for line in lines[1:]) else 0
             else:
-                raise storage.StorageError(f"{where} must end in .csv, .csv.gz, .tsv or .parquet.")
+                raise StorageError(f"{where} must end in .csv, .csv.gz, .tsv or .parquet.")
     if "path" not in columns:
-        raise storage.StorageError(f"{where} has no `path` column (columns: {', '.join(columns)}).")
+        raise StorageError(f"{where} has no `path` column (columns: {', '.join(columns)}).")
     if rows == 0:
-        raise storage.StorageError(f"{where} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        raise StorageError(f"{where} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
     return Manifest(storage.to_uri(fs, path), rows, "label" in columns, allow_schemes)
 
 
@@ -232,7 +233,7 @@ def _manifest_block(block: pa.Table, uri: str, allow_schemes: tuple[str, ...], s
     a filesystem the manifest may not name, stops the run."""
     paths = _strings(block["path"])
     if "" in paths:
-        raise storage.StorageError(f"--manifest {storage.redact(uri)} has an empty `path`.")
+        raise StorageError(f"--manifest {storage.redact(uri)} has an empty `path`.")
     paths = resolve_manifest_paths(paths, uri, allow_schemes)
     labels = _strings(block["label"]) if "label" in block.column_names else [""] * len(paths)
     table = pa.table([paths, labels], schema=CORPUS_SCHEMA)
@@ -262,7 +263,7 @@ def resolve_manifest_paths(paths: list[str], manifest: str, allow_schemes: tuple
         if "://" not in path and not path.startswith("/"):  # relative: beside the manifest
             path = storage.to_uri(fs, posixpath.normpath(posixpath.join(folder, path)))
         elif scheme != own and scheme not in allow_schemes:
-            raise storage.StorageError(
+            raise StorageError(
                 f"--manifest {storage.redact(manifest)} lists {storage.redact(path)}, which is on another "
                 f"filesystem ({scheme}) than the manifest ({own}); pass --allow-schemes {scheme} to read it."
             )
@@ -289,13 +290,11 @@ def _parse_manifest(manifest: str, data: bytes) -> pa.Table:
                 ),
             )
     except (pa.ArrowInvalid, OSError) as exc:
-        raise storage.StorageError(
+        raise StorageError(
             f"--manifest {storage.redact(manifest)} is not valid {name.rsplit('.', 1)[-1].upper()}: "
             f"{storage.describe_error(exc)}."
         ) from None
-    raise storage.StorageError(
-        f"--manifest {storage.redact(manifest)} must end in .csv, .csv.gz, .tsv or .parquet."
-    )
+    raise StorageError(f"--manifest {storage.redact(manifest)} must end in .csv, .csv.gz, .tsv or .parquet.")
 
 
 def _strings(column: pa.ChunkedArray) -> list[str]:

@@ -17,16 +17,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raytl import shards, storage
-from raytl.classifier import METRICS_FILE, MODEL_JSON, read_model_dir
 from raytl.embeddings import backbone_label
+from raytl.errors import StorageError
+from raytl.model_dir import (
+    FIGURES_DIR,
+    METRICS_FILE,
+    MODEL_JSON,
+    REPORT_FILE,
+    VALIDATION_FILE,
+    ModelInfo,
+    named,
+    read_files,
+)
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
-FIGURES_DIR = "report"  # MODEL_DIR/report/<figure>.png beside the page
-# A sample of the validation rows (path, label, predicted_label, score, embedding), written by train and
-# finetune: the PCA and the misclassified images come from it.
-VALIDATION_FILE = "validation.parquet"
 SAMPLE_ROWS = 2000
 _PER_BATCH = (256, 256)  # at most this many misclassified and correct rows from each evaluated batch
 _GRID = 24  # misclassified images shown
@@ -101,7 +106,8 @@ def write_validation(model_dir: str, sample: pa.Table) -> None:
 
 def write(model_dir: str) -> str:
     """Draw the figures from MODEL_DIR's metrics and validation sample; write the page and the PNG files."""
-    info, metrics = read_model_dir(model_dir, MODEL_JSON, METRICS_FILE, finished=True)
+    raw, metrics = read_files(model_dir, MODEL_JSON, METRICS_FILE, finished=True)
+    info = ModelInfo.parse(raw, named(model_dir))
     sample = _read_sample(model_dir)
     import matplotlib
 
@@ -143,22 +149,22 @@ def _read_sample(model_dir: str) -> pa.Table:
         return SAMPLE_SCHEMA.empty_table()
 
 
-def _html(model_dir: str, metrics: dict, info: dict, sample: pa.Table, figures: dict) -> str:
+def _html(model_dir: str, metrics: dict, info: ModelInfo, sample: pa.Table, figures: dict) -> str:
     classes = metrics["classes"]
     per_class = "".join(
         f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
         f"<td>{m['f1']:.3f}</td><td>{m['support']}</td></tr>"
         for c, m in ((c, metrics["per_class"][c]) for c in classes)
     )
-    backbone = info.get("backbone", {})
+    backbone = info.backbone
     facts = [
         ("accuracy", f"{metrics['accuracy']:.4f}"),
         ("macro F1", f"{metrics['macro_f1']:.4f}"),
         ("validation images", str(metrics["samples"])),
         ("classes", str(len(classes))),
-        ("model", f"{info.get('kind', '?')} · head {info.get('head', '?')} · {info.get('backend', 'ray')}"),
-        ("backbone", f"{backbone_label(backbone)}, {backbone.get('image_size', '?')} px, "
-                     f"weights {backbone.get('weights', '?')}"),
+        ("model", f"{info.kind} · head {info.head} · {info.backend}"),
+        ("backbone", f"{backbone_label(info.recorded_backbone)}, {backbone.image_size} px, "
+                     f"weights {backbone.weights}"),
         ("best epoch", str(metrics.get("best_epoch", "-"))),
     ]  # fmt: skip
     sections = "".join(
@@ -314,13 +320,12 @@ def pca_figure(sample: pa.Table) -> bytes:
     return _png(figure)
 
 
-def image_schemes(info: dict, model_dir: str) -> tuple[str, ...]:
+def image_schemes(info: ModelInfo, model_dir: str) -> tuple[str, ...]:
     """The filesystems the report reads images from: those the images' SOURCE (or manifest) and its
     --allow-schemes allowed, as recorded with the embeddings (`schemes` in their metadata, copied into
     model.json); for a MODEL_DIR from before that record, MODEL_DIR's own."""
-    recorded = (info.get("backbone") or {}).get("schemes")
-    if isinstance(recorded, list) and all(isinstance(s, str) for s in recorded):
-        return tuple(recorded)
+    if info.backbone.schemes is not None:
+        return info.backbone.schemes
     return (storage.scheme_of(model_dir),)
 
 
@@ -359,7 +364,7 @@ def thumbnails(paths: list[str], schemes: Sequence[str]) -> list[np.ndarray | No
     loose = [p for p in paths if p and shards.sample_of(p) is None]
     try:
         fetched = storage.fetch_many(loose)
-    except storage.StorageError as exc:  # no access to the images: the grid says so
+    except StorageError as exc:  # no access to the images: the grid says so
         log.warning("report: %s", exc)
         fetched = []
     for path, got in zip(loose, fetched, strict=False):
@@ -378,7 +383,7 @@ def thumbnails(paths: list[str], schemes: Sequence[str]) -> list[np.ndarray | No
                     keys.discard(found)
                 if not keys:
                     break
-        except storage.StorageError as exc:
+        except StorageError as exc:
             log.warning("report: %s", exc)
     out: list[np.ndarray | None] = []
     for path in paths:
@@ -397,6 +402,6 @@ def readable(path: str, schemes: Sequence[str]) -> bool:
     where = sample[0] if sample is not None else path
     try:
         storage.check_chain(where, where)
-    except storage.StorageError:
+    except StorageError:
         return False
     return storage.scheme_of(where) in schemes

@@ -14,7 +14,8 @@ import braceexpand
 import numpy as np
 
 from raytl import doneset, preprocess, storage
-from raytl.preprocess import ImageError, Transform
+from raytl.errors import ImageError, StorageError
+from raytl.preprocess import Transform
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +36,14 @@ def expand(pattern: str) -> list[str]:
     descending ranges, steps `{0..8..2}`, lists `{a,b}`), by the `braceexpand` library they use. Expanded
     lazily and refused (StorageError) past MAX_SHARDS."""
     if _count(pattern) > MAX_SHARDS:
-        raise storage.StorageError(
+        raise StorageError(
             f"SOURCE {storage.redact(pattern)} names more than {MAX_SHARDS:,} shards, more than one run "
             "reads; split the range over several runs (each into its own OUTPUT), or write larger shards."
         )
     try:
         return list(braceexpand.braceexpand(pattern))
     except _BRACES.UnbalancedBracesError:
-        raise storage.StorageError(f"SOURCE {storage.redact(pattern)} has unbalanced braces.") from None
+        raise StorageError(f"SOURCE {storage.redact(pattern)} has unbalanced braces.") from None
 
 
 def _count(pattern: str) -> int:
@@ -162,7 +163,7 @@ def samples(shard: str) -> Iterator[tuple[str | None, dict[str, bytes]]]:
         yield None, {BROKEN: storage.redact(reason).encode()}
     except FileNotFoundError as exc:
         if not storage.is_missing_file(exc):  # the bucket itself: the run's problem, not the shard's
-            raise storage.StorageError(storage.failure(f"read shard {shard}", exc)) from None
+            raise StorageError(storage.failure(f"read shard {shard}", exc)) from None
         yield None, {BROKEN: b"shard does not exist"}
 
 
@@ -201,7 +202,7 @@ def _members(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     except (tarfile.TarError, EOFError, FileNotFoundError, zlib.error):
         raise  # the shard's own problem: `samples` makes it an `_errors` row
     except OSError as exc:  # s3fs has retried already; a rerun continues from the samples written
-        raise storage.StorageError(storage.failure(f"read shard {shard}", exc)) from None
+        raise StorageError(storage.failure(f"read shard {shard}", exc)) from None
 
 
 def split_name(name: str) -> tuple[str, str]:

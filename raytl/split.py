@@ -8,9 +8,11 @@ least one row for classes with two or more). Any worker decides a row's side fro
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from raytl.errors import DatasetError
 
 BINS = 1024
 
@@ -43,3 +45,30 @@ def in_validation(labels: Sequence[str], row_bins: np.ndarray, limits: dict[str,
     """Boolean mask: which rows belong to the validation split."""
     limit = np.array([limits.get(label, 0) for label in labels], dtype=np.int64)
     return row_bins < limit
+
+
+# --- whether a labelled dataset can train a classifier: the same sentences for `train` and `finetune` --
+
+
+def check_classes(what: str, classes: Sequence[str]) -> None:
+    """`what` (EMBEDDINGS or SOURCE, and its URI) must hold two classes or more."""
+    if not classes:
+        raise DatasetError(f"{what} holds no labelled rows; a classifier needs two classes.")
+    if len(classes) < 2:
+        raise DatasetError(f"{what} has a single class ({classes[0]!r}); a classifier needs two.")
+
+
+def check_val_labels(what: str, val_labels: Iterable[str], classes: Sequence[str]) -> None:
+    """--val may hold only labels that `what` trains."""
+    unknown = sorted(set(val_labels) - set(classes))
+    if unknown:
+        raise DatasetError(f"--val has labels that {what} does not: {', '.join(map(repr, unknown[:5]))}.")
+
+
+def check_sides(classes: Sequence[str], train: dict[str, int], val: dict[str, int], unit: str) -> None:
+    """The split leaves validation `unit`s (rows, images) and training ones for every class."""
+    if sum(val.values()) == 0:
+        raise DatasetError("the validation split is empty: give --val or a larger --val-fraction.")
+    empty = [c for c in classes if train.get(c, 0) == 0]
+    if empty:
+        raise DatasetError(f"class {empty[0]!r} has no training {unit} left after the validation split.")

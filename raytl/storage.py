@@ -17,11 +17,9 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from raytl.errors import StorageError
+from raytl.errors import _USERINFO, RaytlError, StorageError, redact
 
 T = TypeVar("T")
-_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.-]*://)[^/@\s]+@")
 
 
 _OBJECT_STORES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
@@ -246,7 +244,7 @@ def guarded(what: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if type(exc).__module__.startswith("raytl."):
+        if isinstance(exc, RaytlError):
             raise
         raise StorageError(failure(what, exc)) from None
 
@@ -260,7 +258,7 @@ def opening(missing: str, unreadable: str, error: type[Exception] = StorageError
     except FileNotFoundError:
         raise error(missing) from None
     except Exception as exc:
-        if type(exc).__module__.startswith("raytl."):
+        if isinstance(exc, RaytlError):
             raise
         raise error(f"{unreadable}: {describe_error(exc)}.") from None
 
@@ -345,15 +343,6 @@ def _cat(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | E
     # Some filesystems key the result by a normalised path: map back to what was asked.
     normalised = {fs._strip_protocol(k): v for k, v in got.items()}
     return {p: got.get(p, normalised.get(fs._strip_protocol(p), FileNotFoundError(p))) for p in paths}
-
-
-def redact(text: str) -> str:
-    """Remove secrets (AWS secret keys, session tokens, URI passwords) from a message."""
-    for name in _SECRET_ENV:
-        secret = os.environ.get(name)
-        if secret:
-            text = text.replace(secret, "***")
-    return _USERINFO.sub(r"\g<scheme>***@", text)
 
 
 def public_uri(uri: str) -> str:

@@ -151,13 +151,13 @@ def _start(client: Any, command: str, config: Any, metadata: dict[str, Any], res
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
-    import raytl
+    from raytl.version import VERSION
 
     options = {k: v for k, v in json.loads(config.to_json()).items() if k not in _OWN_OPTIONS}
     params = {**_flat(options), **_flat(metadata, "backbone.")}
     items = [Param(k, str(v)[:_PARAM_CHARS]) for k, v in sorted(params.items())]
     name = config.mlflow_run_name or model_dir.rstrip("/").rsplit("/", 1)[-1]
-    tags = {COMMAND_TAG: command, MODEL_DIR_TAG: model_dir, "raytl.version": raytl.__version__}
+    tags = {COMMAND_TAG: command, MODEL_DIR_TAG: model_dir, "raytl.version": VERSION}
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params in one batch
         client.log_batch(run_id, params=items[start : start + 100])
@@ -181,8 +181,7 @@ def _log_metrics(client: Any, tracker: Tracker, metrics: dict[str, float], step:
 
 def _log_model_dir(client: Any, run_id: str | None, model_dir: str) -> None:
     """metrics.json, report.html and report/*.png, copied from MODEL_DIR (local or object storage)."""
-    from raytl.classifier import METRICS_FILE
-    from raytl.report import FIGURES_DIR, REPORT_FILE
+    from raytl.model_dir import FIGURES_DIR, METRICS_FILE, REPORT_FILE
 
     fs, root = storage.filesystem(model_dir)
     root = root.rstrip("/")

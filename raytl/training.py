@@ -1,23 +1,27 @@
-"""What raytl's two Ray Train programs (`train`: a linear head on embeddings; `finetune`: the network on
-images) share: workers and their collective backend, ordered ingest, checkpoints saved, reported and
+"""The Ray Train side of raytl's two training programs (`train`: a linear head on embeddings; `finetune`:
+the network on images): the worker's loop both run (`run_epochs`: resume, the epochs of raytl.loop, the best
+epoch, reports), workers and their collective backend, ordered ingest, checkpoints saved, reported and
 loaded, and the budget for caching a split in the object store."""
 
 from __future__ import annotations
 
 import copy
-import json
+import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import torch
 
-from raytl import logs, storage
-from raytl.config import ConfigError, Device
+from raytl import logs, loop
+from raytl.config import Device
 from raytl.tracking import UNTRACKED, Tracker
+
+log = logging.getLogger(__name__)
 
 # A split up to this share of the cluster's object store is cached there for the epochs.
 CACHE_FRACTION = 0.25
@@ -47,11 +51,6 @@ def load(checkpoint: Any, name: str) -> dict:
     no GPU (a KubeRay head, a CPU node); load_state_dict puts them on a worker's device."""
     with checkpoint.as_directory() as directory:
         return torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
-
-
-def json_bytes(data: dict) -> bytes:
-    """metrics.json and friends: indented, numpy scalars as floats."""
-    return json.dumps(data, indent=2, default=float).encode()
 
 
 def uses_gpu(device: Device) -> bool:
@@ -135,16 +134,16 @@ class History:
         self.records: list[dict] = records or []
         self.first, self.started = first, time.monotonic()
 
-    def add(self, epoch: int, train: tuple[float, float], val: tuple[float, float], **extra: Any) -> dict:
-        """Record an epoch's (loss, accuracy) on both splits and anything else; returns the record."""
+    def add(self, epoch: int, train: loop.EpochMetrics, val: loop.EpochMetrics, **extra: Any) -> dict:
+        """Record an epoch's loss and accuracy on both splits and anything else; returns the record."""
         import ray.train
 
         record = {
             "epoch": epoch,
-            "train_loss": train[0],
-            "train_accuracy": train[1],
-            "val_loss": val[0],
-            "val_accuracy": val[1],
+            "train_loss": train.loss,
+            "train_accuracy": train.accuracy,
+            "val_loss": val.loss,
+            "val_accuracy": val.accuracy,
             **extra,
         }
         self.records.append(record)
@@ -191,66 +190,153 @@ def fit(trainer: Any) -> Any:
     return result
 
 
-# --- MODEL_DIR: a new run, the unfinished one resumed, or a finished model kept -------------------------
-
-# The options that do not change what a run trains: how hard to try, and where it is tracked.
-_NOT_RUN_OPTIONS = ("overwrite", "max_failures", "mlflow_uri", "mlflow_experiment", "mlflow_run_name")
+# --- the worker's loop: the skeleton both programs run ----------------------------------------------------
 
 
-def run_options(config: Any) -> dict[str, Any]:
-    """What a run in MODEL_DIR is recorded by: its config, less the options that change nothing trained."""
-    options = json.loads(config.to_json())
-    for name in _NOT_RUN_OPTIONS:
-        options.pop(name, None)
-    return options
+def worker_device(threads: int | None = None) -> torch.device:
+    """This Ray Train worker's device: its GPU, or the CPU (`threads` torch threads) where it holds none or
+    its CUDA does not work (collective_backend then chose gloo)."""
+    import ray.train.torch
+
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)  # Ray's OMP_NUM_THREADS follows the (fractional) CPU request
+    return device
 
 
-def prepare_model_dir(
-    model_dir: str, options: dict[str, Any], run_file: str, written: tuple[str, ...], overwrite: bool,
-    what: str, option_name: Any = str, recorded_defaults: dict[str, Any] | None = None, record: bool = True,
-) -> bool:  # fmt: skip
-    """Start a run in MODEL_DIR (its options written to `run_file`), or resume the unfinished one with the
-    same options (True): an interrupted run (Ctrl-C, a lost driver) continues from its last checkpoint, which
-    Ray Train restores from MODEL_DIR/train. A finished model or another run's files are never replaced
-    without --overwrite, which removes exactly the files a run writes (`written`, run_file and train/).
-    record=False leaves the recording to `record_run`, once the inputs are checked (a run refused for its
-    data leaves nothing behind)."""
-    fs, root = storage.filesystem(model_dir)
-    root = root.rstrip("/")
-    where = f"MODEL_DIR {storage.redact(model_dir)}"
-    uri = storage.join(model_dir, run_file)
-    with storage.guarded(f"prepare {where}"):
-        held = fs.exists(root) and bool(fs.ls(root))
-        if held and overwrite:
-            for name in (*written, run_file, "train"):
-                if fs.exists(f"{root}/{name}"):
-                    fs.rm(f"{root}/{name}", recursive=True)
-        elif held:
-            if fs.exists(f"{root}/model.json"):
-                raise storage.StorageError(
-                    f"{where} already holds a finished model; pass --overwrite to train a new one there or "
-                    "choose another MODEL_DIR."
-                )
-            if not fs.exists(f"{root}/{run_file}"):
-                raise storage.StorageError(
-                    f"{where} is not empty and holds no raytl {what} run; choose another MODEL_DIR or pass "
-                    "--overwrite."
-                )
-            stored = {**(recorded_defaults or {}), **json.loads(storage.read_bytes(uri))}
-            changed = [k for k in options if stored.get(k) != options[k]]
-            if changed:
-                name = changed[0]
-                raise ConfigError(
-                    f"{where} holds an unfinished run with other options ({option_name(name)} was "
-                    f"{stored.get(name)!r}, now {options[name]!r}); rerun with the same options to resume "
-                    "it, or pass --overwrite to start over."
-                )
-            return True
-        if record:
-            record_run(model_dir, run_file, options)
-    return False
+@dataclass
+class Worker:
+    """What a program built on one worker for `run_epochs`: its model, how to step and evaluate it, and how
+    often to report."""
+
+    command: str  # "train" | "finetune": the epoch lines' and the tracker's name
+    epochs: int
+    checkpoint_file: str  # the state's name inside each checkpoint
+    model: Any  # what batches go through (prepared by Ray Train: DDP-wrapped, on the device)
+    objective: loop.Objective
+    optimizer: torch.optim.Optimizer
+    schedule: Any  # a torch LR scheduler
+    batches: Callable[[str, int | None], Iterable[Any]]  # (split, epoch) -> this worker's batches
+    trainable: Callable[[], dict[str, torch.Tensor]]  # what a checkpoint keeps of the model
+    load_trainable: Callable[[dict[str, torch.Tensor]], None]
+    device: torch.device
+    logs: WorkerLogs
+    by_accuracy: bool  # the best epoch: by validation accuracy (ties: loss), else by loss
+    scaler: Any = None  # a torch.amp.GradScaler (fp16)
+    step_schedule: bool = False  # the schedule steps after every batch (else after every epoch)
+    penalty: Callable[[], torch.Tensor] | None = None  # added to the training loss (the probe's L2)
+    patience: int | None = None  # stop after this many epochs without a better one
+    report_seconds: float = 0.0  # report (a barrier and a checkpoint) at most this often; 0: every epoch
+    keep_best: bool = False  # the best epoch's trainable tensors travel in the checkpoint (a small model)
+    counts_failed: bool = False  # each epoch's record counts the training images that failed to decode
+    extra: Callable[[], dict[str, Any]] = dict  # more of each epoch's record
 
 
-def record_run(model_dir: str, run_file: str, options: dict[str, Any]) -> None:
-    """Write the run's options to MODEL_DIR/run_file: from here on, the same command resumes it."""
-    storage.write_bytes(storage.join(model_dir, run_file), json.dumps(options, indent=2).encode())
+def run_epochs(worker: Worker) -> None:
+    """One Ray Train worker's training: resume from the last checkpoint (a restarted worker group, or the
+    same command run again), then train and evaluate an epoch at a time, keeping the best epoch, reporting
+    metrics and a checkpoint (every epoch, or every report_seconds as all workers agree, and at the end)."""
+    w = worker
+    run = _resume(w)
+    last_report = time.monotonic()
+    for epoch in range(run.start, w.epochs):
+        train = loop.train_one_epoch(
+            w.model, w.objective, w.optimizer, w.batches("train", epoch), w.device, w.scaler,
+            w.schedule if w.step_schedule else None, w.penalty,
+        )  # fmt: skip
+        val = loop.evaluate(w.model, w.objective, w.batches("val", None), w.device)
+        lr = w.schedule.get_last_lr()[0]  # this epoch's (its last step's)
+        if not w.step_schedule:
+            w.schedule.step()
+        failed = {"failed_images": train.failed} if w.counts_failed else {}
+        record = run.history.add(epoch, train, val, **failed, lr=lr, **w.extra())
+        if run.selection.offer(record, w.trainable if w.keep_best else None):
+            record["selected"] = True
+        done = epoch == w.epochs - 1 or (w.patience is not None and run.selection.stale >= w.patience)
+        # Reporting is a barrier and writes a checkpoint: every report_seconds as agreed by all workers (so
+        # that each reports equally often) and at the end, not after every short epoch.
+        due = not w.report_seconds or loop.all_agree(
+            time.monotonic() - last_report >= w.report_seconds, w.device
+        )
+        if done or due:
+            run.state = _state(w, run, epoch)
+            report(_scored(record, run.selection), run.state, w.checkpoint_file)
+            last_report = time.monotonic()
+        if done:
+            return
+    if run.state and run.history.records:  # resumed after the last epoch: hand the driver its result again
+        report(_scored(run.history.records[-1], run.selection), run.state, w.checkpoint_file)
+
+
+@dataclass
+class _Run:
+    """A worker's bookkeeping across epochs (and, through checkpoints, across restarts)."""
+
+    history: History
+    selection: loop.Selection
+    start: int = 0  # the first epoch this worker group trains
+    resumed: list[int] = field(default_factory=list)  # the epochs the run was resumed at
+    state: dict[str, Any] = field(default_factory=dict)  # the last checkpoint's
+
+
+def _resume(w: Worker) -> _Run:
+    """A new run, or the last checkpoint's state restored into the worker's model, optimiser and schedule."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return _Run(History(w.command, w.epochs, w.logs), loop.Selection(w.by_accuracy))
+    state = load(checkpoint, w.checkpoint_file)
+    w.load_trainable(state["trainable"])
+    w.optimizer.load_state_dict(state["optimizer"])
+    w.schedule.load_state_dict(state["schedule"])
+    if w.scaler is not None and state.get("scaler"):
+        w.scaler.load_state_dict(state["scaler"])
+    start = state["epoch"] + 1
+    return _Run(
+        History(w.command, w.epochs, w.logs, state["history"], start),
+        loop.Selection.restore(w.by_accuracy, state.get("selection")),
+        start, [*state.get("resumed", []), start], state,
+    )  # fmt: skip
+
+
+def _state(w: Worker, run: _Run, epoch: int) -> dict[str, Any]:
+    """What a checkpoint holds: enough to continue after `epoch` exactly as if never stopped."""
+    return {
+        "trainable": w.trainable(),
+        "optimizer": w.optimizer.state_dict(),
+        "schedule": w.schedule.state_dict(),
+        "scaler": w.scaler.state_dict() if w.scaler is not None else None,
+        "selection": run.selection.state(),
+        "history": run.history.records,
+        "epoch": epoch,
+        "resumed": run.resumed,
+    }
+
+
+# The metric Ray Train keeps the best checkpoint by (CheckpointConfig.checkpoint_score_attribute, "max"):
+# the epoch where it is the best one so far, else -1, so that the latest best epoch wins and ties cannot be.
+KEPT_SCORE = "kept_epoch"
+
+
+def _scored(record: dict[str, Any], selection: loop.Selection) -> dict[str, Any]:
+    return {**record, KEPT_SCORE: record["epoch"] if selection.epoch == record["epoch"] else -1}
+
+
+def best_state(result: Any, name: str) -> tuple[dict, dict]:
+    """The checkpoint states of the best epoch (Selection's rule: the checkpoint scored by KEPT_SCORE) and
+    of the latest. Ray's list can name a checkpoint that a run interrupted mid-cleanup already deleted: the
+    best one still in storage wins."""
+    assert result.checkpoint is not None, "the last epoch always reports a checkpoint"
+    latest = load(result.checkpoint, name)
+    candidates = sorted(
+        result.best_checkpoints or [], key=lambda pair: pair[1].get(KEPT_SCORE, -1), reverse=True
+    )
+    for checkpoint, metrics in candidates:
+        if metrics.get(KEPT_SCORE, -1) < 0:
+            break
+        try:
+            return load(checkpoint, name), latest
+        except FileNotFoundError:
+            log.warning("checkpoint of epoch %d is gone from storage; trying the next best", metrics["epoch"])
+    return latest, latest

@@ -66,6 +66,21 @@ def pytest_collection_modifyitems(items):
         return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: a module's own tests keep their order
+    for item in items:
+        if "ray_session" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_where_marked(request, monkeypatch):
+    """A test without the `ray` mark may not start Ray (so that `-m "not ray"` runs without it)."""
+    if request.node.get_closest_marker("ray") is not None:
+        return
+
+    def refused(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts Ray: mark it @pytest.mark.ray")
+
+    monkeypatch.setattr("raytl.logs.init_ray", refused)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ import os
 import pytest
 from conftest import heavy_modules_after
 
-from raytl.config import Choice, ConfigError, Decode, ExtractConfig, Layer, Pool, Precision
+from raytl.config import Choice, Decode, ExtractConfig, Layer, Pool, Precision
+from raytl.errors import ConfigError
 
 
 def test_defaults_are_the_vgg16_preset():

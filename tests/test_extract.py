@@ -23,7 +23,8 @@ from images import (
 
 from raytl.cli import main
 from raytl.commands import extract
-from raytl.config import ConfigError, ExtractConfig
+from raytl.config import ExtractConfig
+from raytl.errors import ConfigError
 
 CLASSES = {"cat": [1, 2], "dog": [3]}
 
@@ -360,7 +361,7 @@ def test_embeddings_of_unknown_options_are_refused_as_such(tmp_path):
     from synthetic import write
 
     from raytl import output
-    from raytl.storage import StorageError
+    from raytl.errors import StorageError
 
     write(str(tmp_path / "out"), np.zeros((4, 8), np.float32), ["a", "b", "a", "b"], parts=1)
     config = ExtractConfig.create(source=str(tmp_path), output=str(tmp_path / "out"), weights="random")

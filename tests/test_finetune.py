@@ -25,8 +25,10 @@ import raytl
 from raytl.classifier import Model, default_weights, weights_content
 from raytl.cli import main
 from raytl.commands import finetune
-from raytl.config import FinetuneConfig, Freeze, Head
+from raytl.config import Decode, FinetuneConfig, Freeze, Head, Layer, Pool, Precision
+from raytl.model_dir import WRITTEN, Backbone, ModelInfo
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD
+from raytl.network import build_network, trainable_state, warmup_cosine
 from raytl.preprocess import TrainTransform, Transform, crop_box
 
 # A tiny learnable problem (three colours, 32 px) that a random VGG16 with a trained head separates in a
@@ -214,6 +216,7 @@ def test_model_dir_in_s3_holds_what_predict_needs(resumed_run):
     fs, root = resumed_run["fs"], resumed_run["model_dir"].removeprefix("s3://")
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
     assert {"backbone.pt", "model.pt", "model.json", "metrics.json", "finetune.json", "train"} <= names
+    assert names <= set(WRITTEN)  # everything a run writes is what --overwrite removes
     info = json.loads(fs.cat(f"{root}/model.json"))
     assert info["kind"] == "finetune" and info["classes"] == ["blue", "green", "red"]
     assert info["backbone"]["layer"] == "pool5" and info["backbone"]["dim"] == 512
@@ -277,7 +280,7 @@ def test_the_exported_network_scores_images_as_predict_does_without_raytl(resume
     fs.get("raytl-finetune/exported/ft.pt2", str(tmp_path / "ft.pt2"))
     raytl.predict(model_dir, resumed_run["new"], str(tmp_path / "pred"))
     rows = pq.read_table(tmp_path / "pred").to_pylist()
-    backbone = Model.load(model_dir).info["backbone"]
+    backbone = Model.load(model_dir).info.recorded_backbone
     transform = Transform(int(backbone["image_size"]), int(backbone["preprocessing"]["resize"]))
     crops = np.stack([transform(fs.cat(r["path"].removeprefix("s3://"))) for r in rows])
     got = exported_scores(tmp_path / "ft.pt2", crops, tmp_path)
@@ -340,7 +343,8 @@ def test_bad_corpora_get_one_sentence(tmp_path, capsys):
         for f in (tmp_path / "one" / label).iterdir():
             f.unlink()
     args = _cli(str(tmp_path / "one"), str(tmp_path / "m"), options)
-    assert_user_error(capsys, args, "the images have a single class ('red'); a classifier needs two.")
+    one = str(tmp_path / "one")
+    assert_user_error(capsys, args, f"SOURCE {one} has a single class ('red'); a classifier needs two.")
     Image.new("RGB", (8, 8)).save(tmp_path / "one" / "loose.png")
     assert_user_error(capsys, args, "SOURCE has images without a label (1 of 4)")
     write_colour_corpus(tmp_path / "ok", per_class=3)
@@ -400,7 +404,7 @@ def test_train_transform_crops_and_flips_at_random():
 )
 def test_freeze_leaves_exactly_the_later_blocks_trainable(freeze, head, first_trained):
     config = FinetuneConfig.create(source="in", model_dir="out", head=head, freeze=freeze, image_size=32)
-    network = finetune.build_network(random_state_dict(1, classifier=head == Head.FC7), config, classes=3)
+    network = build_network(random_state_dict(1, classifier=head == Head.FC7), config, classes=3)
     trainable = {n for n, p in network.named_parameters() if p.requires_grad}
     conv = {int(n.split(".")[2]) for n in trainable if n.startswith("trunk.features.")}
     assert conv == (
@@ -424,12 +428,18 @@ def test_freeze_leaves_exactly_the_later_blocks_trainable(freeze, head, first_tr
 
 
 def test_warmup_then_cosine():
-    assert finetune.warmup_cosine(0, 10, 110) == pytest.approx(0.01)
-    assert finetune.warmup_cosine(5, 10, 110) == pytest.approx(0.01 + 0.99 * 0.5)
-    assert finetune.warmup_cosine(10, 10, 110) == pytest.approx(1.0)
-    assert finetune.warmup_cosine(60, 10, 110) == pytest.approx(0.5)
-    assert finetune.warmup_cosine(110, 10, 110) == pytest.approx(0.0)
-    assert finetune.warmup_cosine(0, 0, 100) == pytest.approx(1.0)
+    assert warmup_cosine(0, 10, 110) == pytest.approx(0.01)
+    assert warmup_cosine(5, 10, 110) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert warmup_cosine(10, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine(60, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine(110, 10, 110) == pytest.approx(0.0)
+    assert warmup_cosine(0, 0, 100) == pytest.approx(1.0)
+
+
+_BACKBONE = Backbone(
+    "vgg16", "s3://old/place/backbone.pt#sha256:ab", Layer.POOL5, Pool.AVG, 2, 32, 32, "bilinear",
+    (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), Precision.AUTO, Decode.CPU, None,
+)  # fmt: skip
 
 
 def test_predict_finds_a_moved_model_dir(tmp_path):
@@ -440,12 +450,10 @@ def test_predict_finds_a_moved_model_dir(tmp_path):
         np.ones(2),
         np.zeros((2, 2)),
         np.zeros(2),
-        {"kind": "finetune", "backbone": {"weights": "s3://old/place/backbone.pt#sha256:ab"}},
+        ModelInfo("finetune", "avg", _BACKBONE, {"weights": "s3://old/place/backbone.pt#sha256:ab"}),
     )
     assert default_weights(model, "/new/place") == "/new/place/backbone.pt"
-    assert weights_content("file:///x/backbone.pt#sha256:ab") == weights_content(
-        model.info["backbone"]["weights"]
-    )
+    assert weights_content("file:///x/backbone.pt#sha256:ab") == weights_content(model.info.backbone.weights)
 
 
 def test_freeze_a_fraction_of_any_backbone_and_keep_its_frozen_batch_norms_still():
@@ -456,7 +464,7 @@ def test_freeze_a_fraction_of_any_backbone_and_keep_its_frozen_batch_norms_still
     state = torchvision.models.resnet18().state_dict()
     config = FinetuneConfig.create(source="in", model_dir="out", model="resnet18", freeze=0.5, image_size=32)
     assert config.freeze == "0.5" and config.crop == 32
-    network = finetune.build_network(state, config, classes=3)
+    network = build_network(state, config, classes=3)
     layers = list(dict.fromkeys(n.rpartition(".")[0] for n, _ in network.trunk.named_parameters()))
     assert len(layers) == 40 and layers[:2] == ["conv1", "bn1"] and layers[-1] == "layer4.1.bn2"
     frozen = {n.rpartition(".")[0] for n, p in network.trunk.named_parameters() if not p.requires_grad}
@@ -464,7 +472,7 @@ def test_freeze_a_fraction_of_any_backbone_and_keep_its_frozen_batch_norms_still
     network.train()
     assert not network.trunk.bn1.training and network.trunk.layer4[1].bn2.training
     network(torch.rand(4, 3, 32, 32))
-    trained_state = finetune.trainable_state(network)
+    trained_state = trainable_state(network)
     assert torch.equal(network.trunk.bn1.running_mean, state["bn1.running_mean"])
     moved = trained_state["trunk.layer4.1.bn2.running_mean"]
     assert not torch.equal(moved, state["layer4.1.bn2.running_mean"])

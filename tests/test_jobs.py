@@ -14,6 +14,8 @@ from clusters import start_head, stop
 from conftest import upload_dir
 from images import write_corpus
 
+pytestmark = pytest.mark.ray  # every test here starts a Ray cluster of its own
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -113,6 +113,7 @@ def test_a_second_ray_on_the_host_changes_nothing_for_raytls_workers(ray_session
     assert found == own != ray_session.get_runtime_context().gcs_address
 
 
+@pytest.mark.ray
 def test_ray_start_up_is_retried_once_then_one_sentence(monkeypatch, capsys):
     """Under heavy load a local Ray's start-up times out (a traceback from logs.init_ray): raytl tries once
     more, and a second failure is one `raytl: error:` sentence naming the likely causes."""

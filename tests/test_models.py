@@ -11,7 +11,8 @@ from images import random_state_dict
 
 from raytl.config import Layer, Pool, Precision
 from raytl.embedder import Embedder
-from raytl.models import VGG16Trunk, WeightsError, embedding_dim, load_weights, resolve_precision
+from raytl.errors import WeightsError
+from raytl.models import VGG16Trunk, embedding_dim, load_weights, resolve_precision
 from raytl.preprocess import Transform
 
 
@@ -139,12 +140,13 @@ import raytl.commands.finetune as finetune, raytl.commands.predict, raytl.comman
 from raytl.config import FinetuneConfig
 from raytl.embedder import Embedder
 from raytl.models import VGG16Trunk, preset
+from raytl.network import build_network
 
 torch.manual_seed(0)
 state = {k: torch.randn(v.shape) * 0.01 for k, v in VGG16Trunk().state_dict().items()}
 Embedder(state, precision="fp32", batch_size=2).embed(np.zeros((2, 32, 32, 3), np.uint8))
 config = FinetuneConfig.create(source="s", model_dir="m", image_size=32)
-network = finetune.build_network(state, config, classes=3)
+network = build_network(state, config, classes=3)
 network(torch.zeros(2, 3, 32, 32)).sum().backward()
 print(preset("vgg16").mean, "torchvision" in sys.modules)
 """
@@ -355,7 +357,7 @@ def test_a_probe_on_any_backbone_predicts_from_images_as_from_embeddings(backbon
     result = raytl.predict(str(tmp_path / "probe"), backbones["uri"], str(tmp_path / "pred"))
     probe = Model.load(str(tmp_path / "probe"))
     dim = run["table"]["embedding"].type.list_size
-    assert probe.info["backbone"]["model"] == model and probe.info["backbone"]["dim"] == dim
+    assert probe.info.recorded_backbone["model"] == model and probe.info.recorded_backbone["dim"] == dim
     paths = run["table"]["path"].to_pylist()
     index, score = probe.predict(np.array(run["table"]["embedding"].to_pylist(), np.float32))
     stored = {p: (probe.classes[i], s) for p, i, s in zip(paths, index, score, strict=True)}
@@ -379,7 +381,8 @@ def test_a_probe_on_any_backbone_predicts_from_images_as_from_embeddings(backbon
 
 
 def test_backbone_options_are_checked(tmp_path):
-    from raytl.config import ConfigError, ExtractConfig
+    from raytl.config import ExtractConfig
+    from raytl.errors import ConfigError
     from raytl.models import preset
 
     with pytest.raises(

@@ -17,6 +17,8 @@ import pytest
 from clusters import start_head, stop
 from images import write_colour_corpus, write_corpus
 
+pytestmark = pytest.mark.ray  # every test here starts a Ray cluster of its own
+
 
 def on_a_cluster(script: str, *args, env: dict[str, str] | None = None) -> dict:
     """Run PRELUDE + a script that starts or joins a multi-node cluster; the JSON object it prints last.
@@ -277,8 +279,9 @@ def test_the_autoscaler_starts_gpu_nodes_for_device_cuda(autoscaling_head, tmp_p
 
 def test_device_and_actor_pool_options():
     """What the pool and the Ray Train workers ask Ray for, by --device and --num-actors."""
-    from raytl.config import ConfigError, ExtractConfig
+    from raytl.config import ExtractConfig
     from raytl.embedder import Resources, actor_pool
+    from raytl.errors import ConfigError
 
     none_up, two_up = Resources(gpus=0, cpus=8, use_gpu=True), Resources(gpus=2, cpus=8, use_gpu=True)
     cpu = Resources(gpus=0, cpus=8, use_gpu=False)

@@ -39,7 +39,7 @@ def test_images_and_embeddings_give_the_same_predictions(trained, model):
         assert a[path]["label"] == b[path]["label"] == path.split("/")[-2]
     correct = np.mean([a[p]["predicted_label"] == a[p]["label"] for p in a])
     assert from_img["accuracy"] == pytest.approx(correct)
-    assert classifier.info["head"] == ("svm" if model == "model-svm" else "logreg")
+    assert classifier.info.head == ("svm" if model == "model-svm" else "logreg")
     assert (from_img["seen"], from_img["predicted"], from_img["failed"]) == (56, 52, 4)
     errors = pq.read_table(trained / f"p-img-{model}" / "_errors").to_pylist()
     assert sorted(e["path"].rsplit("/", 1)[-1] for e in errors) == sorted(
@@ -55,7 +55,7 @@ def test_an_exported_model_scores_images_as_predict_does_without_raytl(trained, 
     assert summary["bytes"] == (tmp_path / "m.pt2").stat().st_size > 100_000
     raytl.predict(str(trained / model), str(trained / "corpus"), str(tmp_path / "pred"))
     rows = pq.read_table(tmp_path / "pred").to_pylist()
-    backbone = Model.load(str(trained / model)).info["backbone"]
+    backbone = Model.load(str(trained / model)).info.recorded_backbone
     transform = Transform(int(backbone["image_size"]), int(backbone["preprocessing"]["resize"]))
     crops = np.stack([transform(open(r["path"], "rb").read()) for r in rows])
     got = exported_scores(tmp_path / "m.pt2", crops, tmp_path)

@@ -20,8 +20,9 @@ from images import (
 )
 from PIL import Image
 
+from raytl.errors import ImageError
 from raytl.models import IMAGENET_MEAN, IMAGENET_STD
-from raytl.preprocess import ImageError, Transform, decode_batch, to_rgb
+from raytl.preprocess import Transform, decode_batch, to_rgb
 
 
 def _normalise(crop: np.ndarray) -> torch.Tensor:

@@ -19,11 +19,13 @@ from sklearn.svm import SVC, LinearSVC
 from synthetic import BACKBONE, blobs, entangled, names, write
 
 import raytl
-from raytl import split
+from raytl import loop, probe, split
 from raytl.classifier import Model
 from raytl.cli import main
 from raytl.commands import train
 from raytl.config import TrainConfig
+from raytl.errors import ConfigError, StorageError
+from raytl.model_dir import TRAIN_RUN, WRITTEN, info_of, record_run, run_options
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,8 @@ def test_model_dir_in_s3_holds_model_metrics_and_checkpoints(ray_run):
     files = fs.find("raytl-probe/models/probe")
     names_ = {f.rsplit("/", 1)[-1] for f in files}
     assert {"model.pt", "model.json", "metrics.json"} <= names_
+    top = {p.rsplit("/", 1)[-1] for p in fs.ls("raytl-probe/models/probe", detail=False)}
+    assert top <= set(WRITTEN)  # everything a run writes is what --overwrite removes
     assert any("/train/checkpoint_" in f for f in files)
     for f in files:
         assert SECRET_KEY.encode() not in fs.cat_file(f)
@@ -206,7 +210,8 @@ def test_sklearn_backend_is_scikit_learn(ray_session, data, tmp_path):
 def test_binary_sklearn_head_gives_sklearn_probabilities():
     x, y = blobs(300, 2, 6, seed=3)
     config = TrainConfig.create(embeddings="e", model_dir="m", backend="sklearn")
-    model, _ = train.fit_sklearn(x, y, ["a", "b"], config, 1.0 / len(y), {"head": "logreg"})
+    info = info_of({**BACKBONE, "dim": 6}, kind="probe", head="logreg")
+    model = probe.fit_sklearn(x, y, ["a", "b"], config, 1.0 / len(y), info)
     reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x, y)
     index, score = model.predict(x)
     assert model.weight.shape == (2, 6) and score.min() >= 0.5
@@ -270,12 +275,10 @@ def test_ray_train_svm_keeps_its_most_accurate_epoch_and_nears_linearsvc(ray_ses
     ],
 )
 def test_selection_criterion_per_head(svm, epochs, kept):
-    best, chosen = train.NOTHING_YET, None
+    selection = loop.Selection(by_accuracy=svm)
     for index, (loss, accuracy) in enumerate(epochs):
-        key = train.selection_key({"val_loss": loss, "val_accuracy": accuracy}, svm)
-        if train.improves(key, best):
-            best, chosen = key, index
-    assert chosen == kept
+        selection.offer({"epoch": index, "val_loss": loss, "val_accuracy": accuracy})
+    assert selection.epoch == kept and selection.stale == len(epochs) - 1 - kept
 
 
 def test_sklearn_svm_heads_are_linearsvc_and_svc(data, tmp_path):
@@ -288,8 +291,8 @@ def test_sklearn_svm_heads_are_linearsvc_and_svc(data, tmp_path):
         config = TrainConfig.create(
             embeddings="e", model_dir="m", backend="sklearn", head="svm", kernel=kernel
         )
-        info = {"head": "svm", "kernel": kernel, "backbone": {**BACKBONE, "dim": xs.shape[1]}}
-        return train.fit_sklearn(xs, ys, labels, config, 1.0 / len(ys), info)[0]
+        info = info_of({**BACKBONE, "dim": xs.shape[1]}, kind="probe", head="svm", kernel=kernel)
+        return probe.fit_sklearn(xs, ys, labels, config, 1.0 / len(ys), info)
 
     linear = make_pipeline(StandardScaler(), LinearSVC(max_iter=10_000)).fit(x, y)
     index, score = fit("linear").predict(x_test)
@@ -321,7 +324,7 @@ def test_svm_options_are_checked(data, capsys, tmp_path, monkeypatch):
     assert_user_error(
         capsys, [*base, "--head", "svm", "--kernel", "rbf"], "--kernel rbf is scikit-learn's SVC on one node"
     )
-    monkeypatch.setattr(train, "_RBF_MAX_ROWS", 100)
+    monkeypatch.setattr(probe, "RBF_MAX_ROWS", 100)
     line = assert_user_error(
         capsys,
         [*base, "--head", "svm", "--kernel", "rbf", "--backend", "sklearn"],
@@ -377,11 +380,11 @@ def test_a_model_dir_cannot_make_predict_run_code(data, tmp_path):
     flipping `kernel` in model.json without the file is one sentence; damaged files are one sentence."""
     import skops.io
 
-    from raytl.storage import StorageError
+    from raytl.errors import StorageError
 
     config = TrainConfig.create(embeddings="e", model_dir="m", backend="sklearn", head="svm", kernel="rbf")
-    info = {"head": "svm", "kernel": "rbf", "backbone": {**BACKBONE, "dim": data["x"].shape[1]}}
-    model, _ = train.fit_sklearn(data["x"][:200], data["y"][:200], ["a", "b", "c", "d"], config, 0.01, info)
+    info = info_of({**BACKBONE, "dim": data["x"].shape[1]}, kind="probe", head="svm", kernel="rbf")
+    model = probe.fit_sklearn(data["x"][:200], data["y"][:200], ["a", "b", "c", "d"], config, 0.01, info)
     model.save(str(tmp_path / "m"))
     assert Model.load(str(tmp_path / "m")).kernel is not None
 
@@ -426,7 +429,7 @@ def test_ctrl_c_is_exit_130_and_the_same_command_resumes(ray_session, data, tmp_
     assert proc.returncode == 130, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last == "raytl: interrupted; rerun the same command to resume.", err[-3000:]
-    assert not (model_dir / "model.json").exists() and (model_dir / train.RUN_FILE).exists()
+    assert not (model_dir / "model.json").exists() and (model_dir / TRAIN_RUN).exists()
     assert main(args[3:]) == 0  # the same command (in this process, on this session's Ray: quicker)
     assert "resuming the unfinished run in MODEL_DIR" in capsys.readouterr().err
     assert json.loads((model_dir / "metrics.json").read_text())["accuracy"] > 0.8
@@ -435,23 +438,21 @@ def test_ctrl_c_is_exit_130_and_the_same_command_resumes(ray_session, data, tmp_
 
 
 def test_an_unfinished_probe_run_resumes_only_with_its_own_options(data, tmp_path, capsys):
-    from raytl import training
-
     config = TrainConfig.create(embeddings=str(tmp_path / "emb"), model_dir=str(tmp_path / "m"))
     assert train.prepare_model_dir(config) is False  # a new run, recorded once its labels are counted:
     assert not (tmp_path / "m").exists()  # a run refused for its data leaves nothing behind
-    training.record_run(config.model_dir, train.RUN_FILE, training.run_options(config))
+    record_run(config.model_dir, TRAIN_RUN, run_options(config))
     assert train.prepare_model_dir(config) is True  # the same command resumes it
     assert train.prepare_model_dir(TrainConfig.create(**{**config.__dict__, "mlflow_uri": "x"})) is True
-    with pytest.raises(raytl.errors.ConfigError, match=r"holds an unfinished run with other options \(--lr"):
+    with pytest.raises(ConfigError, match=r"holds an unfinished run with other options \(--lr"):
         train.prepare_model_dir(TrainConfig.create(**{**config.__dict__, "lr": 0.5}))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     other = TrainConfig.create(**{**config.__dict__, "model_dir": str(tmp_path / "other")})
-    with pytest.raises(raytl.errors.StorageError, match="is not empty and holds no raytl probe training run"):
+    with pytest.raises(StorageError, match="is not empty and holds no raytl probe training run"):
         train.prepare_model_dir(other)
     overwrite = TrainConfig.create(**{**config.__dict__, "lr": 0.5, "overwrite": True})
-    for name in (*train.WRITTEN, "train"):
+    for name in set(WRITTEN) - {TRAIN_RUN}:  # what a probe's run or a fine-tuning run writes (one is there)
         (tmp_path / "m" / name).mkdir()
     (tmp_path / "m" / "mine.txt").write_text("kept")
     assert train.prepare_model_dir(overwrite) is False

@@ -6,8 +6,8 @@ import pytest
 from conftest import upload_dir
 from images import BROKEN_REASONS, NON_IMAGES, write_corpus
 
+from raytl.errors import StorageError
 from raytl.reader import is_image, list_corpus
-from raytl.storage import StorageError
 
 
 def test_image_extensions_in_any_case():

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision
 
-from raytl.config import ConfigError, Layer, Pool
+from raytl.config import Layer, Pool
+from raytl.errors import ConfigError
 from raytl.models import embedding_dim, from_state_dict, preset, trunk
 
 REGISTRY = torchvision.models.list_models(module=torchvision.models)

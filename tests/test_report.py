@@ -20,6 +20,7 @@ from raytl.classifier import Model
 from raytl.cli import main
 from raytl.commands import train
 from raytl.config import TrainConfig
+from raytl.model_dir import VALIDATION_FILE
 from raytl.writer import embeddings_schema
 
 FIGURES = ("confusion", "per_class", "curves", "pca", "misclassified")
@@ -70,7 +71,7 @@ def test_train_writes_the_report_and_its_figures(trained):
         with Image.open(model_dir / "report" / f"{name}.png") as image:
             pixels = np.asarray(image.convert("L"), np.float32)
         assert pixels.shape[0] > 60 and pixels.shape[1] > 200 and pixels.std() > 5, name  # drawn, not blank
-    sample = pq.read_table(model_dir / report.VALIDATION_FILE)
+    sample = pq.read_table(model_dir / VALIDATION_FILE)
     wrong = int(np.sum(metrics["confusion_matrix"]) - np.trace(metrics["confusion_matrix"]))
     assert 0 < wrong < sample.num_rows <= metrics["samples"]
     rows = sample.to_pylist()
@@ -144,12 +145,12 @@ def test_report_reads_only_what_its_source_allowed_under_the_bomb_guard(trained,
     good = trained["paths"][0]
     hostile = [f"http://127.0.0.1:{server.server_port}/internal/metadata.jpg", f"{good}::s3://b/x.png",
                "s3://elsewhere/x.png", f"zip://a.png::simplecache::{tmp_path}/c.zip", str(bomb)]  # fmt: skip
-    sample = pq.read_table(model_dir / report.VALIDATION_FILE).to_pylist()
+    sample = pq.read_table(model_dir / VALIDATION_FILE).to_pylist()
     wrong = [i for i, r in enumerate(sample) if r["label"] != r["predicted_label"]]
     assert len(wrong) >= 2
     for n, i in enumerate(wrong):
         sample[i]["path"] = hostile[n % len(hostile)] if n < len(wrong) - 1 else good
-    pq.write_table(pa.Table.from_pylist(sample, report.SAMPLE_SCHEMA), model_dir / report.VALIDATION_FILE)
+    pq.write_table(pa.Table.from_pylist(sample, report.SAMPLE_SCHEMA), model_dir / VALIDATION_FILE)
     try:
         report.write(str(model_dir))
     finally:
@@ -227,11 +228,11 @@ def test_class_names_are_drawn_as_text_not_maths(trained, tmp_path):
     metrics["classes"] = [rename[c] for c in metrics["classes"]]
     metrics["per_class"] = {rename[c]: v for c, v in metrics["per_class"].items()}
     (model_dir / "metrics.json").write_text(json.dumps(metrics))
-    sample = pq.read_table(model_dir / report.VALIDATION_FILE)
+    sample = pq.read_table(model_dir / VALIDATION_FILE)
     for column in ("label", "predicted_label"):
         renamed = pa.array([rename[v] for v in sample[column].to_pylist()])
         sample = sample.set_column(sample.column_names.index(column), column, renamed)
-    pq.write_table(sample, model_dir / report.VALIDATION_FILE)
+    pq.write_table(sample, model_dir / VALIDATION_FILE)
     for name in FIGURES:
         (model_dir / "report" / f"{name}.png").unlink()
     report.write(str(model_dir))

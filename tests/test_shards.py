@@ -14,8 +14,9 @@ from conftest import upload_dir
 from images import encode, picture, write_corpus
 from s3faults import Rule
 
-from raytl import doneset, storage
+from raytl import doneset, errors, storage
 from raytl.cli import main
+from raytl.errors import StorageError
 from raytl.preprocess import Transform
 from raytl.shards import expand, read_shards, split_name
 
@@ -79,10 +80,10 @@ def test_a_huge_brace_range_is_one_sentence_not_all_of_memory(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert len(expand(f"s/{{1..{MAX_SHARDS}}}.tar")) == MAX_SHARDS
     # Counted without expanding, as braceexpand expands: lists multiply too (2**21 names from 105 bytes).
-    with pytest.raises(storage.StorageError, match="names more than 1,000,000 shards"):
+    with pytest.raises(StorageError, match="names more than 1,000,000 shards"):
         expand("s/" + "{a,b}" * 21 + ".tar")
     assert len(expand("s/" + "{a,b}" * 9 + "{1..0}.tar")) == 2**9 * 2
-    with pytest.raises(storage.StorageError, match=r"^SOURCE s/\{1..3.tar has unbalanced braces\.$"):
+    with pytest.raises(StorageError, match=r"^SOURCE s/\{1..3.tar has unbalanced braces\.$"):
         expand("s/{1..3.tar")
 
 
@@ -153,17 +154,15 @@ def test_a_storage_error_from_a_ray_task_is_one_clean_sentence():
     the sentence."""
     from ray.exceptions import RayTaskError
 
-    from raytl import pipeline
-
     sentence = "cannot read shard s3://b/s/00001.tar: access denied (PermissionError: Forbidden)."
     remote = (
         "\x1b[36mray::ReadShards()\x1b[39m (pid=1, ip=127.0.0.1)\nTraceback (most recent call last):\n"
         '  File "raytl/shards.py", line 1, in samples\n'
         f"raytl.errors.StorageError: {sentence}"
     )
-    error = RayTaskError("ReadShards", remote, storage.StorageError(sentence)).as_instanceof_cause()
-    assert isinstance(error, storage.StorageError)
-    with pytest.raises(storage.StorageError) as raised, pipeline.user_errors():
+    error = RayTaskError("ReadShards", remote, StorageError(sentence)).as_instanceof_cause()
+    assert isinstance(error, StorageError)
+    with pytest.raises(StorageError) as raised, errors.unwrapped():
         raise error
     assert str(raised.value) == sentence
 

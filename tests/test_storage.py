@@ -11,6 +11,7 @@ import pytest
 from s3faults import Rule
 
 from raytl import storage
+from raytl.errors import StorageError
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def test_writes_are_retried(bucket, s3_faults):
 def test_retries_run_out_with_one_sentence(objects, bucket, s3_faults, monkeypatch):
     monkeypatch.setenv("RAYTL_RETRIES", "2")
     rule = s3_faults.add(Rule(bucket=bucket, prefix="in/3", status=500, times=None))
-    with pytest.raises(storage.StorageError) as info:
+    with pytest.raises(StorageError) as info:
         storage.fetch_many(objects)
     assert str(info.value).startswith(f"cannot read s3://{bucket}/in/3.jpg: ")
     assert "still failing after 2 retries" in str(info.value)
@@ -57,9 +58,7 @@ def test_sustained_throttling_is_retried_by_one_layer_only(bucket, s3_faults, mo
         Rule(bucket=bucket, prefix="in/slow", method=method, status=503, code="SlowDown", times=None)
     )
     uri = f"s3://{bucket}/in/slow.jpg"
-    with pytest.raises(
-        storage.StorageError, match=f"cannot (read|write) {uri}: .*still failing after 3 retries"
-    ):
+    with pytest.raises(StorageError, match=f"cannot (read|write) {uri}: .*still failing after 3 retries"):
         storage.read_bytes(uri) if method == "GET" else storage.write_bytes(uri, b"new")
     assert rule.attempts == {"in/slow.jpg": 4}
 
@@ -89,11 +88,12 @@ def test_filesystems_without_retries_of_their_own_get_raytls(monkeypatch):
     assert storage.read_bytes("flaky:///in/a.jpg") == b"image"
     monkeypatch.setenv("RAYTL_RETRIES", "1")
     monkeypatch.setattr(Flaky, "fails", 2)
-    with pytest.raises(storage.StorageError, match="still failing after 1 retry;"):
+    with pytest.raises(StorageError, match="still failing after 1 retry;"):
         storage.read_bytes("flaky:///in/a.jpg")
     assert Flaky.fails == 0  # two attempts, both failed
 
 
+@pytest.mark.ray
 def test_retries_on_the_command_line_reach_this_process_and_rays_workers(bucket, s3_faults, monkeypatch):
     """--retries N: storage calls here make N + 1 attempts; a Ray started here gets RAYTL_RETRIES in its
     job's runtime_env (the workers' storage calls read it); the environment is as it was afterwards."""
@@ -130,7 +130,7 @@ def test_access_denied_fails_at_once(objects, bucket, s3_faults):
             bucket=bucket, prefix="in/2", status=403, code="AccessDenied", message="Access Denied", times=None
         )
     )
-    with pytest.raises(storage.StorageError, match=f"cannot read s3://{bucket}/in/2.jpg: access denied"):
+    with pytest.raises(StorageError, match=f"cannot read s3://{bucket}/in/2.jpg: access denied"):
         storage.fetch_many(objects)
     assert rule.attempts == {"in/2.jpg": 1}  # permanent: not retried
 
@@ -138,9 +138,7 @@ def test_access_denied_fails_at_once(objects, bucket, s3_faults):
 def test_a_missing_file_is_the_files_problem_a_missing_bucket_the_runs(objects, bucket):
     got = storage.fetch_many([objects[0], f"s3://{bucket}/in/gone.jpg"])
     assert got[0] == b"image 0" and isinstance(got[1], FileNotFoundError)
-    with pytest.raises(
-        storage.StorageError, match="cannot read s3://raytl-no-such-bucket/a.jpg: .*no such bucket"
-    ):
+    with pytest.raises(StorageError, match="cannot read s3://raytl-no-such-bucket/a.jpg: .*no such bucket"):
         storage.fetch_many(["s3://raytl-no-such-bucket/a.jpg"])
 
 
@@ -194,13 +192,13 @@ def test_a_scheme_without_its_filesystem_names_the_extra():
 
     if importlib.util.find_spec("gcsfs") is not None:
         pytest.skip("gcsfs is installed here (raytl[gcs]): the message is for machines without it")
-    with pytest.raises(storage.StorageError) as raised:
+    with pytest.raises(StorageError) as raised:
         storage.filesystem("gs://bucket/photos/")
     assert str(raised.value) == (
         "gs://bucket/photos/: gs:// needs the package gcsfs, which is not installed: "
         'pip install -c requirements/lock.txt "raytl[gcs]".'
     )
-    with pytest.raises(storage.StorageError, match="no filesystem knows the scheme 'nosuch'"):
+    with pytest.raises(StorageError, match="no filesystem knows the scheme 'nosuch'"):
         storage.filesystem("nosuch://x/y")
 
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-import raytl
 from raytl import portable, storage
 from raytl.classifier import Model
 from raytl.config import ExportConfig
+from raytl.errors import StorageError
+from raytl.version import VERSION
 
 INFO_FILE = "raytl.json"  # the extra file inside OUT
 
@@ -30,7 +31,7 @@ def run(config: ExportConfig) -> dict[str, Any]:
     portable.check_linear(model, config.model_dir, "export")
     fs, path = storage.filesystem(config.output)
     if not config.overwrite and fs.exists(path):
-        raise storage.StorageError(
+        raise StorageError(
             f"OUT {storage.redact(config.output)} exists; pass --overwrite to replace it or choose another "
             "OUT."
         )
@@ -61,10 +62,10 @@ def describe(model: Model, model_dir: str) -> dict[str, Any]:
     size, resize, interpolation = backbone.image_size, backbone.resize, backbone.interpolation
     return {
         "format": "raytl-export/1",
-        "raytl": raytl.__version__,
+        "raytl": VERSION,
         "torch": torch.__version__,
         "input": f"uint8 RGB crops, shape (N, {size}, {size}, 3), prepared as `preprocessing` says",
-        "scores": "SVM margins" if model.info.get("head") == "svm" else "softmax probabilities",
+        "scores": "SVM margins" if model.info.svm else "softmax probabilities",
         "classes": model.classes,
         "preprocessing": {
             "steps": [
@@ -80,7 +81,7 @@ def describe(model: Model, model_dir: str) -> dict[str, Any]:
             "std": list(backbone.std),
         },
         "precision": "fp32",
-        "model": {k: v for k, v in model.info.items() if k != "backbone"},
-        "backbone": model.info["backbone"],  # as recorded (checked into `model.backbone`)
+        "model": {k: v for k, v in model.info.to_json(model.classes).items() if k != "backbone"},
+        "backbone": model.info.recorded_backbone,  # as recorded (checked into `model.backbone`)
         "model_dir": storage.redact(model_dir),
     }

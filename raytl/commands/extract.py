@@ -9,9 +9,9 @@ from typing import Any
 import pyarrow.compute as pc
 import ray
 
-from raytl import doneset, logs, output, pipeline, storage, writer
-from raytl.config import ConfigError, Decode, ExtractConfig
-from raytl.errors import ExtractError
+from raytl import doneset, errors, logs, output, pipeline, storage, writer
+from raytl.config import Decode, ExtractConfig
+from raytl.errors import ConfigError, ExtractError, StorageError
 from raytl.models import embedding_dim, load_weights, resolved
 from raytl.reader import Corpus, image_schemes, list_corpus
 
@@ -49,7 +49,7 @@ def run(config: ExtractConfig) -> dict[str, Any]:
         counts = _passes(config, record, corpus, todo, done, stages, weights.state_dict, metadata, total)
     embedded, failed = counts.get("embedded", 0), counts.get("failed", 0)
     if corpus.shards and embedded + failed + skipped == 0:  # as for an empty folder, found only once read
-        raise storage.StorageError(
+        raise StorageError(
             f"SOURCE {storage.redact(config.source or '')} holds no samples "
             f"({corpus.table.num_rows} shards read)."
         )
@@ -144,7 +144,7 @@ def _embed_all(
         progress.update(totals)
         _check_errors(totals, progress.total, config)
 
-    with pipeline.user_errors():
+    with errors.unwrapped():
         counts = writer.sum_counts(stats, check=check)
     counts = {k: counts.get(k, 0) + earlier.get(k, 0) for k in {*counts, *earlier}}
     _check_errors(counts, progress.total, config, final=True)

@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,44 +14,36 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from torch import nn
 
-import raytl
-from raytl import logs, pipeline, report, shards, split, storage, tracking, training
+from raytl import errors, logs, loop, pipeline, report, shards, split, storage, tracking, training
 from raytl import metrics as classification
-from raytl.classifier import KERNEL_FILE, METRICS_FILE, MODEL_FILE, MODEL_JSON, Model, classify
-from raytl.config import ConfigError, FinetuneConfig, Freeze, Head, Layer, Optimizer, Pool
+from raytl import model_dir as model_dirs
+from raytl.classifier import Model, classify
+from raytl.config import FinetuneConfig, Head, Layer, Pool
+from raytl.errors import ConfigError, DatasetError, StorageError
+from raytl.model_dir import BACKBONE_FILE, FINETUNE_RUN, METRICS_FILE, NETWORK_CHECKPOINT
 from raytl.models import (
     VGG16,
     embedding_dim,
-    from_state_dict,
     load_weights,
-    prefers_channels_last,
     preset,
-    resolve_precision,
     resolved,
+)
+from raytl.network import (
+    NetworkObjective,
+    build_network,
+    make_optimizer,
+    schedule,
+    steps_per_epoch,
+    trainable_state,
 )
 from raytl.output import NOTHING
 from raytl.preprocess import TrainTransform, Transform
 from raytl.reader import CORPUS_SCHEMA, Corpus, image_schemes, list_corpus
 from raytl.tracking import UNTRACKED, Tracker
+from raytl.version import VERSION
 
 log = logging.getLogger(__name__)
-
-BACKBONE_FILE = "backbone.pt"  # the fine-tuned backbone the head needs, as a torchvision state_dict
-RUN_FILE = "finetune.json"  # the options of the run in MODEL_DIR: a rerun with the same ones resumes it
-# What a run writes in MODEL_DIR besides RUN_FILE and train/: what --overwrite removes.
-WRITTEN = (MODEL_FILE, MODEL_JSON, METRICS_FILE, BACKBONE_FILE, KERNEL_FILE, report.REPORT_FILE,
-           report.FIGURES_DIR, report.VALIDATION_FILE)  # fmt: skip
-STATE_FILE = "state.pt"  # inside each Ray Train checkpoint
-# Index in VGG16's `features` where each conv block ends (after its max-pool): --freeze block1..block5.
-BLOCK_ENDS = {
-    Freeze.BLOCK1.value: 5,
-    Freeze.BLOCK2.value: 10,
-    Freeze.BLOCK3.value: 17,
-    Freeze.BLOCK4.value: 24,
-    Freeze.BLOCK5.value: 31,
-}
 
 
 def run(config: FinetuneConfig) -> dict[str, Any]:
@@ -71,21 +62,22 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
     with tracking.run("finetune", config, starting, resume=resuming) as tracker:
         weights_ref = ray.put(weights.state_dict)
         result = fit(config, train, val, classes, weights_ref, tracker)
-        best, latest = best_and_latest(result)
+        best, latest = training.best_state(result, NETWORK_CHECKPOINT)
         backbone_spec = save_model(config, classes, layer, weights.state_dict, weights.id, best)
         model = Model.load(config.model_dir)
-        metrics, sample = evaluate(model, backbone_stages(config, layer), backbone_spec, val)
+        metrics, sample = validation_metrics(model, backbone_stages(config, layer), backbone_spec, val)
         report.write_validation(config.model_dir, sample)
         metrics.update(
             head=str(config.head),
             kind="finetune",
             best_epoch=best["epoch"],
+            selected_by=loop.selection(True),
             train_samples=_counts(train.table, classes),
             val_samples=_counts(val.table, classes),
             history=latest["history"],
             resumed_at_epochs=latest["resumed"],
         )
-        storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), training.json_bytes(metrics))
+        model_dirs.write_json(config.model_dir, METRICS_FILE, metrics)
         report.write_quietly(config.model_dir)
         tracker.finish(config.model_dir, metrics)
     return metrics
@@ -115,15 +107,13 @@ def split_corpus(config: FinetuneConfig) -> tuple[Images, Images, list[str]]:
     """Training and validation images and the sorted classes; refuses unlabelled images."""
     images = _labelled(config.source, config.manifest, config.label_field, config.allow_schemes)
     corpus = images.table
-    _require_labels(corpus, "SOURCE" if config.source else "--manifest")
+    what = "SOURCE" if config.source else "--manifest"
+    _require_labels(corpus, what)
     classes = sorted(set(corpus["label"].to_pylist()))
-    if len(classes) < 2:
-        raise ConfigError(f"the images have a single class ({classes[0]!r}); a classifier needs two.")
+    split.check_classes(f"{what} {storage.redact(config.source or config.manifest or '')}", classes)
     if config.val:
         val = _list_val(config.val, config.label_field, config.allow_schemes)
-        unknown = sorted(set(val.table["label"].to_pylist()) - set(classes))
-        if unknown:
-            raise ConfigError(f"--val has labels that SOURCE does not: {', '.join(map(repr, unknown[:5]))}.")
+        split.check_val_labels(what, val.table["label"].to_pylist(), classes)
         train = images
     else:
         labels = corpus["label"].to_pylist()
@@ -133,11 +123,7 @@ def split_corpus(config: FinetuneConfig) -> tuple[Images, Images, list[str]]:
         }
         in_val = split.in_validation(labels, row_bins, split.thresholds(hists, config.val_fraction))
         train, val = images.where(~in_val), images.where(in_val)
-    empty = [c for c in classes if c not in set(train.table["label"].to_pylist())]
-    if empty:
-        raise ConfigError(f"class {empty[0]!r} has no training images left after the validation split.")
-    if val.table.num_rows == 0:
-        raise ConfigError("the validation split is empty: give --val or a larger --val-fraction.")
+    split.check_sides(classes, _counts(train.table, classes), _counts(val.table, classes), "images")
     workers = training.most(config.workers)
     if train.table.num_rows < workers:
         raise ConfigError(f"--workers {workers} is more than the {train.table.num_rows} training images.")
@@ -160,13 +146,13 @@ def _labelled(
         batch_format="numpy",
         num_cpus=0.5,  # mostly reading
     )
-    with pipeline.user_errors():
+    with errors.unwrapped():
         tables = ray.get(labels.to_arrow_refs())
     table = (
         pa.concat_tables([t.cast(CORPUS_SCHEMA) for t in tables]) if tables else CORPUS_SCHEMA.empty_table()
     )
     if table.num_rows == 0:
-        raise storage.StorageError(f"SOURCE {storage.redact(source or '')} holds no samples with an image.")
+        raise StorageError(f"SOURCE {storage.redact(source or '')} holds no samples with an image.")
     log.info("listed %d samples in %d shards", table.num_rows, corpus.table.num_rows)
     return Images(table, corpus.table)
 
@@ -178,8 +164,8 @@ def _list_val(uri: str, label_field: str | None, allow_schemes: tuple[str, ...] 
             images = _labelled(None, uri, None, allow_schemes)
         else:
             images = _labelled(uri, None, label_field)
-    except storage.StorageError as exc:
-        raise storage.StorageError(f"--val: {exc}") from None
+    except StorageError as exc:
+        raise StorageError(f"--val: {exc}") from None
     _require_labels(images.table, "--val")
     return images
 
@@ -187,7 +173,7 @@ def _list_val(uri: str, label_field: str | None, allow_schemes: tuple[str, ...] 
 def _require_labels(table: pa.Table, what: str) -> None:
     missing = sum(1 for label in table["label"].to_pylist() if not label)
     if missing:
-        raise ConfigError(
+        raise DatasetError(
             f"{what} has images without a label ({missing} of {table.num_rows}); fine-tuning needs "
             "SOURCE/<label>/<image> folders, a manifest with a `label` column, or shards with labels "
             "(--label-field)."
@@ -196,9 +182,9 @@ def _require_labels(table: pa.Table, what: str) -> None:
 
 def prepare_model_dir(config: FinetuneConfig) -> bool:
     """Start a run in MODEL_DIR, or resume the unfinished one with the same options; True when resuming
-    (training.prepare_model_dir)."""
-    return training.prepare_model_dir(
-        config.model_dir, training.run_options(config), RUN_FILE, WRITTEN, config.overwrite, "fine-tuning",
+    (model_dir.prepare)."""
+    return model_dirs.prepare(
+        config.model_dir, model_dirs.run_options(config), FINETUNE_RUN, config.overwrite, "fine-tuning",
         _option, recorded_defaults={"model": VGG16},  # runs recorded before --model existed are vgg16's
     )  # fmt: skip
 
@@ -306,9 +292,9 @@ def fit(
             name="train",
             storage_path=path,
             storage_filesystem=fs,
-            # The best epoch by validation accuracy is kept besides the latest (always kept: resume needs it).
+            # The best epoch (loop.Selection) is kept besides the latest (always kept: resume needs it).
             checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="val_accuracy", checkpoint_score_order="max"
+                num_to_keep=1, checkpoint_score_attribute=training.KEPT_SCORE, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=config.max_failures),
             logging_config=LoggingConfig(log_level="INFO" if log.isEnabledFor(logging.INFO) else "WARNING"),
@@ -331,263 +317,55 @@ class WorkerPlan:
     logs: training.WorkerLogs
 
 
-class Network(nn.Module):
-    """The backbone (VGG16 cut at pool5 averaged or fc7; another model without its final classifier layer),
-    then dropout and a new linear layer over the classes."""
-
-    def __init__(self, trunk: nn.Module, dim: int, classes: int, dropout: float) -> None:
-        super().__init__()
-        self.trunk = trunk
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(dim, classes)
-        nn.init.normal_(self.head.weight, 0, 0.01)  # torchvision's init of VGG16's classifier layers
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.trunk(x)))
-
-    def train(self, mode: bool = True) -> Network:
-        """As nn.Module's, but frozen parts stay in eval mode: batch norms keep the running statistics of
-        --weights, and stochastic depth and dropout inside them stay off (they are a fixed feature map)."""
-        super().train(mode)
-        for module in self.trunk.modules():
-            parameters = list(module.parameters())
-            if parameters and not any(p.requires_grad for p in parameters):
-                module.eval()
-        return self
-
-
-def build_network(state_dict: dict, config: FinetuneConfig, classes: int) -> Network:
-    """The network with the backbone's layers up to --freeze frozen (no gradients, no optimiser state)."""
-    layer = Layer.FC7 if config.head == Head.FC7 else Layer.POOL5
-    trunk = from_state_dict(config.model, state_dict, layer, Pool.AVG)
-    torch.manual_seed(config.seed)
-    network = Network(
-        trunk,
-        embedding_dim(layer, Pool.AVG, config.crop, config.model),
-        classes,
-        dropout=0.5 if config.head == Head.FC7 else 0.0,
-    )
-    freeze(trunk, config.freeze or "none")
-    return network
-
-
-def freeze(trunk: nn.Module, spec: str) -> None:
-    """Turn off the gradients of --freeze's part of the backbone: none; all; vgg16's conv blocks 1..N; or
-    the first fraction F of its layers (the modules that hold parameters, in the order the model defines
-    them, which for torchvision's models is from the input to the output)."""
-    if spec == "none":
-        return
-    if spec == "all":
-        trunk.requires_grad_(False)
-    elif spec in BLOCK_ENDS:
-        features = trunk.get_submodule("features")
-        assert isinstance(features, nn.Sequential), "config.parse_freeze allows blocks for vgg16 only"
-        for module in features[: BLOCK_ENDS[spec]]:
-            module.requires_grad_(False)
-    else:
-        layers = list(dict.fromkeys(name.rpartition(".")[0] for name, _ in trunk.named_parameters()))
-        for name in layers[: round(float(spec) * len(layers))]:
-            for parameter in trunk.get_submodule(name).parameters(recurse=False):
-                parameter.requires_grad_(False)
-
-
-def make_optimizer(network: Network, config: FinetuneConfig) -> torch.optim.Optimizer:
-    """Two groups: the new head at --lr, the unfrozen backbone layers at --backbone-lr."""
-    trunk = [p for p in network.trunk.parameters() if p.requires_grad]
-    groups = [{"params": list(network.head.parameters()), "lr": config.lr}]
-    if trunk:
-        groups.append({"params": trunk, "lr": config.trunk_lr})
-    if config.optimizer == Optimizer.SGD:
-        return torch.optim.SGD(groups, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor: linear from 1/100 to 1 over `warmup` steps, then cosine down to zero."""
-    if step < warmup:
-        return 0.01 + 0.99 * step / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def train_loop(loop_config: dict[str, WorkerPlan]) -> None:
-    """One Ray Train worker: build the network, resume if there is a checkpoint, then train and validate
-    an epoch at a time, reporting metrics and a checkpoint after each."""
+    """One Ray Train worker: the network, its optimiser and schedule, stepped by the training core
+    (training.run_epochs): train and validate an epoch at a time, a report and a checkpoint after each."""
     import ray.train
     import ray.train.torch
 
     plan = loop_config["plan"]
     config = plan.config
     plan.logs.apply()
-    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(plan.threads)  # Ray's OMP_NUM_THREADS follows the (fractional) CPU request
+    device = training.worker_device(plan.threads)
     network = build_network(ray.get(plan.weights_ref), config, plan.classes)
-    runner = Runner(network, config, device)
+    objective = NetworkObjective(network, config, device)
+    objective.model = ray.train.torch.prepare_model(objective.placed(network), move_to_device=device)
     optimizer = make_optimizer(network, config)
-    # Each worker's steps an epoch: Ray Train splits the stream equally among however many workers run
-    # now (with --workers MIN-MAX, a group restarted after a resize may be larger or smaller).
     workers = ray.train.get_context().get_world_size()
-    steps = max(1, math.ceil(plan.train_images // workers / config.batch_size))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: warmup_cosine(step, round(config.warmup * steps), config.epochs * steps),
-    )
-    history, resumed, start, state = training.History("finetune", config.epochs, plan.logs), [], 0, {}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restarted worker group, or a rerun of the same command: carry on where it stopped
-        state = training.load(checkpoint, STATE_FILE)
-        network.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        runner.scaler.load_state_dict(state["scaler"])
-        start = state["epoch"] + 1
-        history, resumed = (
-            training.History("finetune", config.epochs, plan.logs, state["history"], start),
-            [*state["resumed"], start],
-        )
-    for epoch in range(start, config.epochs):
-        loss, accuracy, failed = runner.train_epoch(optimizer, schedule, ray.train.get_dataset_shard("train"))
-        val_metrics = runner.validate(ray.train.get_dataset_shard("val"))
-        lr = schedule.get_last_lr()[0]
-        history.add(epoch, (loss, accuracy), val_metrics, failed_images=failed, lr=lr, workers=workers)
-        state = {
-            "trainable": trainable_state(network),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "scaler": runner.scaler.state_dict(),
-            "history": history.records,
-            "epoch": epoch,
-            "resumed": resumed,
-        }
-        training.report(history.records[-1], state, STATE_FILE)
-    if start >= config.epochs and history.records:  # resumed after the last epoch: hand the driver its result
-        training.report(history.records[-1], state, STATE_FILE)
+    size = config.batch_size
 
-
-def trainable_state(network: Network) -> dict[str, torch.Tensor]:
-    """The tensors training changes: the trained layers' parameters and buffers (a batch norm's running
-    statistics); frozen layers are the --weights' own and stay out of checkpoints."""
-    trained = {name.rpartition(".")[0] for name, p in network.named_parameters() if p.requires_grad}
-    return {
-        k: v.detach().cpu().clone()
-        for k, v in network.state_dict().items()
-        if k.rpartition(".")[0] in trained
-    }
-
-
-class Runner:
-    """Steps and evaluates one worker's DDP model on uint8 batches: normalisation on the device, autocast
-    (bf16 on CUDA and fast-bf16 CPUs), channels_last for convnets at reduced precision, a grad scaler for
-    fp16."""
-
-    def __init__(self, network: Network, config: FinetuneConfig, device: torch.device) -> None:
-        import ray.train.torch
-
-        from raytl.config import Precision
-
-        self.config, self.device = config, device
-        self.precision = resolve_precision(config.precision, device)
-        self.dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self.precision)
-        self.channels_last = self.dtype is not None and prefers_channels_last(network)
-        if self.channels_last:
-            network = network.to(memory_format=torch.channels_last)
-        self.model = ray.train.torch.prepare_model(network, move_to_device=device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == Precision.FP16)
-        weights = preset(config.model)  # the normalisation the backbone's weights expect
-        self.mean = torch.tensor(weights.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(weights.std, device=device).view(1, 3, 1, 1)
-
-    def batches(self, shard: Any, shuffle: bool) -> Any:
-        size = self.config.batch_size
-        return shard.iter_torch_batches(
+    def batches(split: str, epoch: int | None) -> Any:
+        return ray.train.get_dataset_shard(split).iter_torch_batches(
             batch_size=size,
             dtypes={"image": torch.uint8, "y": torch.int64, "ok": torch.bool},
-            device=self.device,
-            local_shuffle_buffer_size=4 * size if shuffle else None,
+            device=device,
+            local_shuffle_buffer_size=4 * size if epoch is not None else None,
         )
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.permute(0, 3, 1, 2).float()  # NHWC uint8 -> NCHW float, already channels_last in memory
-        x = x if self.channels_last else x.contiguous()
-        x = x.div_(255).sub_(self.mean).div_(self.std)
-        if self.dtype is None:
-            return self.model(x)
-        with torch.autocast(self.device.type, dtype=self.dtype):
-            return self.model(x).float()
-
-    def train_epoch(self, optimizer: Any, schedule: Any, shard: Any) -> tuple[float, float, int]:
-        """One pass over this worker's shard; the loss, accuracy and failed images over all workers."""
-        self.model.train()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, correct, images, failed
-        for batch in self.batches(shard, shuffle=True):
-            ok, y = batch["ok"], batch["y"]
-            logits = self.forward(batch["image"])
-            per_image = nn.functional.cross_entropy(
-                logits, y, reduction="none", label_smoothing=self.config.label_smoothing
-            )
-            # Images that failed to decode weigh zero; the step still happens on every worker (DDP).
-            weight = ok.float()
-            loss = (per_image * weight).sum() / weight.sum().clamp(min=1)
-            optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
-            self.scaler.update()
-            schedule.step()
-            with torch.no_grad():
-                sums += self._batch_sums(per_image, logits, y, ok)
-        return self._global(sums)
-
-    def validate(self, shard: Any) -> tuple[float, float]:
-        self.model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        with torch.no_grad():
-            for batch in self.batches(shard, shuffle=False):
-                ok, y = batch["ok"], batch["y"]
-                logits = self.forward(batch["image"])
-                per_image = nn.functional.cross_entropy(logits, y, reduction="none")
-                sums += self._batch_sums(per_image, logits, y, ok)
-        loss, accuracy, _ = self._global(sums)
-        return loss, accuracy
-
-    def _batch_sums(self, per_image, logits, y, ok) -> torch.Tensor:
-        correct = ((logits.argmax(1) == y) & ok).sum()
-        return torch.stack(
-            [(per_image * ok).sum().double(), correct.double(), ok.sum().double(), (~ok).sum().double()]
+    training.run_epochs(
+        training.Worker(
+            command="finetune",
+            epochs=config.epochs,
+            checkpoint_file=NETWORK_CHECKPOINT,
+            model=objective.model,
+            objective=objective,
+            optimizer=optimizer,
+            schedule=schedule(optimizer, config, steps_per_epoch(plan.train_images, workers, size)),
+            batches=batches,
+            trainable=lambda: trainable_state(network),
+            load_trainable=lambda state: network.load_state_dict(state, strict=False),
+            device=device,
+            logs=plan.logs,
+            by_accuracy=True,
+            scaler=objective.scaler(),
+            step_schedule=True,
+            counts_failed=True,
+            extra=lambda: {"workers": workers},
         )
-
-    def _global(self, sums: torch.Tensor) -> tuple[float, float, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
-        loss, correct, images, failed = sums.tolist()
-        return (
-            (loss / images if images else math.nan),
-            (correct / images if images else math.nan),
-            int(failed),
-        )
+    )
 
 
 # --- the result: MODEL_DIR for `raytl predict`, and exact metrics ----------------------------------------
-
-
-def best_and_latest(result: Any) -> tuple[dict, dict]:
-    """The checkpoint states with the best validation accuracy (ties: lower loss, then later) and the
-    latest. Ray's list can name a checkpoint that a run interrupted mid-cleanup already deleted: the
-    best one still in storage wins."""
-    assert result.checkpoint is not None, "every epoch reports a checkpoint"
-    latest = training.load(result.checkpoint, STATE_FILE)
-    candidates = sorted(
-        result.best_checkpoints or [],
-        key=lambda pair: (pair[1]["val_accuracy"], -pair[1]["val_loss"], pair[1]["epoch"]),
-        reverse=True,
-    )
-    for checkpoint, metrics in candidates:
-        try:
-            return training.load(checkpoint, STATE_FILE), latest
-        except FileNotFoundError:
-            log.warning("checkpoint of epoch %d is gone from storage; trying the next best", metrics["epoch"])
-    return latest, latest
 
 
 def save_model(
@@ -604,20 +382,16 @@ def save_model(
     storage.write_bytes(uri, buffer.getvalue())
     digest = hashlib.sha256(buffer.getvalue()).hexdigest()[:16]
     dim = embedding_dim(layer, Pool.AVG, config.crop, config.model)
-    info = {
-        "kind": "finetune",
-        "head": str(config.head),
-        "backbone": {
-            **pipeline.embeddings_metadata(
-                backbone_stages(config, layer), f"{storage.redact(uri)}#sha256:{digest}", dim
-            ),
-            "schemes": image_schemes(config.source, config.manifest, config.allow_schemes),
-        },
-        "initial_weights": weights_id,
-        "best_epoch": best["epoch"],
-        "config": json.loads(config.to_json()),
-        "raytl_version": raytl.__version__,
+    backbone = {
+        **pipeline.embeddings_metadata(
+            backbone_stages(config, layer), f"{storage.redact(uri)}#sha256:{digest}", dim
+        ),
+        "schemes": image_schemes(config.source, config.manifest, config.allow_schemes),
     }
+    info = model_dirs.info_of(
+        backbone, kind="finetune", head=str(config.head), initial_weights=weights_id,
+        best_epoch=best["epoch"], config=json.loads(config.to_json()), raytl_version=VERSION,
+    )  # fmt: skip
     head = Model(
         classes,
         np.zeros(dim, np.float32),
@@ -672,7 +446,7 @@ def batch_evaluation(batch: pa.Table, model: Model) -> dict[str, np.ndarray]:
     }
 
 
-def evaluate(
+def validation_metrics(
     model: Model, stages: pipeline.Stages, weights_uri: str, val: Images
 ) -> tuple[dict[str, Any], pa.Table]:
     """Metrics of the saved model on every validation image, through predict's own image path, and a

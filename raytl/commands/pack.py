@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import ray
 
 from raytl import logs, storage
-from raytl.config import ConfigError, PackConfig
+from raytl.config import PackConfig
+from raytl.errors import ConfigError, StorageError
 from raytl.reader import Corpus, list_corpus
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def run(config: PackConfig) -> dict:
     fs, root = storage.filesystem(prefix)
     existing = [p for p in fs.ls(root, detail=False) if p.endswith(".tar")] if fs.exists(root) else []
     if existing and not config.overwrite:
-        raise storage.StorageError(
+        raise StorageError(
             f"{storage.redact(prefix)} already holds {len(existing)} tar shards; "
             "pass --overwrite to replace them or choose another prefix."
         )

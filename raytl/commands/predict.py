@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from raytl import logs, pipeline, storage, writer
+from raytl import errors, logs, pipeline, storage, writer
 from raytl.classifier import Model, backbone_weights, classify
 from raytl.config import Decode, ExtractConfig, PredictConfig
 from raytl.embeddings import check_same_backbone, is_embeddings, open_embeddings
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 def predictions_schema(model: Model, model_dir: str) -> pa.Schema:
     """path, predicted_label, score (probability of the predicted class), label (null when unknown)."""
-    meta = {"model_dir": storage.redact(model_dir), "classes": model.classes, "head": model.info.get("head")}
+    meta = {"model_dir": storage.redact(model_dir), "classes": model.classes, "head": model.info.head}
     return pa.schema(
         [
             ("path", pa.string()),
@@ -60,7 +60,7 @@ def run(config: PredictConfig) -> dict[str, Any]:
         batch_format="pyarrow",
         num_cpus=0,  # as extract's writer: never starved by decode tasks
     )
-    with pipeline.user_errors():
+    with errors.unwrapped():
         progress = logs.Progress("predict", None)
         counts = writer.sum_counts(stats, check=progress.update)
         progress.done(counts)
@@ -72,7 +72,7 @@ def run(config: PredictConfig) -> dict[str, Any]:
 def _embeddings_input(config: PredictConfig, model: Model) -> tuple[Callable[[], Any], int]:
     """INPUT holds embeddings: checked against the model's backbone; (rows builder, dimension)."""
     data = open_embeddings(config.source or "", "INPUT")
-    check_same_backbone(model.info["backbone"], data, "INPUT")
+    check_same_backbone(model.info.recorded_backbone, data, "INPUT")
     return data.read, data.dim
 
 

@@ -60,7 +60,7 @@ class Classifier:
 
     async def answer(self, request: Any) -> tuple[int, dict[str, Any]]:
         """(HTTP status, JSON body) for one request."""
-        from raytl.preprocess import ImageError
+        from raytl.errors import ImageError
 
         if request.method != "POST":
             return 405, {"error": "POST an image's bytes (JPEG, PNG, ...) as the request body."}

@@ -3,12 +3,9 @@ one-vs-rest linear SVM (squared hinge, as scikit-learn's LinearSVC)."""
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import pickle
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,20 +13,18 @@ import pyarrow as pa
 import ray
 import torch
 
-import raytl
-from raytl import logs, report, split, storage, tracking, training
-from raytl.classifier import KERNEL_FILE, METRICS_FILE, MODEL_FILE, MODEL_JSON, LinearHead, Model
-from raytl.config import Backend, ClassWeight, ConfigError, Kernel, ProbeHead, TrainConfig
-from raytl.embeddings import Embeddings, EmbeddingsError, check_same_backbone, matrix, open_embeddings
+from raytl import logs, loop, probe, report, split, storage, tracking, training
+from raytl import model_dir as model_dirs
+from raytl.classifier import LinearHead, Model
+from raytl.config import Backend, ProbeHead, TrainConfig
+from raytl.embeddings import Embeddings, check_same_backbone, matrix, open_embeddings
+from raytl.errors import DatasetError
 from raytl.metrics import report as classification_report
+from raytl.model_dir import METRICS_FILE, PROBE_CHECKPOINT, TRAIN_RUN
+from raytl.version import VERSION
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "head.pt"  # inside each Ray Train checkpoint
-RUN_FILE = "train.json"  # the options of the run in MODEL_DIR: a rerun with the same ones resumes it
-# What a run writes in MODEL_DIR besides RUN_FILE and train/: what --overwrite removes.
-WRITTEN = (MODEL_FILE, MODEL_JSON, METRICS_FILE, KERNEL_FILE, report.REPORT_FILE, report.FIGURES_DIR,
-           report.VALIDATION_FILE)  # fmt: skip
 
 # A worker keeps its shard of the splits in memory (CPU or GPU) after the first epoch up to this size.
 _WORKER_CACHE_BYTES = 2 * 1024**3
@@ -71,42 +66,33 @@ def run(config: TrainConfig) -> dict[str, Any]:
     val = open_embeddings(config.val, "--val") if config.val else None
     if val is not None:
         check_same_backbone(train.metadata, val, "--val")
-    if config.kernel == Kernel.RBF and train.rows > _RBF_MAX_ROWS:
-        raise ConfigError(
-            f"--kernel rbf fits scikit-learn's SVC on one node and does not scale past it: EMBEDDINGS has "
-            f"{train.rows:,} rows, more than the {_RBF_MAX_ROWS:,} it takes; use --kernel linear (the Ray "
-            "Train SVM)."
-        )
+    probe.check_kernel(config, train.rows)
     if prepare_model_dir(config):
         log.warning("resuming the unfinished run in MODEL_DIR %s", storage.redact(config.model_dir))
     logs.init_ray()
     plan = plan_split(config, train, val)
-    training.record_run(config.model_dir, RUN_FILE, training.run_options(config))  # from here on, resumable
+    model_dirs.record_run(config.model_dir, TRAIN_RUN, model_dirs.run_options(config))  # now resumable
     train_rows = xy(train, plan, config.seed, side="all" if val else "train")
     val_rows = xy(val, plan, None, side="all") if val else xy(train, plan, config.seed, side="val")
     train_rows, val_rows = cache_if_small(train_rows, val_rows, train, val)
     mean, std = moments(train_rows, train.dim)
     n_train = sum(plan.train_counts.values())
     l2 = config.l2 if config.l2 is not None else 1.0 / n_train  # scikit-learn's default C=1
-    info = {
-        "kind": "probe",
-        "head": str(config.head),
-        "kernel": str(config.kernel),
-        "backend": str(config.backend),
-        "backbone": train.metadata,
-        "embeddings": storage.redact(config.embeddings),
-        "l2": l2,
-        "raytl_version": raytl.__version__,
-    }
+    info = model_dirs.info_of(
+        train.metadata, kind="probe", head=str(config.head), kernel=str(config.kernel),
+        backend=str(config.backend), embeddings=storage.redact(config.embeddings), l2=l2,
+        raytl_version=VERSION,
+    )  # fmt: skip
     with tracking.run("train", config, train.metadata) as tracker:
+        history: list[dict] = []  # of the epochs (the sklearn backend has none)
         if config.backend == Backend.SKLEARN:
             x, y = gather(train_rows)
-            model, history = fit_sklearn(x, y, plan.classes, config, l2, info)
+            model = probe.fit_sklearn(x, y, plan.classes, config, l2, info)
         else:
             head, history = fit_ray(train_rows, val_rows, plan, config, mean, std, l2, tracker)
             model = Model.from_head(head, plan.classes, info)
         model.save(config.model_dir)
-        metrics, sample = evaluate(model, val_rows)
+        metrics, sample = validation_metrics(model, val_rows)
         report.write_validation(config.model_dir, sample)
         metrics.update(
             head=str(config.head),
@@ -119,9 +105,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
         if config.backend == Backend.RAY:
             kept = [row["epoch"] for row in history if row.get("selected")]
             metrics.update(
-                best_epoch=kept[-1] if kept else None, selected_by=selection(config.head == ProbeHead.SVM)
+                best_epoch=kept[-1] if kept else None,
+                selected_by=loop.selection(config.head == ProbeHead.SVM),
             )
-        storage.write_bytes(storage.join(config.model_dir, METRICS_FILE), training.json_bytes(metrics))
+        model_dirs.write_json(config.model_dir, METRICS_FILE, metrics)
         report.write_quietly(config.model_dir)
         tracker.finish(config.model_dir, metrics)
     return metrics
@@ -129,9 +116,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 def prepare_model_dir(config: TrainConfig) -> bool:
     """Start a probe's run in MODEL_DIR, or resume the unfinished one with the same options (True): Ray
-    Train restores its last checkpoint (training.prepare_model_dir)."""
-    return training.prepare_model_dir(
-        config.model_dir, training.run_options(config), RUN_FILE, WRITTEN, config.overwrite, "probe training",
+    Train restores its last checkpoint (model_dir.prepare)."""
+    return model_dirs.prepare(
+        config.model_dir, model_dirs.run_options(config), TRAIN_RUN, config.overwrite, "probe training",
         lambda name: name.upper() if name in ("embeddings", "model_dir") else "--" + name.replace("_", "-"),
         record=False,  # recorded once the labels are counted: a run refused for its data leaves nothing
     )  # fmt: skip
@@ -166,7 +153,7 @@ def count_labels(data: Embeddings, seed: int, what: str) -> dict[str, np.ndarray
             for label, hist in hists.items():
                 total[label] = total.get(label, 0) + hist
     if missing:
-        raise EmbeddingsError(f"{what} {storage.redact(data.uri)} has {missing} rows without a label.")
+        raise DatasetError(f"{what} {storage.redact(data.uri)} has {missing} rows without a label.")
     return total
 
 
@@ -174,18 +161,10 @@ def plan_split(config: TrainConfig, train: Embeddings, val: Embeddings | None) -
     """Classes, and which rows validate: a separate --val dataset or a stratified --val-fraction."""
     hists = count_labels(train, config.seed, "EMBEDDINGS")
     classes = sorted(hists)
-    if len(classes) < 2:
-        raise EmbeddingsError(
-            f"EMBEDDINGS {storage.redact(train.uri)} has a single class ({classes[0]!r}); "
-            "a classifier needs two."
-        )
+    split.check_classes(f"EMBEDDINGS {storage.redact(train.uri)}", classes)
     if val is not None:
         val_hists = count_labels(val, config.seed, "--val")
-        unknown = sorted(set(val_hists) - set(classes))
-        if unknown:
-            raise EmbeddingsError(
-                f"--val has labels that EMBEDDINGS does not: {', '.join(map(repr, unknown[:5]))}."
-            )
+        split.check_val_labels("EMBEDDINGS", val_hists, classes)
         train_counts = {c: int(h.sum()) for c, h in hists.items()}
         val_counts = {c: int(val_hists.get(c, np.zeros(1)).sum()) for c in classes}
         limits = None
@@ -193,11 +172,7 @@ def plan_split(config: TrainConfig, train: Embeddings, val: Embeddings | None) -
         limits = split.thresholds(hists, config.val_fraction)
         val_counts = {c: int(hists[c][: limits[c]].sum()) for c in classes}
         train_counts = {c: int(hists[c].sum()) - val_counts[c] for c in classes}
-    if sum(val_counts.values()) == 0:
-        raise EmbeddingsError("the validation split is empty: give --val or a larger --val-fraction.")
-    empty = [c for c in classes if train_counts[c] == 0]
-    if empty:
-        raise EmbeddingsError(f"class {empty[0]!r} has no training rows left after the validation split.")
+    split.check_sides(classes, train_counts, val_counts, "rows")
     return Plan(classes, limits, train_counts, val_counts)
 
 
@@ -267,13 +242,6 @@ def moments(rows: ray.data.Dataset, dim: int) -> tuple[np.ndarray, np.ndarray]:
 # --- fitting ------------------------------------------------------------------------------------------
 
 
-def class_weights(plan: Plan, mode: ClassWeight) -> list[float]:
-    if mode == ClassWeight.NONE:
-        return [1.0] * len(plan.classes)
-    n = sum(plan.train_counts.values())
-    return [n / (len(plan.classes) * plan.train_counts[c]) for c in plan.classes]
-
-
 def fit_ray(
     train_rows: ray.data.Dataset,
     val_rows: ray.data.Dataset,
@@ -284,7 +252,7 @@ def fit_ray(
     l2: float,
     tracker: tracking.Tracker = tracking.UNTRACKED,
 ) -> tuple[LinearHead, list[dict]]:
-    """Data-parallel training with Ray Train; returns the best epoch's head (`selection_key`), the history."""
+    """Data-parallel training with Ray Train; returns the best epoch's head (loop.Selection), the history."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -299,7 +267,7 @@ def fit_ray(
                 mean,
                 std,
                 len(plan.classes),
-                class_weights(plan, config.class_weight),
+                probe.class_weights(plan.train_counts, plan.classes, config.class_weight),
                 l2,
                 in_memory=n_rows * (dim * 4 + 8) / training.fewest(config.workers) <= _WORKER_CACHE_BYTES,
                 logs=training.WorkerLogs.of_driver(tracker),
@@ -322,108 +290,49 @@ def fit_ray(
     )
     result = training.fit(trainer)
     assert result.checkpoint is not None, "the last epoch always reports a checkpoint"
-    state = training.load(result.checkpoint, CHECKPOINT_FILE)
+    state = training.load(result.checkpoint, PROBE_CHECKPOINT)
     head = LinearHead(torch.from_numpy(mean), torch.from_numpy(std), len(plan.classes))
-    head.load_state_dict(state["best_head"])  # the best epoch by selection_key
+    head.load_state_dict(state["selection"]["weights"] or state["trainable"])  # the best epoch's
     return head, state["history"]
 
 
 def train_loop(loop_config: dict[str, WorkerPlan]) -> None:
-    """One Ray Train worker: stream its shard, step, validate, report, checkpoint, stop early."""
-    import ray.train
+    """One Ray Train worker: the head and its optimiser, stepped by the training core (training.run_epochs):
+    stream its shard, step, validate, report, checkpoint, stop early."""
     import ray.train.torch
 
     plan = loop_config["plan"]
     config = plan.config
     plan.logs.apply()
     torch.manual_seed(config.seed)
-    # A worker holding a GPU whose CUDA does not work trains on its CPU (collective_backend chose gloo).
-    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    device = training.worker_device()
     head = LinearHead(torch.tensor(plan.mean), torch.tensor(plan.std), plan.classes)
     model = ray.train.torch.prepare_model(head, move_to_device=device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     weights = torch.tensor(plan.weights, dtype=torch.float32, device=device)
-    train, val = Shard("train", plan, device), Shard("val", plan, device)
-    history = training.History("train", config.epochs, plan.logs)
-    best, best_head, stale, start = NOTHING_YET, copy.deepcopy(head.state_dict()), 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restarted worker group resumes where the last checkpoint left off
-        state = training.load(checkpoint, CHECKPOINT_FILE)
-        head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        best, best_head, stale, start = state["best"], state["best_head"], state["stale"], state["epoch"] + 1
-        history = training.History("train", config.epochs, plan.logs, state["history"], start)
-    last_report = time.monotonic()
-    for epoch in range(start, config.epochs):
-        train_metrics = run_epoch(model, head, optimizer, weights, plan, train.batches(epoch), device)
-        val_metrics = run_epoch(model, head, None, weights, plan, val.batches(None), device)
-        lr = schedule.get_last_lr()[0]  # this epoch's
-        schedule.step()
-        record = history.add(epoch, train_metrics, val_metrics, lr=lr)
-        key = selection_key(record, plan.svm)
-        if improves(key, best):
-            best, best_head, stale = key, copy.deepcopy(head.state_dict()), 0
-            record["selected"] = True
-        else:
-            stale += 1
-        done = stale >= config.patience or epoch == config.epochs - 1
-        # Reporting is a barrier and writes a checkpoint: do it every report_seconds (as agreed by all
-        # workers, so each calls report equally often) and at the end, not after every short epoch.
-        if done or _all_agree(time.monotonic() - last_report >= _REPORT_SECONDS, device):
-            state = {
-                "head": head.state_dict(),
-                "best_head": best_head,
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "history": history.records,
-                "best": best,
-                "stale": stale,
-                "epoch": epoch,
-            }
-            training.report(record, state, CHECKPOINT_FILE)
-            last_report = time.monotonic()
-        if done:
-            break
-
-
-# Larger keys are better; an epoch is kept (and patience restarts) only when its key beats the best so far.
-NOTHING_YET: tuple[float, ...] = (-math.inf, -math.inf)
-
-
-def selection_key(epoch: dict[str, float], svm: bool) -> tuple[float, ...]:
-    """What makes an epoch the best for a head, as a key where larger is better. Logistic regression: the
-    validation loss (log loss, a proper score of the probabilities it outputs). The SVM: validation
-    accuracy, ties broken by the loss, because its squared hinge on held-out rows keeps growing with the
-    margins even while more rows land on the right side (on real embeddings: loss 59 -> 1,053 while
-    accuracy rose 0.685 -> 0.809), so the loss alone would keep the first epoch's head."""
-    if svm:
-        return (epoch["val_accuracy"], -epoch["val_loss"])
-    return (-epoch["val_loss"], 0.0)
-
-
-def improves(key: tuple[float, ...], best: tuple[float, ...], tolerance: float = 1e-7) -> bool:
-    """key beats best by more than float noise (compared in order: accuracy first for the SVM)."""
-    for value, incumbent in zip(key, best, strict=True):
-        if value > incumbent + tolerance:
-            return True
-        if value < incumbent - tolerance:
-            return False
-    return False
-
-
-def selection(svm: bool) -> str:
-    """How the kept epoch was chosen, in words for metrics.json and the report."""
-    return "highest validation accuracy (ties: lowest loss)" if svm else "lowest validation loss"
-
-
-def _all_agree(flag: bool, device: torch.device) -> bool:
-    """True on every worker when any worker says so."""
-    value = torch.tensor([float(flag)], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+    objective = probe.ProbeObjective(model, head, weights, plan.svm, plan.l2)
+    shards = {name: Shard(name, plan, device) for name in ("train", "val")}
+    training.run_epochs(
+        training.Worker(
+            command="train",
+            epochs=config.epochs,
+            checkpoint_file=PROBE_CHECKPOINT,
+            model=model,
+            objective=objective,
+            optimizer=optimizer,
+            schedule=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs),
+            batches=lambda split, epoch: shards[split].batches(epoch),
+            trainable=head.state_dict,
+            load_trainable=head.load_state_dict,
+            device=device,
+            logs=plan.logs,
+            by_accuracy=plan.svm,
+            penalty=objective.penalty,
+            patience=config.patience,
+            report_seconds=_REPORT_SECONDS,
+            keep_best=True,  # a head is small; its best epoch may fall between two reports
+        )
+    )
 
 
 class Shard:
@@ -464,85 +373,6 @@ class Shard:
             self.cached = (torch.cat([x for x, _ in keep]), torch.cat([y for _, y in keep]))
 
 
-def run_epoch(model, head, optimizer, weights, plan: WorkerPlan, batches, device) -> tuple[float, float]:
-    """One pass over this worker's batches; returns the loss and accuracy over all workers."""
-    model.train(optimizer is not None)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # weighted loss, weight, correct
-    count = torch.zeros(1, dtype=torch.float64, device=device)
-    for x, y in batches:
-        with torch.set_grad_enabled(optimizer is not None):
-            logits = model(x)
-            per_row = (squared_hinge(logits, y) if plan.svm else cross_entropy(logits, y)) * weights[y]
-            if optimizer is not None:
-                loss = per_row.sum() / weights[y].sum() + 0.5 * plan.l2 * head.linear.weight.pow(2).sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        sums += torch.stack(
-            [per_row.sum().double(), weights[y].sum().double(), (logits.argmax(1) == y).sum().double()]
-        )
-        count += len(y)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-        torch.distributed.all_reduce(count)
-    loss = (sums[0] / sums[1]).item() if sums[1] > 0 else math.nan
-    return loss, (sums[2] / count).item() if count > 0 else math.nan
-
-
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits, y, reduction="none")
-
-
-def squared_hinge(margins: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One-vs-rest squared hinge per row: sum over classes k of max(0, 1 - t_k m_k)^2, t_k = +1 for the
-    row's class and -1 for the others (LinearSVC's loss, summed over its binary problems)."""
-    target = torch.full_like(margins, -1.0)
-    target[torch.arange(len(y), device=margins.device), y] = 1.0
-    return torch.clamp(1.0 - target * margins, min=0.0).pow(2).sum(dim=1)
-
-
-# --kernel rbf keeps every training row on the driver and costs O(n^2): refused beyond this many rows.
-_RBF_MAX_ROWS = 50_000
-
-
-def fit_sklearn(
-    x: np.ndarray, y: np.ndarray, classes: list[str], config: TrainConfig, l2: float, info: dict[str, Any]
-) -> tuple[Model, list]:
-    """scikit-learn on the driver, standardised: LogisticRegression, LinearSVC or an RBF SVC. The
-    reference, for data that fits on one node."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC, LinearSVC
-
-    n = len(y)
-    scaler = StandardScaler().fit(x)
-    c = 1.0 / (l2 * n) if l2 > 0 else 1e12
-    balanced = "balanced" if config.class_weight == ClassWeight.BALANCED else None
-    std = np.where(scaler.scale_ > 1e-12, scaler.scale_, 1.0)
-    head = LinearHead(torch.from_numpy(scaler.mean_), torch.from_numpy(std), len(classes))
-    if config.kernel == Kernel.RBF:
-        log.warning("--kernel rbf: scikit-learn's SVC on this node only (%d rows); it does not scale out", n)
-        kernel = make_pipeline(StandardScaler(), SVC(C=c, kernel="rbf", class_weight=balanced)).fit(x, y)
-        return replace(Model.from_head(head, classes, info), kernel=kernel), []
-    if config.head == ProbeHead.SVM:
-        clf: Any = LinearSVC(C=c, class_weight=balanced, max_iter=10_000, random_state=config.seed)
-    else:
-        clf = LogisticRegression(C=c, class_weight=balanced, max_iter=2000, random_state=config.seed)
-    clf.fit(scaler.transform(x), y)
-    weight, bias = clf.coef_, clf.intercept_
-    if len(classes) == 2:
-        # One row w for class 1. logreg: p(1) = sigmoid(w.x + b), a softmax over (0, w.x + b); SVM: the
-        # margins (-(w.x + b), w.x + b) pick the same class, with |w.x + b| as the margin.
-        first = -weight if config.head == ProbeHead.SVM else np.zeros_like(weight)
-        weight = np.vstack([first, weight])
-        bias = np.concatenate([-bias if config.head == ProbeHead.SVM else [0.0], bias])
-    with torch.no_grad():
-        head.linear.weight.copy_(torch.from_numpy(weight))
-        head.linear.bias.copy_(torch.from_numpy(bias))
-    return Model.from_head(head, classes, info), []
-
-
 def gather(rows: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """All rows on the driver (the sklearn backend only)."""
     xs, ys = [], []
@@ -569,7 +399,7 @@ def batch_confusion(batch: dict[str, np.ndarray], model: Model) -> dict[str, np.
     }
 
 
-def evaluate(model: Model, rows: ray.data.Dataset) -> tuple[dict[str, Any], pa.Table]:
+def validation_metrics(model: Model, rows: ray.data.Dataset) -> tuple[dict[str, Any], pa.Table]:
     """Metrics of `model` on the rows, summed from per-batch confusion matrices, and a sample of the rows
     (misclassified ones first) for the report."""
     k = len(model.classes)
