@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
+from raytl.cluster.embedder import Embedder
 from raytl.config import Layer, Pool, Precision
-from raytl.embedder import Embedder
-from raytl.models import embedding_dim, load_weights, preset
+from raytl.vision.models import embedding_dim, load_weights, preset
 
 DEFAULT = ["vgg16", "resnet50", "convnext_tiny", "efficientnet_v2_s", "vit_b_16"]
 

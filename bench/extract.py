@@ -35,9 +35,9 @@ import torch
 import torchvision
 from PIL import Image, ImageEnhance
 
+from raytl.cluster.embedder import Embedder
 from raytl.config import ExtractConfig, Layer, Pool, Precision
-from raytl.embedder import Embedder
-from raytl.models import resolve_precision
+from raytl.vision.models import resolve_precision
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "bench"

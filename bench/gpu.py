@@ -47,10 +47,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract import write_photos  # noqa: E402  (bench/extract.py)
 
+from raytl.cluster.embedder import Embedder  # noqa: E402
 from raytl.config import Layer, Pool, Precision  # noqa: E402
-from raytl.embedder import Embedder  # noqa: E402
-from raytl.models import load_weights  # noqa: E402
-from raytl.preprocess import Transform, decode_batch, fetch_batch  # noqa: E402
+from raytl.vision.models import load_weights  # noqa: E402
+from raytl.vision.preprocess import Transform, decode_batch, fetch_batch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -229,7 +229,7 @@ def _timed(run: Callable[[], object], images: int, repeats: int) -> float:
 
 def _flops_per_image() -> float:
     """Multiply-adds x 2 of the trunk's convolutions at 224 px, counted from the shapes they produce."""
-    from raytl.models import trunk
+    from raytl.vision.models import trunk
 
     network = trunk("vgg16", Layer.POOL5, Pool.AVG)  # on the meta device: shapes, no arithmetic
     total = []

@@ -27,8 +27,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 import raytl
-from raytl import quickstart
-from raytl.commands import extract, train
+from raytl.commands import extract, quickstart, train
 from raytl.config import ExtractConfig, TrainConfig
 
 

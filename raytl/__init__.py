@@ -98,8 +98,8 @@ def embed(dataset: Any, **options: Any) -> Any:
     from raytl.config import embed_config
 
     config = embed_config(**options)
-    from raytl import logs
-    from raytl.embedder import embed_dataset
+    from raytl.cluster import session
+    from raytl.cluster.embedder import embed_dataset
 
-    logs.init_ray()
+    session.init_ray()
     return embed_dataset(dataset, config)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, get_args, get_type_hints
 
-from raytl import errors, logs, storage
+from raytl import errors
 from raytl.config import (
     Choice,
     ExportConfig,
@@ -23,6 +23,8 @@ from raytl.config import (
     flag,
 )
 from raytl.errors import ConfigError
+from raytl.files import storage
+from raytl.reporting import logs
 from raytl.version import VERSION
 
 
@@ -410,7 +412,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _model_table(title: str, metrics: dict[str, Any], model_dir: str) -> None:
-    from raytl.model_dir import REPORT_FILE  # here: `raytl --help` loads no torch
+    from raytl.modeling.model_dir import REPORT_FILE  # here: `raytl --help` loads no torch
 
     page = storage.join(model_dir, REPORT_FILE)
     fs, path = storage.filesystem(page)
@@ -434,7 +436,7 @@ def add_quickstart(p: argparse.ArgumentParser) -> None:
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
-    from raytl import quickstart
+    from raytl.commands import quickstart
 
     return quickstart.run(args.workdir)
 
@@ -463,7 +465,7 @@ def add_report(p: argparse.ArgumentParser) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from raytl import report
+    from raytl.reporting import report
 
     print(json.dumps({"report": storage.redact(report.write(args.model_dir))}))
     return 0
@@ -475,10 +477,10 @@ def add_inspect(p: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from raytl import describe
+    from raytl.commands import inspect
 
-    found = describe.describe(args.output)
-    print(json.dumps(found, indent=2) if args.json else describe.text(found))
+    found = inspect.run(args.output)
+    print(json.dumps(found, indent=2) if args.json else inspect.text(found))
     return 0
 
 

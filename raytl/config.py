@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import Field, asdict, dataclass, field, fields, make_dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, get_type_hints
 
-from raytl.errors import ConfigError
+from raytl.errors import ConfigError, redact
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11's; only annotations name it (raytl runs on 3.10)
@@ -755,8 +755,6 @@ class ServeConfig:
 
 
 def _json(config: Any) -> str:
-    from raytl.storage import redact  # light at import time: the CLI builds configs before anything heavy
-
     return redact(json.dumps({k: str(v) if isinstance(v, Choice) else v for k, v in asdict(config).items()}))
 
 

@@ -80,7 +80,7 @@ def _ray_only_where_marked(request, monkeypatch):
     def refused(*args, **kwargs):
         raise AssertionError(f"{request.node.nodeid} starts Ray: mark it @pytest.mark.ray")
 
-    monkeypatch.setattr("raytl.logs.init_ray", refused)
+    monkeypatch.setattr("raytl.cluster.session.init_ray", refused)
 
 
 @pytest.fixture(scope="session")

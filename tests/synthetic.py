@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raytl import storage
-from raytl.writer import embeddings_schema
+from raytl.files import storage
+from raytl.files.writer import embeddings_schema
 
 BACKBONE = {
     "model": "vgg16",

@@ -92,7 +92,7 @@ def test_k8s_pods_fit_what_raytl_asks_for():
     """A GPU pod holds one model actor (1 CPU, 1 GPU, embedder.ACTOR_MEMORY) or one Ray Train worker
     (1 CPU, 1 GPU) with CPUs left to decode; CPU pods have no GPU; requests equal limits (Ray reads the
     limits as the node's resources)."""
-    from raytl.embedder import ACTOR_MEMORY
+    from raytl.cluster.embedder import ACTOR_MEMORY
 
     def gib(quantity: str) -> float:
         assert quantity.endswith("Gi"), quantity

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from raytl import doneset
+from raytl.files import doneset
 
 
 def test_contains_exactly_the_done_paths():

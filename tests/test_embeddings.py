@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from synthetic import blobs, names, write
 
-from raytl.embeddings import check_same_backbone, matrix, open_embeddings
 from raytl.errors import EmbeddingsError
+from raytl.files.embeddings import check_same_backbone, matrix, open_embeddings
 
 
 def test_open_reads_dim_and_metadata(tmp_path):

@@ -230,7 +230,7 @@ def test_a_manifest_streams_through_ray_and_resumes(ray_session, tmp_path, bucke
     fs = s3fs.S3FileSystem()
     fs.pipe(f"{bucket}/m.csv.gz", gzip.compress("\n".join(lines).encode()))
     manifest = f"s3://{bucket}/m.csv.gz"
-    monkeypatch.setattr("raytl.reader.read_manifest", None)  # the driver must not load it
+    monkeypatch.setattr("raytl.corpus.reader.read_manifest", None)  # the driver must not load it
     out = f"s3://{bucket}/emb"
     config = ExtractConfig.create(
         source=None, manifest=manifest, output=out, weights="random", image_size=32, precision="fp32",
@@ -332,7 +332,7 @@ def test_parts_come_about_every_minute_without_rows_per_file(monkeypatch):
     """What a killed driver loses is bounded in time: the default part holds about a minute of the expected
     rate (600 images at 224 px on 2 CPU cores used to be one part, so a driver killed halfway lost it all).
     tests/test_extract_faults.py kills a driver running with the default part size."""
-    from raytl.pipeline import Resources, rows_per_part
+    from raytl.cluster.pipeline import Resources, rows_per_part
 
     cpu, gpu = Resources(gpus=0, cpus=2, use_gpu=False), Resources(gpus=4, cpus=32, use_gpu=True)
 
@@ -360,8 +360,8 @@ def test_embeddings_of_unknown_options_are_refused_as_such(tmp_path):
     with the sentence for results of unknown options (not one about predictions)."""
     from synthetic import write
 
-    from raytl import output
     from raytl.errors import StorageError
+    from raytl.files import output
 
     write(str(tmp_path / "out"), np.zeros((4, 8), np.float32), ["a", "b", "a", "b"], parts=1)
     config = ExtractConfig.create(source=str(tmp_path), output=str(tmp_path / "out"), weights="random")

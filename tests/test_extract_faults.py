@@ -276,8 +276,8 @@ def test_model_actors_that_die_starting_are_replaced_a_few_times(ray_session):
     the Dataset that runs, which copied the DataContext when its first stage was made."""
     import ray
 
+    from raytl.cluster.embedder import Embedder, Resources, on_actors
     from raytl.config import embed_config
-    from raytl.embedder import Embedder, Resources, on_actors
 
     default = ray.data.DataContext.get_current().max_consecutive_actor_init_deaths
     rows = ray.data.from_items([{"x": 1}])

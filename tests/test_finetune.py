@@ -22,14 +22,14 @@ from images import random_state_dict, write_colour_corpus
 from PIL import Image
 
 import raytl
-from raytl.classifier import Model, default_weights, weights_content
 from raytl.cli import main
 from raytl.commands import finetune
 from raytl.config import Decode, FinetuneConfig, Freeze, Head, Layer, Pool, Precision
-from raytl.model_dir import WRITTEN, Backbone, ModelInfo
-from raytl.models import IMAGENET_MEAN, IMAGENET_STD
-from raytl.network import build_network, trainable_state, warmup_cosine
-from raytl.preprocess import TrainTransform, Transform, crop_box
+from raytl.modeling.classifier import Model, default_weights, weights_content
+from raytl.modeling.model_dir import WRITTEN, Backbone, ModelInfo
+from raytl.modeling.network import build_network, trainable_state, warmup_cosine
+from raytl.vision.models import IMAGENET_MEAN, IMAGENET_STD
+from raytl.vision.preprocess import TrainTransform, Transform, crop_box
 
 # A tiny learnable problem (three colours, 32 px) that a random VGG16 with a trained head separates in a
 # few epochs on two CPU workers.
@@ -193,7 +193,7 @@ def test_the_resumed_run_continues_its_mlflow_run(resumed_run):
     client = MlflowClient(resumed_run["options"]["mlflow_uri"])
     experiment = client.get_experiment_by_name("raytl").experiment_id
     (run,) = client.search_runs(
-        [experiment], filter_string="tags.`raytl.model_dir` = '" + resumed_run["model_dir"] + "'"
+        [experiment], filter_string="tags.`raytl.modeling.model_dir` = '" + resumed_run["model_dir"] + "'"
     )
     assert run.info.status == "FINISHED" and run.data.tags["raytl.command"] == "finetune"
     assert run.info.run_name == "ft" and run.data.params["freeze"] == "block4"

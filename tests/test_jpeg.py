@@ -15,9 +15,9 @@ from images import (
     random_state_dict,
 )
 
-from raytl.embedder import Embedder
-from raytl.jpeg import DeviceDecoder
-from raytl.preprocess import CROP, FAILED, JPEG, Transform, decode_batch, fetch_batch
+from raytl.cluster.embedder import Embedder
+from raytl.vision.jpeg import DeviceDecoder
+from raytl.vision.preprocess import CROP, FAILED, JPEG, Transform, decode_batch, fetch_batch
 
 TRANSFORM = Transform(image_size=48, resize_size=56)
 

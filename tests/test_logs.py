@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from raytl import logs
+from raytl.cluster import session
+from raytl.reporting import logs
 
 
 def test_lines_written_past_logging_become_json_objects():
@@ -49,10 +50,10 @@ def test_lines_written_past_logging_become_json_objects():
 SCRIPT = """
 import logging, os, sys, time
 import ray
-from raytl import logs
+from raytl.reporting import logs
 logs.setup("warning", json_lines=True)
 logs.relay_stderr_as_json()
-logs.init_ray()
+session.init_ray()
 logging.getLogger("raytl.check").warning("said once")
 os.write(2, b"[2026-11-29 01:56:19,162 E 1 1] core_worker.cc:2465: straight to the descriptor\\n")
 
@@ -87,9 +88,9 @@ def test_a_json_run_writes_only_json_lines_each_once(ray_session):
 _OWN_RAY = """
 import json, ray
 from ray._private.services import canonicalize_bootstrap_address_or_die
-from raytl import logs
+from raytl.reporting import logs
 
-logs.init_ray()  # a local Ray of its own, beside the test session's
+session.init_ray()  # a local Ray of its own, beside the test session's
 
 @ray.remote(num_cpus=0)
 def look_up():  # as Ray Train's placement group cleaner does through the state API: no address given
@@ -115,7 +116,7 @@ def test_a_second_ray_on_the_host_changes_nothing_for_raytls_workers(ray_session
 
 @pytest.mark.ray
 def test_ray_start_up_is_retried_once_then_one_sentence(monkeypatch, capsys):
-    """Under heavy load a local Ray's start-up times out (a traceback from logs.init_ray): raytl tries once
+    """Under heavy load a local Ray's start-up times out (a traceback from session.init_ray): raytl tries once
     more, and a second failure is one `raytl: error:` sentence naming the likely causes."""
     import ray
 
@@ -132,18 +133,18 @@ def test_ray_start_up_is_retried_once_then_one_sentence(monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(logs, "quiet_ray", lambda: None)
     fail_always = False
-    logs.init_ray()
+    session.init_ray()
     assert len(calls) == 2
     fail_always, calls[:] = True, []
     from raytl.errors import USER_ERRORS, RayStartError
 
     with pytest.raises(RayStartError) as raised:
-        logs.init_ray()
-    assert len(calls) == 2 and RayStartError in USER_ERRORS  # the CLI prints it as one `raytl: error:` line
+        session.init_ray()
+    assert len(calls) == 2 and issubclass(RayStartError, USER_ERRORS)  # the CLI prints it in one line
     assert str(raised.value) == (
         "raytl could not start a local Ray instance, twice (Exception: The current node timed out during "
         "startup): the machine may be overloaded, /tmp (Ray's session folder) full, or Ray's ports taken."
     )
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     with pytest.raises(RayStartError, match=r"^raytl could not join the Ray cluster at 10.0.0.1:6379, twice"):
-        logs.init_ray()
+        session.init_ray()

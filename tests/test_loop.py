@@ -1,5 +1,5 @@
-"""The training core (raytl.loop), without Ray: one epoch's step and evaluation on plain batches, against
-closed forms and scikit-learn; the best-epoch rule both programs share."""
+"""The training core (raytl.modeling.loop), without Ray: one epoch's step and evaluation on plain batches,
+against closed forms and scikit-learn; the best-epoch rule both programs share."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, log_loss
 
 import raytl
-from raytl import loop
-from raytl.classifier import LinearHead
-from raytl.loop import RowLosses
-from raytl.probe import ProbeObjective
+from raytl.modeling import loop
+from raytl.modeling.classifier import LinearHead
+from raytl.modeling.loop import RowLosses
+from raytl.modeling.probe import ProbeObjective
 
 PACKAGE = pathlib.Path(raytl.__file__).parent
 
@@ -119,8 +119,8 @@ def test_selection_keeps_the_best_epochs_weights_and_survives_a_checkpoint():
 
 def test_one_training_core():
     """train_one_epoch and evaluate are defined once in raytl (here), and both Ray Train programs step
-    through them; no MODEL_DIR file name is spelt outside raytl.model_dir."""
-    from raytl.model_dir import WRITTEN
+    through them; no MODEL_DIR file name is spelt outside raytl.modeling.model_dir."""
+    from raytl.modeling.model_dir import WRITTEN
 
     names = {n for n in WRITTEN if "." in n} | {"head.pt", "state.pt"}
     defined: dict[str, list[str]] = {"train_one_epoch": [], "evaluate": []}
@@ -130,5 +130,5 @@ def test_one_training_core():
             if isinstance(node, ast.FunctionDef) and node.name in defined:
                 defined[node.name].append(path.name)
             if isinstance(node, ast.Constant) and node.value in names and path.name != "model_dir.py":
-                pytest.fail(f"{path.name} spells {node.value!r}: take it from raytl.model_dir")
+                pytest.fail(f"{path.name} spells {node.value!r}: take it from raytl.modeling.model_dir")
     assert defined == {"train_one_epoch": ["loop.py"], "evaluate": ["loop.py"]}

@@ -3,7 +3,7 @@
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from raytl.metrics import confusion, report
+from raytl.modeling.metrics import confusion, report
 
 
 def test_report_matches_sklearn():

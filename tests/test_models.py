@@ -9,11 +9,11 @@ import torchvision
 from conftest import exported_scores
 from images import random_state_dict
 
+from raytl.cluster.embedder import Embedder
 from raytl.config import Layer, Pool, Precision
-from raytl.embedder import Embedder
 from raytl.errors import WeightsError
-from raytl.models import VGG16Trunk, embedding_dim, load_weights, resolve_precision
-from raytl.preprocess import Transform
+from raytl.vision.models import VGG16Trunk, embedding_dim, load_weights, resolve_precision
+from raytl.vision.preprocess import Transform
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_vgg16_is_torchvisions_without_importing_it():
     import subprocess
     import sys
 
-    from raytl.models import _VGG16, VGG16, preset, torchvision_preset
+    from raytl.vision.models import _VGG16, VGG16, preset, torchvision_preset
 
     ours, theirs = _VGG16(), torchvision.models.vgg16(weights=None)
     for name in ("features", "avgpool", "classifier"):
@@ -138,9 +138,9 @@ import sys
 import numpy as np, torch
 import raytl.commands.finetune as finetune, raytl.commands.predict, raytl.commands.extract
 from raytl.config import FinetuneConfig
-from raytl.embedder import Embedder
-from raytl.models import VGG16Trunk, preset
-from raytl.network import build_network
+from raytl.cluster.embedder import Embedder
+from raytl.vision.models import VGG16Trunk, preset
+from raytl.modeling.network import build_network
 
 torch.manual_seed(0)
 state = {k: torch.randn(v.shape) * 0.01 for k, v in VGG16Trunk().state_dict().items()}
@@ -195,9 +195,9 @@ def test_a_model_actor_that_ray_gave_no_gpu_stays_on_the_cpu_of_a_gpu_node(state
 
     import ray.data
 
+    from raytl.cluster.embedder import Resources, on_actors
     from raytl.config import Device
-    from raytl.embedder import Resources, on_actors
-    from raytl.models import model_device
+    from raytl.vision.models import model_device
 
     calls = []
 
@@ -350,7 +350,7 @@ def test_a_probe_on_any_backbone_predicts_from_images_as_from_embeddings(backbon
     import pyarrow.parquet as pq
 
     import raytl
-    from raytl.classifier import Model
+    from raytl.modeling.classifier import Model
 
     run = backbones["extracted"](model, size)
     raytl.train(run["out"], str(tmp_path / "probe"), backend="sklearn", val_fraction=0.25)
@@ -383,7 +383,7 @@ def test_a_probe_on_any_backbone_predicts_from_images_as_from_embeddings(backbon
 def test_backbone_options_are_checked(tmp_path):
     from raytl.config import ExtractConfig
     from raytl.errors import ConfigError
-    from raytl.models import preset
+    from raytl.vision.models import preset
 
     with pytest.raises(
         ConfigError, match=r"^--model 'fasterrcnn_resnet50_fpn' is not a torchvision classification"

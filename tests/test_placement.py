@@ -39,7 +39,7 @@ def on_a_cluster(script: str, *args, env: dict[str, str] | None = None) -> dict:
 def test_train_workers_ask_for_one_gpu_each_on_gpu_clusters():
     # Placement itself cannot run here: NCCL refuses to start without a real GPU. What Ray Train is
     # asked for decides where its workers go.
-    from raytl.training import scaling
+    from raytl.cluster.training import scaling
 
     gpu = scaling(4, use_gpu=True)
     assert (gpu.num_workers, gpu.use_gpu, gpu.resources_per_worker) == (4, True, {"CPU": 1, "GPU": 1})
@@ -59,9 +59,9 @@ from ray.util.state import list_actors, list_tasks
 
 def holding(gate):
     def hook():
-        import raytl.embedder
+        import raytl.cluster.embedder
 
-        embed = raytl.embedder.Embedder.__call__
+        embed = raytl.cluster.embedder.Embedder.__call__
 
         def held(self, batch):
             held.calls += 1
@@ -71,7 +71,7 @@ def holding(gate):
 
         held.calls = 0
 
-        raytl.embedder.Embedder.__call__ = held
+        raytl.cluster.embedder.Embedder.__call__ = held
 
     return hook
 
@@ -279,8 +279,8 @@ def test_the_autoscaler_starts_gpu_nodes_for_device_cuda(autoscaling_head, tmp_p
 
 def test_device_and_actor_pool_options():
     """What the pool and the Ray Train workers ask Ray for, by --device and --num-actors."""
+    from raytl.cluster.embedder import Resources, actor_pool
     from raytl.config import ExtractConfig
-    from raytl.embedder import Resources, actor_pool
     from raytl.errors import ConfigError
 
     none_up, two_up = Resources(gpus=0, cpus=8, use_gpu=True), Resources(gpus=2, cpus=8, use_gpu=True)
@@ -299,8 +299,8 @@ def test_device_and_actor_pool_options():
     assert pool(two_up, "1-8") == pool(cpu, (1, 8)) == (1, 8)
     with pytest.raises(ConfigError, match=r"--num-actors must be a count \(4\) or a range MIN-MAX"):
         ExtractConfig.create(source="s", output="o", num_actors="8-2")
+    from raytl.cluster.training import uses_gpu
     from raytl.config import Device
-    from raytl.training import uses_gpu
 
     assert uses_gpu(Device.CUDA) and not uses_gpu(Device.CPU)  # Ray Train workers: without asking Ray
     with pytest.raises(ConfigError, match="--device must be one of auto, cuda, cpu, not 'gpu'"):

@@ -8,10 +8,10 @@ import pytest
 from conftest import assert_user_error, exported_scores
 
 import raytl
-from raytl.classifier import Model
 from raytl.commands import extract, train
 from raytl.config import ExtractConfig, TrainConfig
-from raytl.preprocess import Transform
+from raytl.modeling.classifier import Model
+from raytl.vision.preprocess import Transform
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ HAND_EDITED = [  # (edit of model.json, what the one sentence says)
 def test_a_hand_edited_model_json_is_one_sentence_naming_its_bad_fields(
     trained, tmp_path, capsys, monkeypatch
 ):
-    """export, predict and serve read model.json through one check (modelinfo.parse_backbone): every bad
+    """export, predict and serve read model.json through one check (model_dir.parse_backbone): every bad
     field is named, no traceback, and nothing is downloaded to find out what a named model is."""
     import urllib.request
 

@@ -21,8 +21,8 @@ from images import (
 from PIL import Image
 
 from raytl.errors import ImageError
-from raytl.models import IMAGENET_MEAN, IMAGENET_STD
-from raytl.preprocess import Transform, decode_batch, to_rgb
+from raytl.vision.models import IMAGENET_MEAN, IMAGENET_STD
+from raytl.vision.preprocess import Transform, decode_batch, to_rgb
 
 
 def _normalise(crop: np.ndarray) -> torch.Tensor:
@@ -85,7 +85,7 @@ def test_bombs_inside_containers_are_refused_before_any_pixel_is_decoded(name, p
     """An ICO holding a PNG larger than its directory says, a CUR's bitmap, a WebP canvas, a GIF frame larger
     than its screen: refused by --max-pixels before Pillow decodes (or allocates) the big image, in the
     CPU decoder and in --decode gpu's header check alike."""
-    from raytl.preprocess import jpeg_orientation, open_image
+    from raytl.vision.preprocess import jpeg_orientation, open_image
 
     data = container_bombs(200)[name]
     limit = 10_000  # 16x16 passes, 200x200 (and the WebP's 1000x1000 canvas) does not
@@ -169,7 +169,7 @@ def test_bomb_guard_counts_the_pixels_after_resizing():
 
 
 def test_gpu_decode_path_applies_the_same_guard():
-    from raytl.preprocess import jpeg_orientation
+    from raytl.vision.preprocess import jpeg_orientation
 
     with pytest.raises(ImageError, match="aspect ratio over 100:1"):
         jpeg_orientation(_strip(2, 1000, "JPEG"), 89_478_485)
@@ -200,7 +200,7 @@ def test_train_crops_are_torchvision_resized_crop_and_flip(monkeypatch, interpol
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
 
-    import raytl.preprocess as preprocess
+    import raytl.vision.preprocess as preprocess
 
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (60, 80, 3), dtype=np.uint8))
     data = encode(image, "PNG")
@@ -222,5 +222,8 @@ def test_train_crops_are_torchvision_resized_crop_and_flip(monkeypatch, interpol
 def test_cpu_decode_tasks_import_neither_torch_nor_torchvision():
     """What extract's CPU tasks run (listing, manifests, tar shards, decoding, writing parts) lives in
     modules that never import torch: a decode worker process starts in a fraction of the time and memory."""
-    modules = "raytl.preprocess, raytl.reader, raytl.shards, raytl.writer, raytl.doneset, raytl.output"
+    modules = (
+        "raytl.vision.preprocess, raytl.corpus.reader, raytl.corpus.shards, raytl.files.writer, "
+        "raytl.files.doneset, raytl.files.output"
+    )
     assert heavy_modules_after(modules, ("torch", "torchvision")) == []

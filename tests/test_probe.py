@@ -19,13 +19,13 @@ from sklearn.svm import SVC, LinearSVC
 from synthetic import BACKBONE, blobs, entangled, names, write
 
 import raytl
-from raytl import loop, probe, split
-from raytl.classifier import Model
 from raytl.cli import main
 from raytl.commands import train
 from raytl.config import TrainConfig
 from raytl.errors import ConfigError, StorageError
-from raytl.model_dir import TRAIN_RUN, WRITTEN, info_of, record_run, run_options
+from raytl.modeling import loop, probe, split
+from raytl.modeling.classifier import Model
+from raytl.modeling.model_dir import TRAIN_RUN, WRITTEN, info_of, record_run, run_options
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import collections
 import numpy as np
 from PIL import Image
 
-from raytl import quickstart
+from raytl.commands import quickstart
 
 
 def test_digits_corpus(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 from conftest import upload_dir
 from images import BROKEN_REASONS, NON_IMAGES, write_corpus
 
+from raytl.corpus.reader import is_image, list_corpus
 from raytl.errors import StorageError
-from raytl.reader import is_image, list_corpus
 
 
 def test_image_extensions_in_any_case():
@@ -112,7 +112,7 @@ def test_manifest_paths_stay_on_the_manifests_filesystem(tmp_path, bucket, monke
             with pytest.raises(StorageError) as raised:
                 corpus = list_corpus(None, f"s3://{bucket}/m.csv", stream=stream)
                 if stream:  # rows are checked where Ray Data tasks read them
-                    from raytl.reader import _manifest_block
+                    from raytl.corpus.reader import _manifest_block
 
                     block = pa.table({"path": ["imgs/a.jpg", path], "label": ["x", "y"]})
                     _manifest_block(block, corpus.manifest.uri, corpus.manifest.allow_schemes)
@@ -146,7 +146,7 @@ def test_chained_urls_in_a_manifest_read_only_archive_members_on_its_filesystem(
     import fsspec
     import s3fs
 
-    from raytl.reader import resolve_manifest_paths
+    from raytl.corpus.reader import resolve_manifest_paths
 
     assert set(_CHAINING) <= set(fsspec.available_protocols())
     secret = tmp_path / "x.png"
@@ -187,8 +187,8 @@ def test_manifest_rows_that_are_not_images_are_never_read(tmp_path, monkeypatch)
     """A manifest row naming a file without an image extension is an `_errors` row; the file is not read."""
     import numpy as np
 
-    from raytl import storage
-    from raytl.preprocess import Transform, decode_batch, fetch_batch
+    from raytl.files import storage
+    from raytl.vision.preprocess import Transform, decode_batch, fetch_batch
 
     secret = tmp_path / "secret.txt"
     secret.write_text("not for the workers")

@@ -9,7 +9,7 @@ import torchvision
 
 from raytl.config import Layer, Pool
 from raytl.errors import ConfigError
-from raytl.models import embedding_dim, from_state_dict, preset, trunk
+from raytl.vision.models import embedding_dim, from_state_dict, preset, trunk
 
 REGISTRY = torchvision.models.list_models(module=torchvision.models)
 

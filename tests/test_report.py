@@ -15,13 +15,13 @@ from images import write_colour_corpus
 from PIL import Image
 from synthetic import BACKBONE, blobs
 
-from raytl import logs, report
-from raytl.classifier import Model
 from raytl.cli import main
 from raytl.commands import train
 from raytl.config import TrainConfig
-from raytl.model_dir import VALIDATION_FILE
-from raytl.writer import embeddings_schema
+from raytl.files.writer import embeddings_schema
+from raytl.modeling.classifier import Model
+from raytl.modeling.model_dir import VALIDATION_FILE
+from raytl.reporting import logs, report
 
 FIGURES = ("confusion", "per_class", "curves", "pca", "misclassified")
 

@@ -14,11 +14,12 @@ from conftest import upload_dir
 from images import encode, picture, write_corpus
 from s3faults import Rule
 
-from raytl import doneset, errors, storage
+from raytl import errors
 from raytl.cli import main
+from raytl.corpus.shards import expand, read_shards, split_name
 from raytl.errors import StorageError
-from raytl.preprocess import Transform
-from raytl.shards import expand, read_shards, split_name
+from raytl.files import doneset, storage
+from raytl.vision.preprocess import Transform
 
 TRANSFORM = Transform(image_size=32, resize_size=37)
 
@@ -50,7 +51,7 @@ _HUGE_RANGE = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (2 * 1024**3, 2 * 1024**3))  # 30M names take more than that
 from raytl.errors import StorageError
-from raytl.shards import expand
+from raytl.corpus.shards import expand
 try:
     expand("/nosuch/{00000000..30000000}.tar")
 except StorageError as exc:
@@ -66,7 +67,7 @@ def test_a_huge_brace_range_is_one_sentence_not_all_of_memory(tmp_path, capsys):
 
     from conftest import assert_user_error
 
-    from raytl.shards import MAX_SHARDS
+    from raytl.corpus.shards import MAX_SHARDS
 
     proc = subprocess.run([sys.executable, "-c", _HUGE_RANGE], capture_output=True, text=True, timeout=300)
     sentence = (
@@ -285,7 +286,7 @@ def test_links_in_tars_and_dotdot_in_zips_are_reported_not_followed(tmp_path, ca
     got the label `..`."""
     import zipfile
 
-    from raytl.reader import list_corpus
+    from raytl.corpus.reader import list_corpus
 
     png = encode(picture(2), "PNG")
     with tarfile.open(tmp_path / "s.tar", "w") as tar:
@@ -314,7 +315,7 @@ def test_links_in_tars_and_dotdot_in_zips_are_reported_not_followed(tmp_path, ca
 
 def test_a_key_repeated_later_in_a_shard_is_one_error_row_not_a_second_sample(tmp_path):
     """A key met again after other samples used to give two rows with one path and two labels."""
-    from raytl.shards import sample_labels
+    from raytl.corpus.shards import sample_labels
 
     png = encode(picture(2), "PNG")
     members = [("k1.png", png), ("k1.cls", b"cat"), ("k2.png", png), ("k2.cls", b"dog"), ("k1.jpg", png)]

@@ -4,7 +4,7 @@ import collections
 
 import numpy as np
 
-from raytl import split
+from raytl.modeling import split
 
 
 def _split(paths, labels, fraction, seed):

@@ -10,8 +10,9 @@ import fsspec.implementations.memory
 import pytest
 from s3faults import Rule
 
-from raytl import storage
+from raytl.cluster import session
 from raytl.errors import StorageError
+from raytl.files import storage
 
 
 @pytest.fixture
@@ -99,8 +100,8 @@ def test_retries_on_the_command_line_reach_this_process_and_rays_workers(bucket,
     job's runtime_env (the workers' storage calls read it); the environment is as it was afterwards."""
     import ray
 
-    from raytl import logs
     from raytl.cli import main
+    from raytl.reporting import logs
 
     monkeypatch.delenv("RAYTL_RETRIES", raising=False)
     rule = s3_faults.add(Rule(bucket=bucket, prefix="m/", status=500, times=None))
@@ -114,14 +115,14 @@ def test_retries_on_the_command_line_reach_this_process_and_rays_workers(bucket,
     assert main(["--retries", "1", "inspect", f"s3://{bucket}/m"]) == 2
     assert set(rule.attempts.values()) == {2}
     assert "RAYTL_RETRIES" not in os.environ
-    logs.init_ray()
+    session.init_ray()
     assert inits[-1]["runtime_env"] == {"env_vars": {"RAYTL_RETRIES": "1"}}
     logs.setup()
-    logs.init_ray()
+    session.init_ray()
     assert inits[-1]["runtime_env"] is None
-    others.append("127.0.0.1:6379")  # another Ray here: the workers name their own (logs.name_own_ray)
-    logs.init_ray()
-    assert inits[-1]["runtime_env"] == {"worker_process_setup_hook": "raytl.logs.name_own_ray"}
+    others.append("127.0.0.1:6379")  # another Ray here: the workers name their own (session.name_own_ray)
+    session.init_ray()
+    assert inits[-1]["runtime_env"] == {"worker_process_setup_hook": "raytl.cluster.session.name_own_ray"}
 
 
 def test_access_denied_fails_at_once(objects, bucket, s3_faults):
@@ -211,8 +212,9 @@ def test_no_secret_reaches_logs_or_outputs(tmp_path, monkeypatch, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raytl import doneset, logs, writer
     from raytl.config import ExtractConfig
+    from raytl.files import doneset, writer
+    from raytl.reporting import logs
 
     url = "https://user:hunter2@images.example/cat/a.jpg"
     batch = pa.table(

@@ -1,4 +1,4 @@
-"""MLflow tracking (raytl/tracking.py): the options, a tracker that is down, MLFLOW_TRACKING_URI.
+"""MLflow tracking (raytl/reporting/tracking.py): the options, a tracker that is down, MLFLOW_TRACKING_URI.
 The tracked Ray Train runs are read back in test_probe (train) and test_finetune (a resumed fine-tune)."""
 
 import logging
@@ -8,9 +8,9 @@ import pytest
 from conftest import _free_port, assert_user_error
 from synthetic import blobs, names, write
 
-from raytl import tracking
 from raytl.commands import train
 from raytl.config import TrainConfig
+from raytl.reporting import tracking
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,11 @@ def test_a_tracker_that_is_down_costs_a_warning_not_the_model(ray_session, embed
     config = TrainConfig.create(
         embeddings=str(embeddings / "emb"), model_dir=str(tmp_path / "m"), backend="sklearn", mlflow_uri=down
     )
-    with caplog.at_level(logging.WARNING, logger="raytl.tracking"):
+    with caplog.at_level(logging.WARNING, logger="raytl.reporting.tracking"):
         metrics = train.run(config)
     assert (tmp_path / "m" / "model.json").is_file() and (tmp_path / "m" / "metrics.json").is_file()
     assert metrics["accuracy"] > 0.5
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "raytl.tracking"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "raytl.reporting.tracking"]
     assert warning.startswith(f"MLflow tracking at {down} could not start a run in experiment 'raytl' (")
     assert warning.endswith("); the run goes on without it.")
 

@@ -1,10 +1,10 @@
-"""raytl.training's checkpoints between Ray Train workers and the driver."""
+"""raytl.cluster.training's checkpoints between Ray Train workers and the driver."""
 
 import pytest
 import torch
 from ray.train import Checkpoint
 
-from raytl import training
+from raytl.cluster import training
 
 
 def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_only_driver(tmp_path, monkeypatch):

@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from raytl import portable, storage
-from raytl.classifier import Model
 from raytl.config import ExportConfig
 from raytl.errors import StorageError
+from raytl.files import storage
+from raytl.modeling import portable
+from raytl.modeling.classifier import Model
 from raytl.version import VERSION
 
 INFO_FILE = "raytl.json"  # the extra file inside OUT

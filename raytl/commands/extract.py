@@ -1,4 +1,4 @@
-"""`raytl extract`: an image corpus to Parquet embeddings, through the whole pipeline (raytl.pipeline)."""
+"""`raytl extract`: an image corpus to Parquet embeddings, through the whole pipeline (cluster.pipeline)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ from typing import Any
 import pyarrow.compute as pc
 import ray
 
-from raytl import doneset, errors, logs, output, pipeline, storage, writer
+from raytl import errors
+from raytl.cluster import pipeline, session
 from raytl.config import Decode, ExtractConfig
+from raytl.corpus.reader import Corpus, image_schemes, list_corpus
 from raytl.errors import ConfigError, ExtractError, StorageError
-from raytl.models import embedding_dim, load_weights, resolved
-from raytl.reader import Corpus, image_schemes, list_corpus
+from raytl.files import doneset, output, storage, writer
+from raytl.reporting import logs
+from raytl.vision.models import embedding_dim, load_weights, resolved
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def _passes(
 ) -> dict[str, int]:
     """Embed what OUTPUT does not hold yet; after a pass that lost part of the cluster (a node, a model
     actor), another over what is still missing, up to --max-failures times. The counts of all passes."""
-    logs.init_ray()
+    session.init_ray()
     resources = pipeline.Resources.of_cluster(config.device)
     weights_ref = ray.put(state_dict)
     progress = logs.Progress("extract", total)

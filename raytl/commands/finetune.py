@@ -15,21 +15,20 @@ import pyarrow as pa
 import ray
 import torch
 
-from raytl import errors, logs, loop, pipeline, report, shards, split, storage, tracking, training
-from raytl import metrics as classification
-from raytl import model_dir as model_dirs
-from raytl.classifier import Model, classify
+from raytl import errors
+from raytl.cluster import pipeline, session, training
 from raytl.config import FinetuneConfig, Head, Layer, Pool
+from raytl.corpus import shards
+from raytl.corpus.reader import CORPUS_SCHEMA, Corpus, image_schemes, list_corpus
 from raytl.errors import ConfigError, DatasetError, StorageError
-from raytl.model_dir import BACKBONE_FILE, FINETUNE_RUN, METRICS_FILE, NETWORK_CHECKPOINT
-from raytl.models import (
-    VGG16,
-    embedding_dim,
-    load_weights,
-    preset,
-    resolved,
-)
-from raytl.network import (
+from raytl.files import storage
+from raytl.files.output import NOTHING
+from raytl.modeling import loop, split
+from raytl.modeling import metrics as classification
+from raytl.modeling import model_dir as model_dirs
+from raytl.modeling.classifier import Model, classify
+from raytl.modeling.model_dir import BACKBONE_FILE, FINETUNE_RUN, METRICS_FILE, NETWORK_CHECKPOINT
+from raytl.modeling.network import (
     NetworkObjective,
     build_network,
     make_optimizer,
@@ -37,11 +36,17 @@ from raytl.network import (
     steps_per_epoch,
     trainable_state,
 )
-from raytl.output import NOTHING
-from raytl.preprocess import TrainTransform, Transform
-from raytl.reader import CORPUS_SCHEMA, Corpus, image_schemes, list_corpus
-from raytl.tracking import UNTRACKED, Tracker
+from raytl.reporting import report, tracking
+from raytl.reporting.tracking import UNTRACKED, Tracker
 from raytl.version import VERSION
+from raytl.vision.models import (
+    VGG16,
+    embedding_dim,
+    load_weights,
+    preset,
+    resolved,
+)
+from raytl.vision.preprocess import TrainTransform, Transform
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +60,7 @@ def run(config: FinetuneConfig) -> dict[str, Any]:
     train, val, classes = split_corpus(config)  # listing shards takes a Ray pass: it starts Ray
     with storage.guarded(f"prepare MODEL_DIR {config.model_dir}"):
         resuming = prepare_model_dir(config)
-    logs.init_ray()
+    session.init_ray()
     log.info("finetune config: %s (%s)", config.to_json(), "resuming" if resuming else "new run")
     dim = embedding_dim(layer, Pool.AVG, config.crop, config.model)
     starting = pipeline.embeddings_metadata(backbone_stages(config, layer), weights.id, dim)
@@ -137,7 +142,7 @@ def _labelled(
     corpus = list_corpus(source, manifest, allow_schemes=allow_schemes)
     if not corpus.shards:
         return Images(corpus.table)
-    logs.init_ray()
+    session.init_ray()
     blocks = [corpus.table.slice(i, 1) for i in range(corpus.table.num_rows)]
     labels = ray.data.from_arrow(blocks).map_batches(
         shards.sample_labels,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs

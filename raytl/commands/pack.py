@@ -14,10 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raytl import logs, storage
+from raytl.cluster import session
 from raytl.config import PackConfig
+from raytl.corpus.reader import Corpus, list_corpus
 from raytl.errors import ConfigError, StorageError
-from raytl.reader import Corpus, list_corpus
+from raytl.files import storage
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def run(config: PackConfig) -> dict:
             f"{storage.redact(prefix)} already holds {len(existing)} tar shards; "
             "pass --overwrite to replace them or choose another prefix."
         )
-    logs.init_ray()
+    session.init_ray()
     rows = corpus.table.num_rows
     shards = (rows + shard_size - 1) // shard_size
     table = corpus.table.take(np.random.default_rng(config.seed).permutation(rows))

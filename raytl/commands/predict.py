@@ -12,12 +12,15 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from raytl import errors, logs, pipeline, storage, writer
-from raytl.classifier import Model, backbone_weights, classify
+from raytl import errors
+from raytl.cluster import pipeline, session
 from raytl.config import Decode, ExtractConfig, PredictConfig
-from raytl.embeddings import check_same_backbone, is_embeddings, open_embeddings
-from raytl.output import check_apart, prepare_output
-from raytl.reader import list_corpus
+from raytl.corpus.reader import list_corpus
+from raytl.files import storage, writer
+from raytl.files.embeddings import check_same_backbone, is_embeddings, open_embeddings
+from raytl.files.output import check_apart, prepare_output
+from raytl.modeling.classifier import Model, backbone_weights, classify
+from raytl.reporting import logs
 
 log = logging.getLogger(__name__)
 
@@ -131,4 +134,4 @@ def backbone_stages(model: Model, config: PredictConfig) -> pipeline.Stages:
 
 
 def _init_ray() -> None:
-    logs.init_ray()
+    session.init_ray()

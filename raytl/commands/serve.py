@@ -4,7 +4,7 @@ POST an image's bytes (JPEG, PNG, ... as `raytl predict` reads them) to the rout
 `{"label": ..., "score": ..., "scores": {class: score, ...}}`, `score` as in predict's output (logistic
 regression and fine-tuned heads: the probability; SVM: the margin). Each replica decodes and crops the
 uploads (EXIF orientation, RGB, resize, centre crop: extract's preprocessing) and scores them in batches
-(`@serve.batch`) with the model's backbone and head in fp32 (`raytl.portable`, what `raytl export` saves).
+(`@serve.batch`) with the model's backbone and head in fp32 (`modeling.portable`, what `raytl export` saves).
 A bad upload gets a 4xx and one JSON sentence, `{"error": ...}`; the replica goes on serving.
 
 Started by `raytl serve MODEL_DIR` (or `raytl.serve(...)`), or by Ray Serve's own tools through the
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from raytl import storage
+from raytl.cluster import session
 from raytl.config import Device, ServeConfig
+from raytl.files import storage
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,10 @@ class Classifier:
     """A replica: the model on this replica's device, batched scoring, one JSON answer per upload."""
 
     def __init__(self, config: ServeConfig, device: Device = Device.AUTO) -> None:
-        from raytl import portable
-        from raytl.classifier import Model
-        from raytl.models import model_device
-        from raytl.preprocess import Transform
+        from raytl.modeling import portable
+        from raytl.modeling.classifier import Model
+        from raytl.vision.models import model_device
+        from raytl.vision.preprocess import Transform
 
         model = Model.load(config.model_dir)
         self.classes = model.classes
@@ -141,11 +142,11 @@ def app(args: dict[str, str]) -> Any:
 def run(config: ServeConfig) -> dict[str, Any]:
     """Check MODEL_DIR, start Serve's HTTP proxy at host:port and deploy the classifier (returns once it
     is ready; it serves until `ray.serve.delete(name)` or the end of the Ray cluster); returns its URL."""
-    from raytl import logs, portable
-    from raytl.classifier import Model
+    from raytl.modeling import portable
+    from raytl.modeling.classifier import Model
 
     portable.check_linear(Model.load(config.model_dir), config.model_dir, "serve")  # before Ray starts
-    logs.init_ray()
+    session.init_ray()
     use_gpu = _uses_gpu(config.device)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(application(config, use_gpu), name=config.name, route_prefix=config.route_prefix)

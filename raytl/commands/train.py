@@ -13,14 +13,17 @@ import pyarrow as pa
 import ray
 import torch
 
-from raytl import logs, loop, probe, report, split, storage, tracking, training
-from raytl import model_dir as model_dirs
-from raytl.classifier import LinearHead, Model
+from raytl.cluster import session, training
 from raytl.config import Backend, ProbeHead, TrainConfig
-from raytl.embeddings import Embeddings, check_same_backbone, matrix, open_embeddings
 from raytl.errors import DatasetError
-from raytl.metrics import report as classification_report
-from raytl.model_dir import METRICS_FILE, PROBE_CHECKPOINT, TRAIN_RUN
+from raytl.files import storage
+from raytl.files.embeddings import Embeddings, check_same_backbone, matrix, open_embeddings
+from raytl.modeling import loop, probe, split
+from raytl.modeling import model_dir as model_dirs
+from raytl.modeling.classifier import LinearHead, Model
+from raytl.modeling.metrics import report as classification_report
+from raytl.modeling.model_dir import METRICS_FILE, PROBE_CHECKPOINT, TRAIN_RUN
+from raytl.reporting import report, tracking
 from raytl.version import VERSION
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     probe.check_kernel(config, train.rows)
     if prepare_model_dir(config):
         log.warning("resuming the unfinished run in MODEL_DIR %s", storage.redact(config.model_dir))
-    logs.init_ray()
+    session.init_ray()
     plan = plan_split(config, train, val)
     model_dirs.record_run(config.model_dir, TRAIN_RUN, model_dirs.run_options(config))  # now resumable
     train_rows = xy(train, plan, config.seed, side="all" if val else "train")
@@ -387,7 +390,7 @@ def gather(rows: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
 
 def batch_confusion(batch: dict[str, np.ndarray], model: Model) -> dict[str, np.ndarray]:
     """The batch's confusion matrix (flattened) and its rows for the report's sample (pickled)."""
-    from raytl.metrics import confusion
+    from raytl.modeling.metrics import confusion
 
     predicted, score = model.predict(batch["x"])
     names = [model.classes[i] for i in predicted]

@@ -16,10 +16,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raytl import shards, storage
-from raytl.embeddings import backbone_label
+from raytl.corpus import shards
 from raytl.errors import StorageError
-from raytl.model_dir import (
+from raytl.files import storage
+from raytl.files.embeddings import backbone_label
+from raytl.modeling.model_dir import (
     FIGURES_DIR,
     METRICS_FILE,
     MODEL_JSON,
@@ -356,7 +357,7 @@ def thumbnails(paths: list[str], schemes: Sequence[str]) -> list[np.ndarray | No
     """Small RGB pictures of the images at paths (loose files, zip members, SHARD#KEY samples); None for
     those that cannot be read, and for those the rules of a manifest refuse (`readable`): a sample's paths
     come from embeddings or a MODEL_DIR made elsewhere. Decoded under extract's bomb guard."""
-    from raytl.preprocess import Transform
+    from raytl.vision.preprocess import Transform
 
     decode = Transform().decode  # extract's default --max-pixels, checked before any pixel is decoded
     paths = [p if readable(p, schemes) else "" for p in paths]

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raytl import storage
 from raytl.config import Decode, Layer, Pool, Precision
 from raytl.errors import ConfigError, StorageError
-from raytl.models import IMAGENET_MEAN, IMAGENET_STD, VGG16, preset
-from raytl.preprocess import INTERPOLATIONS
+from raytl.files import storage
+from raytl.vision.models import IMAGENET_MEAN, IMAGENET_STD, VGG16, preset
+from raytl.vision.preprocess import INTERPOLATIONS
 
 # --- what raytl writes in a MODEL_DIR -------------------------------------------------------------------
 

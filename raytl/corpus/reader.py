@@ -16,9 +16,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 
-from raytl import doneset, shards, storage
+from raytl.corpus import shards
 from raytl.errors import StorageError
-from raytl.preprocess import IMAGE_EXTENSIONS, is_image
+from raytl.files import doneset, storage
+from raytl.vision.preprocess import IMAGE_EXTENSIONS, is_image
 
 log = logging.getLogger(__name__)
 

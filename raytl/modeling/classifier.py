@@ -12,10 +12,10 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from raytl import storage
-from raytl.embeddings import matrix
 from raytl.errors import StorageError, WeightsError
-from raytl.model_dir import (
+from raytl.files import storage
+from raytl.files.embeddings import matrix
+from raytl.modeling.model_dir import (
     BACKBONE_FILE,
     KERNEL_FILE,
     MODEL_FILE,
@@ -26,7 +26,7 @@ from raytl.model_dir import (
     read_files,
     write_json,
 )
-from raytl.models import Weights, load_weights
+from raytl.vision.models import Weights, load_weights
 
 
 class LinearHead(nn.Module):

@@ -13,9 +13,10 @@ from typing import Any
 import braceexpand
 import numpy as np
 
-from raytl import doneset, preprocess, storage
 from raytl.errors import ImageError, StorageError
-from raytl.preprocess import Transform
+from raytl.files import doneset, storage
+from raytl.vision import preprocess
+from raytl.vision.preprocess import Transform
 
 log = logging.getLogger(__name__)
 

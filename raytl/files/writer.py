@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raytl import storage
+from raytl.files import storage
 
 ERRORS_DIR = "_errors"
 SUMMARY_FILE = "_summary.json"

@@ -11,15 +11,15 @@ from typing import Any
 
 import ray
 
-from raytl import doneset, output, writer
+from raytl.cluster.embedder import Embedder, Resources, on_actors
 from raytl.config import Decode, Device, ExtractConfig, Layer, Pool, Precision
-from raytl.embedder import Embedder, Resources, on_actors
+from raytl.corpus.reader import Corpus, manifest_rows
+from raytl.corpus.shards import read_shards
 from raytl.errors import ConfigError
-from raytl.models import VGG16, preset
-from raytl.preprocess import Transform, decode_batch, fetch_batch
-from raytl.reader import Corpus, manifest_rows
-from raytl.shards import read_shards
+from raytl.files import doneset, output, writer
 from raytl.version import VERSION
+from raytl.vision.models import VGG16, preset
+from raytl.vision.preprocess import Transform, decode_batch, fetch_batch
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 
 from raytl.config import Device, Layer, Pool, Precision
 from raytl.errors import ImageError
-from raytl.models import (
+from raytl.vision.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     VGG16,
@@ -26,10 +26,10 @@ from raytl.models import (
     preset,
     resolve_precision,
 )
-from raytl.preprocess import Transform
+from raytl.vision.preprocess import Transform
 
 if TYPE_CHECKING:
-    from raytl.jpeg import DeviceDecoder
+    from raytl.vision.jpeg import DeviceDecoder
 
 _AUTOCAST_DTYPE = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 # Host memory one model actor reserves: VGG16 trunk, activations of a batch, Ray's buffers. Besides
@@ -82,7 +82,7 @@ class Embedder:
         # --decode gpu: rows arrive as JPEG bytes (preprocess.fetch_batch) and are decoded on this device.
         self.decoder: DeviceDecoder | None = None
         if device_decode:  # --decode gpu; torchvision's decoder, imported only then
-            from raytl.jpeg import DeviceDecoder
+            from raytl.vision.jpeg import DeviceDecoder
 
             self.decoder = DeviceDecoder(device_decode, self.device)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
@@ -283,7 +283,7 @@ def embed_dataset(dataset: Any, config: Any) -> Any:
     `embedding` and `error`; the weights are loaded (and checked) here, once, and shared with the actors."""
     import ray
 
-    from raytl.models import embedding_dim, load_weights, resolved
+    from raytl.vision.models import embedding_dim, load_weights, resolved
 
     config = resolved(config)
     embedding_dim(config.layer, config.pool, config.image_size, config.model)  # a size the model takes

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raytl import storage, writer
 from raytl.config import ExtractConfig
 from raytl.errors import StorageError
+from raytl.files import storage, writer
 
 # OUTPUT/_run.json: the options an extract was started with; a rerun with the same ones continues it.
 RUN_FILE = "_run.json"

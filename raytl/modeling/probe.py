@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from raytl.classifier import LinearHead, Model
 from raytl.config import ClassWeight, Kernel, ProbeHead, TrainConfig
 from raytl.errors import ConfigError
-from raytl.loop import RowLosses
-from raytl.model_dir import ModelInfo
+from raytl.modeling.classifier import LinearHead, Model
+from raytl.modeling.loop import RowLosses
+from raytl.modeling.model_dir import ModelInfo
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raytl import storage
 from raytl.errors import DatasetError
-from raytl.writer import METADATA_KEY
+from raytl.files import storage
+from raytl.files.writer import METADATA_KEY
 
 # Metadata fields that must agree between datasets used together (a probe and what it classifies).
 BACKBONE_FIELDS = ("model", "weights", "layer", "pool", "dim", "image_size")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from raytl import storage
+from raytl.files import storage
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _log_metrics(client: Any, tracker: Tracker, metrics: dict[str, float], step:
 
 def _log_model_dir(client: Any, run_id: str | None, model_dir: str) -> None:
     """metrics.json, report.html and report/*.png, copied from MODEL_DIR (local or object storage)."""
-    from raytl.model_dir import FIGURES_DIR, METRICS_FILE, REPORT_FILE
+    from raytl.modeling.model_dir import FIGURES_DIR, METRICS_FILE, REPORT_FILE
 
     fs, root = storage.filesystem(model_dir)
     root = root.rstrip("/")

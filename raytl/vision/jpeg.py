@@ -12,7 +12,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from raytl.preprocess import CROP, JPEG, Transform
+from raytl.vision.preprocess import CROP, JPEG, Transform
 
 # EXIF orientation -> the operation on (..., H, W) that makes the image upright, as ImageOps.exif_transpose.
 _UPRIGHT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {

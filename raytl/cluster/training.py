@@ -1,7 +1,7 @@
 """The Ray Train side of raytl's two training programs (`train`: a linear head on embeddings; `finetune`:
-the network on images): the worker's loop both run (`run_epochs`: resume, the epochs of raytl.loop, the best
-epoch, reports), workers and their collective backend, ordered ingest, checkpoints saved, reported and
-loaded, and the budget for caching a split in the object store."""
+the network on images): the worker's loop both run (`run_epochs`: resume, the epochs of modeling.loop, the
+best epoch, reports), workers and their collective backend, ordered ingest, checkpoints saved, reported
+and loaded, and the budget for caching a split in the object store."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from typing import Any
 import ray
 import torch
 
-from raytl import logs, loop
 from raytl.config import Device
-from raytl.tracking import UNTRACKED, Tracker
+from raytl.modeling import loop
+from raytl.reporting import logs
+from raytl.reporting.tracking import UNTRACKED, Tracker
 
 log = logging.getLogger(__name__)
 

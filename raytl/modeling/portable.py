@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raytl import storage
-from raytl.classifier import Model, backbone_weights
 from raytl.errors import ConfigError
-from raytl.models import from_state_dict
+from raytl.files import storage
+from raytl.modeling.classifier import Model, backbone_weights
+from raytl.vision.models import from_state_dict
 
 
 class Portable(nn.Module):

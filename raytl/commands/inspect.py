@@ -9,15 +9,15 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from raytl import storage, writer
-from raytl.embeddings import backbone_label
 from raytl.errors import StorageError
-from raytl.model_dir import METRICS_FILE, MODEL_JSON
+from raytl.files import storage, writer
+from raytl.files.embeddings import backbone_label
+from raytl.modeling.model_dir import METRICS_FILE, MODEL_JSON
 
 _TOP = 20  # label counts and error reasons listed
 
 
-def describe(uri: str) -> dict[str, Any]:
+def run(uri: str) -> dict[str, Any]:
     """A JSON-ready description of OUTPUT; raises StorageError when it holds no raytl output."""
     with storage.guarded(f"read {uri}"):
         return _describe(uri)

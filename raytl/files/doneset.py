@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raytl import storage
+from raytl.files import storage
 
 
 def build(paths: ray.data.Dataset) -> Any:

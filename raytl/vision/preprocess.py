@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from raytl import storage
 from raytl.errors import ImageError
+from raytl.files import storage
 
 # The files raytl reads as images, by extension in any case; anything else in a SOURCE is ignored and counted,
 # and a manifest row naming anything else is an `_errors` row (the file is never read).

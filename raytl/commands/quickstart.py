@@ -9,11 +9,11 @@ import sys
 import numpy as np
 from PIL import Image
 
-from raytl import storage
 from raytl.config import ExtractConfig, Layer, PredictConfig, TrainConfig
 from raytl.errors import WeightsError
-from raytl.model_dir import REPORT_FILE
-from raytl.models import load_weights
+from raytl.files import storage
+from raytl.modeling.model_dir import REPORT_FILE
+from raytl.vision.models import load_weights
 
 IMAGE_PX = 64  # digits are 8x8; 64 px keeps VGG16 quick on a laptop CPU and leaves a 2x2 pool5 map
 HELD_OUT = 297  # the last digits play "new images" for predict

@@ -11,8 +11,14 @@ import torch
 from torch import nn
 
 from raytl.config import FinetuneConfig, Freeze, Head, Layer, Optimizer, Pool, Precision
-from raytl.loop import RowLosses
-from raytl.models import embedding_dim, from_state_dict, prefers_channels_last, preset, resolve_precision
+from raytl.modeling.loop import RowLosses
+from raytl.vision.models import (
+    embedding_dim,
+    from_state_dict,
+    prefers_channels_last,
+    preset,
+    resolve_precision,
+)
 
 # Index in VGG16's `features` where each conv block ends (after its max-pool): --freeze block1..block5.
 BLOCK_ENDS = {

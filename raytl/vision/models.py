@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from raytl import storage
 from raytl.config import Device, Layer, Pool, Precision
 from raytl.errors import ConfigError, WeightsError
+from raytl.files import storage
 
 VGG16 = "vgg16"  # the default backbone, with its own layers (--layer) and pooling (--pool)
 

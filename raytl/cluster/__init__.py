@@ -1,0 +1,1 @@
+"""Ray: the session, the extract pipeline and its actors, the Ray Train worker loop."""

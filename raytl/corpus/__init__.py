@@ -1,0 +1,1 @@
+"""Image corpora: listings of folders, manifests, archives and WebDataset shards."""

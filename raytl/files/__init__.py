@@ -1,0 +1,1 @@
+"""Files and object storage: paths and URIs, retries, Parquet parts, embeddings, OUTPUT folders."""

@@ -1,0 +1,1 @@
+"""Models, Ray-free: MODEL_DIR's contract, the probe, the network, the training core, metrics."""

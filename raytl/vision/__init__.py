@@ -1,0 +1,1 @@
+"""Images to tensors: decoding and preprocessing, GPU JPEG, the torchvision backbones."""
