@@ -193,7 +193,7 @@ def test_the_resumed_run_continues_its_mlflow_run(resumed_run):
     client = MlflowClient(resumed_run["options"]["mlflow_uri"])
     experiment = client.get_experiment_by_name("raytl").experiment_id
     (run,) = client.search_runs(
-        [experiment], filter_string="tags.`raytl.modeling.model_dir` = '" + resumed_run["model_dir"] + "'"
+        [experiment], filter_string="tags.`raytl.model_dir` = '" + resumed_run["model_dir"] + "'"
     )
     assert run.info.status == "FINISHED" and run.data.tags["raytl.command"] == "finetune"
     assert run.info.run_name == "ft" and run.data.params["freeze"] == "block4"

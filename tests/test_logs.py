@@ -50,6 +50,7 @@ def test_lines_written_past_logging_become_json_objects():
 SCRIPT = """
 import logging, os, sys, time
 import ray
+from raytl.cluster import session
 from raytl.reporting import logs
 logs.setup("warning", json_lines=True)
 logs.relay_stderr_as_json()
@@ -88,7 +89,7 @@ def test_a_json_run_writes_only_json_lines_each_once(ray_session):
 _OWN_RAY = """
 import json, ray
 from ray._private.services import canonicalize_bootstrap_address_or_die
-from raytl.reporting import logs
+from raytl.cluster import session
 
 session.init_ray()  # a local Ray of its own, beside the test session's
 
