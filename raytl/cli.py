@@ -222,7 +222,11 @@ def add_options(p: argparse.ArgumentParser, config_class: type) -> None:
     allowed values and default all come from the field. Options not given stay out of the namespace, so
     that the config's own default applies (options_of)."""
     hints = get_type_hints(config_class)
-    for item in dataclasses.fields(config_class):
+    # The verb's own options first, then its option groups' in the order the config names them.
+    homes = [c.__dict__.get("__annotations__", {}) for c in config_class.__mro__]
+    for item in sorted(
+        dataclasses.fields(config_class), key=lambda f: next(i for i, h in enumerate(homes) if f.name in h)
+    ):
         if "help" not in item.metadata:
             continue  # a positional path (SOURCE, OUTPUT, ...): each verb takes those itself
         kind, default = hints[item.name], item.default

@@ -8,7 +8,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import Field, asdict, dataclass, field, fields, make_dataclass
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, get_type_hints
 
 from raytl.errors import ConfigError, redact
@@ -93,9 +93,14 @@ ALLOW_SCHEMES = (
 )
 
 
+WEIGHTS = "imagenet (the model's default weights) | random | path or URI of a state_dict"
+MOVED_WEIGHTS = "the backbone weights, if they moved since the model was trained"
+
+
 class Validated:
     """A config built from options by `create`: string choices parsed, `prepare`d, the PATHS made absolute,
-    then `validate`d; ConfigError with one clear sentence on the first bad value."""
+    then checked, each option group's `check_group` (in the order the groups are named) and the config's
+    own `validate`; ConfigError with one clear sentence on the first bad value."""
 
     # The fields that name files or URIs, made absolute: `class X(Validated, paths=(...))`.
     PATHS: ClassVar[tuple[str, ...]] = ()
@@ -108,6 +113,10 @@ class Validated:
     def create(cls, **options: Any) -> Self:
         """Parse string choices and validate every value; raises ConfigError with one clear sentence."""
         config = cls(**absolute(cls.prepare(parsed(cls, options)), *cls.PATHS))
+        for group in cls.__mro__:
+            check = group.__dict__.get("check_group")
+            if check is not None:
+                check(config)
         config.validate()
         return config
 
@@ -117,56 +126,229 @@ class Validated:
         return options
 
     def validate(self) -> None:
-        """Raise ConfigError on the first bad value."""
+        """Raise ConfigError on the first bad value of the config's own options (its groups check theirs)."""
+
+    def to_json(self) -> str:
+        """The whole config as JSON (passwords in URIs and secret keys redacted), for logs, trackers and for
+        checking that a rerun resumes the same run."""
+        values = asdict(self)  # type: ignore[call-overload]  # every Validated is a dataclass
+        return redact(json.dumps({k: str(v) if isinstance(v, Choice) else v for k, v in values.items()}))
+
+    @classmethod
+    def option_name(cls, name: str) -> str:
+        """How sentences name a field: its flag, or the path argument's NAME for a positional one."""
+        item = next(f for f in fields(cls) if f.name == name)  # type: ignore[arg-type]
+        return flag(item) if "help" in item.metadata else name.upper()
 
 
-@dataclass(frozen=True)
-class ExtractConfig(Validated, paths=("source", "output", "manifest")):
-    """Everything `raytl extract` needs; build with `ExtractConfig.create` to validate."""
+# --- option groups: each the one home of its options (default, help) and of their checks -----------------
 
-    source: str
-    output: str
-    manifest: str | None = option(None, "CSV or Parquet file with columns path and optional label")
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneOptions:
+    """The network that embeds the images, its weights, its crop and its precision."""
+
     model: str = option("vgg16", MODEL)
-    weights: str = option(
-        "imagenet", "imagenet (the model's default weights) | random | path or URI of a state_dict"
+    weights: str = option("imagenet", WEIGHTS)
+    precision: Precision = option(Precision.AUTO, "auto: bf16 on CUDA and on AMX / AVX-512-BF16 CPUs")
+    image_size: int | None = option(
+        None,
+        "the centre crop in pixels, finetune's training crops too (default: the model's weights', 224 for "
+        "vgg16)",
     )
+    resize_size: int | None = option(
+        None, "shorter side before the centre crop (default: the crop times the weights' ratio, 256/224)"
+    )
+
+    def check_group(self) -> None:
+        if not self.model:
+            raise ConfigError(
+                "--model is empty: give vgg16 or another torchvision model's name (resnet50, ...)."
+            )
+        if not self.weights:
+            raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
+        if self.image_size is not None:
+            _positive("--image-size", self.image_size, low=32, high=2048)
+        if self.resize_size is not None and self.resize_size < (self.image_size or 32):
+            raise ConfigError(
+                f"--resize-size must be at least --image-size ({self.image_size}), not {self.resize_size}."
+            )
+
+    @property
+    def resize(self) -> int:
+        """The shorter side before the centre crop (once `models.resolved` has set the image size)."""
+        return self.resize_size or round((self.image_size or 224) * 256 / 224)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Vgg16Features:
+    """Which of vgg16's features an embedding is (other models give the input of their classifier)."""
+
     layer: Layer = option(Layer.POOL5, "vgg16's layer: pool5 (512 x grid), fc6 or fc7 (4096, after ReLU)")
     pool: Pool = option(
         Pool.AVG, "vgg16's pool5 pooling over the grid (flatten: the whole 25088-d map at 224 px)"
     )
-    precision: Precision = option(Precision.AUTO, "auto: bf16 on CUDA and on AMX / AVX-512-BF16 CPUs")
-    image_size: int | None = option(
-        None, "the centre crop in pixels (default: the model's weights', 224 for vgg16)"
-    )
-    resize_size: int | None = option(
-        None, "shorter side before the crop (default: the crop times the weights' ratio, 256/224 for vgg16)"
-    )
+
+    def check_group(self) -> None:
+        model = getattr(self, "model", "vgg16")
+        if model != "vgg16" and (self.layer != Layer.POOL5 or self.pool != Pool.AVG):
+            raise ConfigError(
+                f"--layer and --pool choose vgg16's features; --model {model} gives the input of its "
+                "final classifier layer."
+            )
+        if self.pool != Pool.AVG and self.layer != Layer.POOL5:
+            raise ConfigError(f"--pool {self.pool} applies to --layer pool5 only, not --layer {self.layer}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Where the work runs."""
+
+    device: Device = option(Device.AUTO, DEVICE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelActors(Placement):
+    """The actor pool that runs the model (extract, predict, raytl.embed)."""
+
     batch_size: int | None = option(None, "images per forward pass (default 256 per GPU, 32 on CPU)")
     num_actors: int | tuple[int, int] | None = option(None, NUM_ACTORS)
-    device: Device = option(Device.AUTO, DEVICE)
+
+    def check_group(self) -> None:
+        _positive_fields(self, "batch_size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainWorkers(Placement):
+    """The Ray Train workers (train, finetune)."""
+
+    workers: int | tuple[int, int] = option(2, WORKERS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Embedding:
+    """How the model actors run the backbone (extract, raytl.embed)."""
+
+    compile: bool = option(False, "torch.compile the model (minutes of warm-up; pays on long GPU runs)")
+    seed: int = option(0, "seeds --weights random")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageLimits:
+    """Which images are refused before they are decoded."""
+
+    max_pixels: int = option(89_478_485, "larger images are refused (decompression bombs; Pillow's limit)")
+
+    def check_group(self) -> None:
+        _positive("--max-pixels", self.max_pixels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reading:
+    """How the CPU tasks read image files and shards."""
+
     decode_batch: int = option(32, "files fetched and decoded per CPU task call")
+    label_field: str | None = option(
+        None, "tar shards: cls | txt | json:FIELD (default: KEY.cls when present)"
+    )
+
+    def check_group(self) -> None:
+        _positive("--decode-batch", self.decode_batch)
+        label = self.label_field
+        if (
+            label is not None
+            and label not in ("cls", "txt")
+            and not (label.startswith("json:") and label[5:])
+        ):
+            raise ConfigError(f"--label-field must be cls, txt or json:FIELD, not {label!r}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Listing:
+    """Which images a verb takes besides SOURCE: a manifest, and the filesystems it may name."""
+
+    manifest: str | None = option(
+        None, "CSV or Parquet file of images: columns path and label (finetune needs it)"
+    )
+    allow_schemes: tuple[str, ...] = option((), ALLOW_SCHEMES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Validation:
+    """What the model is validated (and its best epoch chosen) on."""
+
+    val: str | None = option(
+        None, "a separate validation set (train: embeddings; finetune: a class-per-folder folder or a .csv / "
+        ".parquet manifest)"
+    )  # fmt: skip
+    val_fraction: float = option(0.2, "stratified, seeded split of the training data when --val is not given")
+
+    def check_group(self) -> None:
+        if self.val is None and not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(
+                f"--val-fraction must be between 0 and 1 (exclusive), not {self.val_fraction!r}."
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tracking:
+    """Where a training run is tracked (MLflow)."""
+
+    mlflow_uri: str | None = option(None, MLFLOW_URI)
+    mlflow_experiment: str = option("raytl", "MLflow experiment of the run (made if missing)")
+    mlflow_run_name: str | None = option(None, MLFLOW_RUN_NAME)
+
+    def check_group(self) -> None:
+        """--mlflow-uri needs MLflow's client (an extra); the experiment needs a name."""
+        import importlib.util
+
+        if self.mlflow_uri and importlib.util.find_spec("mlflow") is None:
+            raise ConfigError(
+                '--mlflow-uri needs MLflow\'s client: pip install -c requirements/lock.txt "raytl[mlflow]".'
+            )
+        if not self.mlflow_experiment:
+            raise ConfigError("--mlflow-experiment is empty: name the MLflow experiment to log the run in.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Overwrite:
+    """Whether what raytl wrote at the destination before may be replaced."""
+
+    overwrite: bool = option(False, "replace what raytl wrote there before (OUTPUT, MODEL_DIR or OUT)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MovedWeights:
+    """Where a trained model's backbone weights are now (predict, export, serve)."""
+
+    weights: str | None = option(None, MOVED_WEIGHTS)
+
+
+# --- the verbs' configs: their paths, their own options, and the groups they take -------------------------
+
+
+@dataclass(frozen=True)
+class ExtractConfig(
+    Validated, BackboneOptions, Vgg16Features, ModelActors, Embedding, ImageLimits, Reading, Listing,
+    Overwrite, paths=("source", "output", "manifest"),
+):  # fmt: skip
+    """Everything `raytl extract` needs; build with `ExtractConfig.create` to validate."""
+
+    source: str
+    output: str
     # gpu: when CPU JPEG decoding cannot keep GPUs busy (H100: ~10x a core's rate)
     decode: Decode = option(
         Decode.CPU, "cpu: Pillow in CPU tasks; gpu: JPEGs decoded by nvJPEG in the actors"
     )
-    compile: bool = option(False, "torch.compile the model (minutes of warm-up; pays on long GPU runs)")
     rows_per_file: int | None = option(
         None, "rows per Parquet part (default: about a minute of work on CPU, 8192 on GPU clusters)"
     )
-    max_pixels: int = option(89_478_485, "larger images go to _errors (decompression bombs; Pillow's limit)")
     max_errors: int | float | None = option(
         None, "stop when more files than this count (100) or share (0.01, 1%%) are broken"
     )
-    label_field: str | None = option(
-        None, "tar shards: cls | txt | json:FIELD (default: KEY.cls when present)"
-    )
-    allow_schemes: tuple[str, ...] = option((), ALLOW_SCHEMES)
     max_failures: int = option(
         3, "times a run that loses a node or a model actor resumes from what OUTPUT holds before it fails"
     )
-    seed: int = option(0, "seeds --weights random")
-    overwrite: bool = option(False, "replace raytl embeddings already in OUTPUT")
 
     @classmethod
     def prepare(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -178,10 +360,8 @@ class ExtractConfig(Validated, paths=("source", "output", "manifest")):
     def validate(self) -> None:
         """Raise ConfigError on the first bad value."""
         _check_paths(self, "output", "embeddings")
-        check_backbone(self)
-        _positive_fields(self, "decode_batch", "rows_per_file")
+        _positive_fields(self, "rows_per_file")
         _positive("--max-failures", self.max_failures, low=0)
-        _check_label_field(self.label_field)
 
     def error_limit(self, files: int) -> int | None:
         """How many of `files` may fail before the run stops (None: no limit)."""
@@ -191,50 +371,31 @@ class ExtractConfig(Validated, paths=("source", "output", "manifest")):
             return math.floor(self.max_errors * files)
         return self.max_errors
 
-    @property
-    def resize(self) -> int:
-        """The shorter side before the centre crop (once `models.resolved` has set the image size)."""
-        return self.resize_size or round((self.image_size or 224) * 256 / 224)
 
-    def to_json(self) -> str:
-        """The whole config as JSON (passwords in URIs and secret keys redacted), for logs and summaries."""
-        return _json(self)
-
-
-# What `raytl.embed(dataset, ...)` takes besides the dataset: extract's backbone and preprocessing options
-# (the same fields, defaults and help: made from ExtractConfig's), and the column that holds the images.
-EMBED_OPTIONS = (
-    "model", "weights", "layer", "pool", "precision", "image_size", "resize_size", "batch_size", "num_actors",
-    "device", "compile", "max_pixels", "seed",
-)  # fmt: skip
 _IMAGE_COLUMN = (
     "the column of images: encoded files (bytes), uint8 arrays (H, W) or (H, W, C), PIL images, or "
     "{'bytes': ...} dicts (Hugging Face's Image feature)"
 )
-EmbedConfig = make_dataclass(
-    "EmbedConfig",
-    [("column", str, option("image", _IMAGE_COLUMN))]
-    + [
-        (f.name, f.type, field(default=f.default, metadata=f.metadata))
-        for f in fields(ExtractConfig)
-        if f.name in EMBED_OPTIONS
-    ],  # fmt: skip
-    frozen=True,
-    namespace={
-        "__module__": __name__,
-        "__doc__": "What raytl.embed needs: extract's backbone options and the image column.",
-        "resize": property(lambda self: self.resize_size or round((self.image_size or 224) * 256 / 224)),
-    },
-)
 
 
-def embed_config(**options: Any) -> Any:
+@dataclass(frozen=True)
+class EmbedConfig(Validated, BackboneOptions, Vgg16Features, ModelActors, Embedding, ImageLimits):
+    """What raytl.embed needs: extract's backbone options (the same groups) and the image column."""
+
+    column: str = option("image", _IMAGE_COLUMN)
+
+    @classmethod
+    def prepare(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return _vgg16_size(options)
+
+    def validate(self) -> None:
+        if not self.column:
+            raise ConfigError("column is empty: name the dataset's column of images.")
+
+
+def embed_config(**options: Any) -> EmbedConfig:
     """A validated EmbedConfig (one ConfigError sentence for a bad value or an unknown option)."""
-    config = EmbedConfig(**_vgg16_size(parsed(EmbedConfig, options)))
-    if not config.column:
-        raise ConfigError("column is empty: name the dataset's column of images.")
-    check_backbone(config)
-    return config
+    return EmbedConfig.create(**options)
 
 
 def _vgg16_size(options: dict[str, Any]) -> dict[str, Any]:
@@ -243,38 +404,6 @@ def _vgg16_size(options: dict[str, Any]) -> dict[str, Any]:
     if options.get("image_size") is None and options.get("model", "vgg16") == "vgg16":
         return {**options, "image_size": 224}
     return options
-
-
-def check_backbone(config: Any) -> None:
-    """The backbone and preprocessing options that extract and raytl.embed share (EMBED_OPTIONS)."""
-    _check_model(config.model)
-    if config.model != "vgg16" and (config.layer != Layer.POOL5 or config.pool != Pool.AVG):
-        raise ConfigError(
-            f"--layer and --pool choose vgg16's features; --model {config.model} gives the input of its "
-            "final classifier layer."
-        )
-    _check_sizes(config)
-    _positive_fields(config, "batch_size")
-    _positive("--max-pixels", config.max_pixels)
-    if config.pool != Pool.AVG and config.layer != Layer.POOL5:
-        raise ConfigError(f"--pool {config.pool} applies to --layer pool5 only, not --layer {config.layer}.")
-    if not config.weights:
-        raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
-
-
-def _check_sizes(config: Any) -> None:
-    """--image-size (None: the model's weights') and --resize-size, at least the crop."""
-    if config.image_size is not None:
-        _positive("--image-size", config.image_size, low=32, high=2048)
-    if config.resize_size is not None and config.resize_size < (config.image_size or 32):
-        raise ConfigError(
-            f"--resize-size must be at least --image-size ({config.image_size}), not {config.resize_size}."
-        )
-
-
-def _check_model(model: str) -> None:
-    if not model:
-        raise ConfigError("--model is empty: give vgg16 or another torchvision model's name (resnet50, ...).")
 
 
 def flag(item: Field) -> str:
@@ -393,11 +522,6 @@ def _check_paths(config: Any, target: str, what: str, name: str | None = None) -
         raise ConfigError(f"{name or target.upper()} is empty: give a directory or URI to write {what} to.")
 
 
-def _check_val_fraction(config: Any) -> None:
-    if config.val is None and not 0.0 < config.val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), not {config.val_fraction!r}.")
-
-
 class Backend(Choice):
     RAY = "ray"  # Ray Train, data-parallel over --workers
     SKLEARN = "sklearn"  # scikit-learn on the driver: small data, and the reference
@@ -419,18 +543,16 @@ class ClassWeight(Choice):
 
 
 @dataclass(frozen=True)
-class TrainConfig(Validated, paths=("embeddings", "model_dir", "val")):
+class TrainConfig(
+    Validated, Validation, TrainWorkers, Tracking, Overwrite, paths=("embeddings", "model_dir", "val")
+):
     """Everything `raytl train` needs; build with `TrainConfig.create` to validate."""
 
     embeddings: str
     model_dir: str
-    val: str | None = option(None, "a separate validation embeddings dataset")
-    val_fraction: float = option(0.2, "stratified, seeded split of EMBEDDINGS when --val is not given")
     backend: Backend = option(Backend.RAY, "ray: Ray Train, data-parallel; sklearn: on one node")
     head: ProbeHead = option(ProbeHead.LOGREG, "logreg: softmax; svm: one-vs-rest squared hinge (LinearSVC)")
     kernel: Kernel = option(Kernel.LINEAR, "svm: rbf is scikit-learn's SVC (--backend sklearn; small data)")
-    workers: int | tuple[int, int] = option(2, WORKERS)
-    device: Device = option(Device.AUTO, DEVICE)
     epochs: int = option(100, "at most this many epochs")
     patience: int = option(10, "stop after this many epochs without a better kept epoch")
     batch_size: int = option(256, "rows per optimiser step on each worker")
@@ -438,30 +560,20 @@ class TrainConfig(Validated, paths=("embeddings", "model_dir", "val")):
     l2: float | None = option(None, "L2 penalty lambda/2 * ||W||^2 (default 1/n_train, scikit-learn's C=1)")
     class_weight: ClassWeight = option(ClassWeight.NONE, "balanced: each class weighted n / (classes * n_c)")
     seed: int = option(0, "seeds the split and the shuffles")
-    overwrite: bool = option(False, "replace a model already in MODEL_DIR")
-    mlflow_uri: str | None = option(None, MLFLOW_URI)
-    mlflow_experiment: str = option("raytl", "MLflow experiment of the run (made if missing)")
-    mlflow_run_name: str | None = option(None, MLFLOW_RUN_NAME)
 
     def validate(self) -> None:
         """Raise ConfigError on the first bad value."""
         if not self.embeddings or not self.model_dir:
             raise ConfigError("train takes EMBEDDINGS and MODEL_DIR, and neither may be empty.")
-        _check_val_fraction(self)
         _positive_fields(self, "epochs", "patience", "batch_size")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, not {self.lr!r}.")
         if self.l2 is not None and self.l2 < 0:
             raise ConfigError(f"--l2 must be zero or positive, not {self.l2!r}.")
-        _check_tracking(self)
         if self.kernel == Kernel.RBF and (self.head != ProbeHead.SVM or self.backend != Backend.SKLEARN):
             raise ConfigError(
                 "--kernel rbf is scikit-learn's SVC on one node: give it with --head svm --backend sklearn."
             )
-
-    def to_json(self) -> str:
-        """The whole config as JSON (passwords in URIs and secret keys redacted), for logs and trackers."""
-        return _json(self)
 
 
 class Head(Choice):
@@ -523,20 +635,14 @@ class Optimizer(Choice):
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(Validated, paths=("source", "model_dir", "manifest", "val")):
+class FinetuneConfig(
+    Validated, BackboneOptions, Validation, TrainWorkers, ImageLimits, Reading, Listing, Tracking, Overwrite,
+    paths=("source", "model_dir", "manifest", "val"),
+):  # fmt: skip
     """Everything `raytl finetune` needs; build with `FinetuneConfig.create` to validate."""
 
     source: str | None
     model_dir: str
-    manifest: str | None = option(None, "CSV or Parquet file with columns path and label")
-    val: str | None = option(
-        None, "validation images: a class-per-folder folder or a .csv / .parquet manifest"
-    )
-    val_fraction: float = option(0.2, "stratified, seeded split of the images when --val is not given")
-    model: str = option("vgg16", MODEL)
-    weights: str = option(
-        "imagenet", "imagenet (the model's default weights) | random | path or URI of a state_dict"
-    )
     head: Head = option(
         Head.AVG, "the new head's input: avg (vgg16: pool5 averaged; others: their features) or vgg16's fc7"
     )
@@ -546,34 +652,15 @@ class FinetuneConfig(Validated, paths=("source", "model_dir", "manifest", "val")
     backbone_lr: float | None = option(None, "the unfrozen backbone layers' learning rate (default lr/10)")
     weight_decay: float = option(1e-4, "decoupled weight decay (adamw) or L2 (sgd)")
     label_smoothing: float = option(0.0, "cross-entropy label smoothing, in [0, 1)")
-    label_field: str | None = option(
-        None, "tar shards: cls | txt | json:FIELD (default: KEY.cls when present)"
-    )
     epochs: int = option(10, "training epochs")
     warmup_epochs: float | None = option(
         None, "linear warm-up from lr/100, then cosine decay (default 1; half the run when --epochs is 1)"
     )
     batch_size: int = option(32, "images per step per worker; the global batch is workers x batch size")
-    workers: int | tuple[int, int] = option(2, WORKERS)
-    device: Device = option(Device.AUTO, DEVICE)
-    image_size: int | None = option(
-        None, "training crop and validation centre crop in px (default: the model's weights', 224 for vgg16)"
-    )
-    resize_size: int | None = option(
-        None, "validation: shorter side before the crop (default: the crop times the weights' ratio, 256/224)"
-    )
     augment: bool = option(True, "no random resized crops and flips (validation transforms)", "--no-augment")
     min_crop_scale: float = option(0.08, "smallest share of the image a random crop covers (torchvision's)")
-    precision: Precision = option(Precision.AUTO, "autocast: auto is bf16 on CUDA and on AMX CPUs")
-    decode_batch: int = option(32, "files fetched and decoded per CPU task call")
-    max_pixels: int = option(89_478_485, "larger images are skipped (decompression bombs; Pillow's limit)")
-    allow_schemes: tuple[str, ...] = option((), ALLOW_SCHEMES)
     max_failures: int = option(3, "worker-group restarts from the last checkpoint before the run fails")
     seed: int = option(0, "seeds the split, the head's initial weights and --weights random")
-    overwrite: bool = option(False, "discard a model or an unfinished run already in MODEL_DIR")
-    mlflow_uri: str | None = option(None, MLFLOW_URI)
-    mlflow_experiment: str = option("raytl", "MLflow experiment of the run (made if missing)")
-    mlflow_run_name: str | None = option(None, MLFLOW_RUN_NAME)
 
     @classmethod
     def prepare(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -585,16 +672,13 @@ class FinetuneConfig(Validated, paths=("source", "model_dir", "manifest", "val")
     def validate(self) -> None:
         """Raise ConfigError on the first bad value."""
         _check_paths(self, "model_dir", "the model")
-        _check_val_fraction(self)
-        _positive_fields(self, "epochs", "batch_size", "decode_batch", "max_pixels")
+        _positive_fields(self, "epochs", "batch_size")
         _positive("--max-failures", self.max_failures, low=0)
-        _check_model(self.model)
         if self.model != "vgg16" and self.head == Head.FC7:
             raise ConfigError(
                 f"--head fc7 is vgg16's own fc6 and fc7; --model {self.model}'s new head takes the input of "
                 "its final classifier layer (--head avg)."
             )
-        _check_sizes(self)
         for option, rate in (("--lr", self.lr), ("--backbone-lr", self.backbone_lr)):
             if rate is not None and not (isinstance(rate, int | float) and rate > 0):
                 raise ConfigError(f"{option} must be positive, not {rate!r}.")
@@ -609,15 +693,6 @@ class FinetuneConfig(Validated, paths=("source", "model_dir", "manifest", "val")
             )
         if not 0.0 < self.min_crop_scale <= 1.0:
             raise ConfigError(f"--min-crop-scale must be in (0, 1], not {self.min_crop_scale!r}.")
-        if not self.weights:
-            raise ConfigError("--weights is empty: give imagenet, random, or a path or URI of a state_dict.")
-        _check_label_field(self.label_field)
-        _check_tracking(self)
-
-    @property
-    def resize(self) -> int:
-        """Validation: the shorter side before the centre crop (once `models.resolved` has set the sizes)."""
-        return self.resize_size or round((self.image_size or 224) * 256 / 224)
 
     @property
     def crop(self) -> int:
@@ -638,80 +713,63 @@ class FinetuneConfig(Validated, paths=("source", "model_dir", "manifest", "val")
         """The learning rate of the unfrozen backbone layers."""
         return self.backbone_lr if self.backbone_lr is not None else self.lr / 10
 
-    def to_json(self) -> str:
-        """The whole config as JSON (passwords in URIs and secret keys redacted), for logs and for checking
-        that a rerun resumes the same run."""
-        return _json(self)
-
 
 @dataclass(frozen=True)
-class PredictConfig:
+class PredictConfig(
+    Validated,
+    MovedWeights,
+    ModelActors,
+    Listing,
+    Overwrite,
+    paths=("model_dir", "source", "output", "manifest"),
+):
     """Everything `raytl predict` needs; build with `PredictConfig.create` to validate."""
 
     model_dir: str
     source: str | None  # INPUT: embeddings, or images (class-per-folder); None with --manifest
     output: str
-    manifest: str | None = option(None, "CSV or Parquet file of images to classify (path, optional label)")
-    weights: str | None = option(None, "the backbone weights, if they moved since the embeddings were made")
-    batch_size: int | None = option(None, "images per forward pass (default: as extract)")
-    num_actors: int | tuple[int, int] | None = option(None, NUM_ACTORS)
-    device: Device = option(Device.AUTO, DEVICE)
-    allow_schemes: tuple[str, ...] = option((), ALLOW_SCHEMES)
-    overwrite: bool = option(False, "replace predictions already in OUTPUT")
 
     @classmethod
-    def create(cls, **options: Any) -> PredictConfig:
-        """Validate every value; raises ConfigError with one clear sentence."""
-        options = {"source": None, **parsed(cls, options)}  # INPUT may be left out beside --manifest
-        config = cls(**absolute(options, "model_dir", "source", "output", "manifest"))
-        if not config.model_dir or not config.output:
+    def prepare(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return {"source": None, **options}  # INPUT may be left out beside --manifest
+
+    def validate(self) -> None:
+        if not self.model_dir or not self.output:
             raise ConfigError("predict takes MODEL_DIR and OUTPUT, and neither may be empty.")
-        if not config.source and not config.manifest:
+        if not self.source and not self.manifest:
             raise ConfigError("INPUT is empty: give embeddings, a directory or URI of images, or --manifest.")
-        _positive_fields(config, "batch_size")
-        return config
 
 
 @dataclass(frozen=True)
-class PackConfig:
+class PackConfig(Validated, Listing, Overwrite, paths=("source", "output", "manifest")):
     """Everything `raytl pack` needs; build with `PackConfig.create` to validate."""
 
     source: str | None  # None with --manifest
     output: str  # OUTPUT_PREFIX: shards go to OUTPUT_PREFIX/00000.tar, ...
-    manifest: str | None = option(None, "CSV or Parquet file with columns path and optional label")
     shard_size: int = option(1000, "images per shard")
     seed: int = option(0, "seeds the shuffle of the images across shards")
-    allow_schemes: tuple[str, ...] = option((), ALLOW_SCHEMES)
-    overwrite: bool = option(False, "replace shards already under OUTPUT_PREFIX")
 
     @classmethod
-    def create(cls, **options: Any) -> PackConfig:
-        """Validate every value; raises ConfigError with one clear sentence."""
-        options = {"source": None, **parsed(cls, options)}  # SOURCE may be left out beside --manifest
-        config = cls(**absolute(options, "source", "output", "manifest"))
-        _check_paths(config, "output", "shards", name="OUTPUT_PREFIX")
-        _positive("--shard-size", config.shard_size)
-        return config
+    def prepare(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return {"source": None, **options}  # SOURCE may be left out beside --manifest
+
+    def validate(self) -> None:
+        _check_paths(self, "output", "shards", name="OUTPUT_PREFIX")
+        _positive("--shard-size", self.shard_size)
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Validated, MovedWeights, Overwrite, paths=("model_dir", "output")):
     """Everything `raytl export` needs; build with `ExportConfig.create` to validate."""
 
     model_dir: str
     output: str  # OUT: the .pt2 file
-    weights: str | None = option(None, "the backbone weights, if they moved since the model was trained")
-    overwrite: bool = option(False, "replace OUT if it exists")
 
-    @classmethod
-    def create(cls, **options: Any) -> ExportConfig:
-        """Validate every value; raises ConfigError with one clear sentence."""
-        config = cls(**absolute(parsed(cls, options), "model_dir", "output"))
-        if not config.model_dir or not config.output:
+    def validate(self) -> None:
+        if not self.model_dir or not self.output:
             raise ConfigError("export takes MODEL_DIR and OUT, and neither may be empty.")
-        if not config.output.endswith(".pt2"):
-            raise ConfigError(f"OUT must name a .pt2 file (torch.export's format), not {config.output!r}.")
-        return config
+        if not self.output.endswith(".pt2"):
+            raise ConfigError(f"OUT must name a .pt2 file (torch.export's format), not {self.output!r}.")
 
 
 REPLICAS = (
@@ -720,56 +778,27 @@ REPLICAS = (
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(Validated, MovedWeights, ImageLimits, Placement, paths=("model_dir",)):
     """Everything `raytl serve` needs; build with `ServeConfig.create` to validate."""
 
     model_dir: str
-    weights: str | None = option(None, "the backbone weights, if they moved since the model was trained")
     replicas: int | tuple[int, int] = option(1, REPLICAS)
     max_batch_size: int = option(16, "images a replica scores in one forward pass")
     batch_wait_ms: float = option(10.0, "how long a replica waits for more images to fill a batch")
     max_upload_mb: float = option(25.0, "larger uploads are refused (413)")
-    max_pixels: int = option(89_478_485, "larger images are refused (decompression bombs; Pillow's limit)")
-    device: Device = option(Device.AUTO, DEVICE)
     host: str = option("127.0.0.1", "where the HTTP proxy listens (0.0.0.0: every interface)")
     port: int = option(8000, "the HTTP port")
     route_prefix: str = option("/", "the classifier's URL path")
     name: str = option("raytl", "the Serve application's name")
 
-    @classmethod
-    def create(cls, **options: Any) -> ServeConfig:
-        """Validate every value; raises ConfigError with one clear sentence."""
-        options = parsed(cls, options)
-        config = cls(**absolute(options, "model_dir"))
-        if not config.model_dir:
+    def validate(self) -> None:
+        if not self.model_dir:
             raise ConfigError("serve takes MODEL_DIR, and it may not be empty.")
-        _positive_fields(config, "max_batch_size", "max_pixels")
-        _positive("--port", config.port, low=1, high=65535)
-        if not (isinstance(config.batch_wait_ms, int | float) and config.batch_wait_ms >= 0):
-            raise ConfigError(f"--batch-wait-ms must be zero or more, not {config.batch_wait_ms!r}.")
-        if not (isinstance(config.max_upload_mb, int | float) and config.max_upload_mb > 0):
-            raise ConfigError(f"--max-upload-mb must be positive, not {config.max_upload_mb!r}.")
-        if not config.route_prefix.startswith("/"):
-            raise ConfigError(f"--route-prefix must start with /, not {config.route_prefix!r}.")
-        return config
-
-
-def _json(config: Any) -> str:
-    return redact(json.dumps({k: str(v) if isinstance(v, Choice) else v for k, v in asdict(config).items()}))
-
-
-def _check_tracking(config: Any) -> None:
-    """--mlflow-uri needs MLflow's client (an extra); the experiment needs a name."""
-    import importlib.util
-
-    if config.mlflow_uri and importlib.util.find_spec("mlflow") is None:
-        raise ConfigError(
-            '--mlflow-uri needs MLflow\'s client: pip install -c requirements/lock.txt "raytl[mlflow]".'
-        )
-    if not config.mlflow_experiment:
-        raise ConfigError("--mlflow-experiment is empty: name the MLflow experiment to log the run in.")
-
-
-def _check_label_field(label: str | None) -> None:
-    if label is not None and label not in ("cls", "txt") and not (label.startswith("json:") and label[5:]):
-        raise ConfigError(f"--label-field must be cls, txt or json:FIELD, not {label!r}.")
+        _positive_fields(self, "max_batch_size")
+        _positive("--port", self.port, low=1, high=65535)
+        if not (isinstance(self.batch_wait_ms, int | float) and self.batch_wait_ms >= 0):
+            raise ConfigError(f"--batch-wait-ms must be zero or more, not {self.batch_wait_ms!r}.")
+        if not (isinstance(self.max_upload_mb, int | float) and self.max_upload_mb > 0):
+            raise ConfigError(f"--max-upload-mb must be positive, not {self.max_upload_mb!r}.")
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError(f"--route-prefix must start with /, not {self.route_prefix!r}.")

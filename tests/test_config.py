@@ -223,3 +223,26 @@ def test_python_api_keywords_are_the_flags():
         raytl.train("e", "m", mlflow_experiment="")
     with pytest.raises(ConfigError, match="embed has no option 'source'"):
         raytl.embed(None, source="x")
+
+
+def test_an_option_shared_by_verbs_is_declared_once_in_its_group():
+    """Options that mean the same in every verb (the backbone, image limits, tracking, workers, ...) live in
+    one option group each, with one default, one help text and one check; only these names are declared by
+    more than one home, because their meaning or default is the verb's own (an epoch of a linear head is
+    not one of a network; the probe's --head is a loss, finetune's an input layer)."""
+    import dataclasses
+
+    from raytl import config
+
+    homes: dict[str, set[str]] = {}
+    verbs = (config.ExtractConfig, config.EmbedConfig, config.TrainConfig, config.FinetuneConfig)
+    for cls in (*verbs, config.PredictConfig, config.PackConfig, config.ExportConfig, config.ServeConfig):
+        assert issubclass(cls, config.Validated)  # every config is built by the one create
+        for item in dataclasses.fields(cls):
+            if "help" in item.metadata:
+                home = next(k for k in cls.__mro__ if item.name in k.__dict__.get("__annotations__", {}))
+                homes.setdefault(item.name, set()).add(home.__name__)
+    shared = {name for name, where in homes.items() if len(where) > 1}
+    assert shared == {"seed", "batch_size", "weights", "max_failures", "head", "epochs", "lr"}
+    assert homes["max_pixels"] == {"ImageLimits"} and homes["mlflow_uri"] == {"Tracking"}
+    assert homes["weights"] == {"BackboneOptions", "MovedWeights"}  # the weights to use; where they moved

@@ -47,11 +47,11 @@ class Stages:
     interpolation: str = "bilinear"  # of the resize, as the model's weights' transforms do it
 
     @classmethod
-    def of(cls, config: Any) -> Stages:
-        """The stages as a config with these fields (extract's, resolved) sets them; the interpolation is
-        the model's weights'."""
-        given = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
-        return cls(**given, interpolation=preset(config.model).interpolation)
+    def of(cls, source: Any, **overrides: Any) -> Stages:
+        """The stages as `source` sets them (a resolved config, or a model's Backbone record: whichever of
+        these fields it has), then `overrides`; the interpolation is the model's weights' unless given."""
+        given = {f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)}
+        return cls(**{"interpolation": preset(source.model).interpolation, **given, **overrides})
 
     @property
     def transform(self) -> Transform:

@@ -190,12 +190,9 @@ def prepare_model_dir(config: FinetuneConfig) -> bool:
     (model_dir.prepare)."""
     return model_dirs.prepare(
         config.model_dir, model_dirs.run_options(config), FINETUNE_RUN, config.overwrite, "fine-tuning",
-        _option, recorded_defaults={"model": VGG16},  # runs recorded before --model existed are vgg16's
+        config.option_name,
+        recorded_defaults={"model": VGG16},  # runs recorded before --model existed are vgg16's
     )  # fmt: skip
-
-
-def _option(field: str) -> str:
-    return field.upper() if field in ("source", "model_dir") else "--" + field.replace("_", "-")
 
 
 # --- data: listings -> decoded uint8 images and class indices, streamed into the workers -------------------
@@ -410,20 +407,9 @@ def save_model(
 
 
 def backbone_stages(config: FinetuneConfig, layer: Layer) -> pipeline.Stages:
-    """How predict (and the final evaluation) runs the fine-tuned layers: DESIGN.md's eval transforms."""
-    return pipeline.Stages(
-        layer=layer,
-        pool=Pool.AVG,
-        precision=config.precision,
-        image_size=config.crop,
-        resize=config.resize,
-        max_pixels=config.max_pixels,
-        decode_batch=config.decode_batch,
-        label_field=config.label_field,
-        device=config.device,
-        model=config.model,
-        interpolation=preset(config.model).interpolation,
-    )
+    """How predict (and the final evaluation) runs the fine-tuned layers: DESIGN.md's eval transforms (the
+    forward passes' batch size is the image stages' own, not a training step's)."""
+    return pipeline.Stages.of(config, layer=layer, pool=Pool.AVG, image_size=config.crop, batch_size=None)
 
 
 def batch_evaluation(batch: pa.Table, model: Model) -> dict[str, np.ndarray]:

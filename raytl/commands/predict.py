@@ -114,19 +114,12 @@ def _summary(config: PredictConfig, counts: dict[str, int], wall: float) -> dict
 
 
 def backbone_stages(model: Model, config: PredictConfig) -> pipeline.Stages:
-    """The image stages as the model's embeddings were made (their `raytl` metadata), on predict's actors."""
-    backbone = model.backbone
-    return pipeline.Stages(
-        model=backbone.model,
-        layer=backbone.layer,
-        pool=backbone.pool,
-        interpolation=backbone.interpolation,
-        precision=backbone.precision,
-        image_size=backbone.image_size,
-        resize=backbone.resize,
-        max_pixels=ExtractConfig.max_pixels,  # extract's default
+    """The image stages as the model's embeddings were made (their `raytl` metadata), on predict's actors
+    (its --batch-size, --num-actors, --device), reading files as extract does by default."""
+    return pipeline.Stages.of(
+        model.backbone,
+        max_pixels=ExtractConfig.max_pixels,
         decode_batch=ExtractConfig.decode_batch,
-        decode=backbone.decode,
         batch_size=config.batch_size,
         num_actors=config.num_actors,
         device=config.device,

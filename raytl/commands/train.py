@@ -122,7 +122,7 @@ def prepare_model_dir(config: TrainConfig) -> bool:
     Train restores its last checkpoint (model_dir.prepare)."""
     return model_dirs.prepare(
         config.model_dir, model_dirs.run_options(config), TRAIN_RUN, config.overwrite, "probe training",
-        lambda name: name.upper() if name in ("embeddings", "model_dir") else "--" + name.replace("_", "-"),
+        config.option_name,
         record=False,  # recorded once the labels are counted: a run refused for its data leaves nothing
     )  # fmt: skip
 
