@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from raytl.errors import StorageError
 from raytl.files import storage, writer
 from raytl.files.embeddings import backbone_label
-from raytl.modeling.model_dir import METRICS_FILE, MODEL_JSON
+from raytl.modeling.model_dir import METRICS_FILE, MODEL_JSON, ModelInfo, classes_of
 
 _TOP = 20  # label counts and error reasons listed
 
@@ -109,14 +109,13 @@ def _is_part(path: str) -> bool:
 def text(found: dict[str, Any]) -> str:
     """The description as a few readable lines."""
     if found["kind"] == "model":
-        model, lines = found["model"], [f"model       {found['model_dir']}"]
+        where = f"MODEL_DIR {found['model_dir']}"
+        info, classes = ModelInfo.parse(found["model"], where), classes_of(found["model"], where)
+        backbone, lines = info.backbone, [f"model       {found['model_dir']}"]
+        lines.append(f"kind        {info.kind} · head {info.head} · {len(classes)} classes")
         lines.append(
-            f"kind        {model.get('kind')} · head {model.get('head')} · {len(model['classes'])} classes"
-        )
-        backbone = model.get("backbone", {})
-        lines.append(
-            f"backbone    {backbone_label(backbone)}, D={backbone.get('dim')}, "
-            f"{backbone.get('image_size')} px, weights {backbone.get('weights')}"
+            f"backbone    {backbone_label(info.recorded_backbone)}, D={backbone.dim}, "
+            f"{backbone.image_size} px, weights {backbone.weights}"
         )
         if "metrics" in found:
             m = found["metrics"]

@@ -22,6 +22,7 @@ from raytl.modeling.model_dir import (
     MODEL_JSON,
     Backbone,
     ModelInfo,
+    classes_of,
     named,
     read_files,
     write_json,
@@ -109,12 +110,11 @@ class Model:
     def load(cls, model_dir: str) -> Model:
         raw, data = read_files(model_dir, MODEL_JSON, MODEL_FILE)
         arrays = _tensors(data, storage.join(model_dir, MODEL_FILE))
-        _check(raw, arrays, model_dir)
+        classes = classes_of(raw, named(model_dir))
+        _check(classes, arrays, model_dir)
         info = ModelInfo.parse(raw, named(model_dir))  # every field, once
         kernel = _kernel(model_dir) if info.kernel == "rbf" else None
-        return cls(
-            raw["classes"], arrays["mean"], arrays["std"], arrays["weight"], arrays["bias"], info, kernel
-        )
+        return cls(classes, arrays["mean"], arrays["std"], arrays["weight"], arrays["bias"], info, kernel)
 
 
 def _tensors(data: bytes, uri: str) -> dict[str, np.ndarray]:
@@ -130,12 +130,9 @@ def _tensors(data: bytes, uri: str) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _check(info: Any, arrays: dict[str, np.ndarray], model_dir: str) -> None:
+def _check(classes: list[str], arrays: dict[str, np.ndarray], model_dir: str) -> None:
     """model.json and model.pt agree: classes, dimension and shapes."""
     where = named(model_dir)
-    classes = info.get("classes") if isinstance(info, dict) else None
-    if not isinstance(classes, list) or len(classes) < 2:
-        raise StorageError(f"{where} has a damaged {MODEL_JSON} (no list of classes); train again.")
     dim = arrays["mean"].size
     if arrays["weight"].shape != (len(classes), dim) or arrays["bias"].shape != (len(classes),):
         raise StorageError(

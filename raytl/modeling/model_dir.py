@@ -314,6 +314,14 @@ def _one_of(value: Any, allowed: tuple[str, ...], field: str, problems: list[str
     return allowed[0]
 
 
+def classes_of(raw: Any, where: str) -> list[str]:
+    """model.json's classes: the names of two or more classes, in the order of the head's outputs."""
+    classes = raw.get("classes") if isinstance(raw, dict) else None
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise StorageError(f"{where} has a damaged {MODEL_JSON} (no list of classes); train again.")
+    return classes
+
+
 def info_of(recorded_backbone: dict[str, Any], **fields: Any) -> ModelInfo:
     """A new model's ModelInfo, its backbone record (the embeddings' metadata) checked as a reader will."""
     checked = parse_backbone(recorded_backbone, "the backbone record")
