@@ -34,3 +34,19 @@ def test_a_checkpoint_written_on_a_gpu_loads_on_a_cpu_only_driver(tmp_path, monk
     resumed.load_state_dict(loaded["optimizer"])
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(resumed.state_dict()["state"][0][key], optimizer.state_dict()["state"][0][key])
+
+
+def test_an_unfinished_probe_run_from_before_the_shared_loop_still_resumes():
+    """Its checkpoint held head, best_head, best and stale; the shared loop reads trainable and selection."""
+    from raytl.modeling import loop
+
+    head, best_head = {"w": torch.ones(2)}, {"w": torch.zeros(2)}
+    history = [{"epoch": 0, "selected": True}, {"epoch": 1, "selected": True}, {"epoch": 2}]
+    old = {"head": head, "best_head": best_head, "optimizer": {}, "schedule": {}, "history": history,
+           "best": (-0.5, 0.0), "stale": 1, "epoch": 2}  # fmt: skip
+    state = training._upgraded(old)
+    assert state["trainable"] is head and state["epoch"] == 2 and state["resumed"] == []
+    selection = loop.Selection.restore(False, state["selection"])
+    assert (selection.best, selection.epoch, selection.stale) == ((-0.5, 0.0), 1, 1)
+    assert selection.weights is best_head
+    assert training._upgraded(state) is state  # today's shape is left as it is

@@ -287,7 +287,7 @@ def _resume(w: Worker) -> _Run:
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return _Run(History(w.command, w.epochs, w.logs), loop.Selection(w.by_accuracy))
-    state = load(checkpoint, w.checkpoint_file)
+    state = _upgraded(load(checkpoint, w.checkpoint_file))
     w.load_trainable(state["trainable"])
     w.optimizer.load_state_dict(state["optimizer"])
     w.schedule.load_state_dict(state["schedule"])
@@ -299,6 +299,17 @@ def _resume(w: Worker) -> _Run:
         loop.Selection.restore(w.by_accuracy, state.get("selection")),
         start, [*state.get("resumed", []), start], state,
     )  # fmt: skip
+
+
+def _upgraded(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of an unfinished probe run from before the shared loop (its head, best_head, best and
+    stale) in today's shape, so that the same command still resumes it."""
+    if "trainable" in state or "head" not in state:
+        return state
+    kept = [r["epoch"] for r in state["history"] if r.get("selected")]
+    selection = {"best": state["best"], "epoch": kept[-1] if kept else -1, "stale": state["stale"],
+                 "weights": state["best_head"]}  # fmt: skip
+    return {**state, "trainable": state["head"], "scaler": None, "selection": selection, "resumed": []}
 
 
 def _state(w: Worker, run: _Run, epoch: int) -> dict[str, Any]:
