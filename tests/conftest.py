@@ -130,9 +130,15 @@ def ray_session(s3_endpoint, tmp_path_factory):
 
 
 @pytest.fixture
-def s3_faults(s3_endpoint):
-    """Rules that make the loopback S3 server fail chosen requests (tests/s3faults.py); cleared after."""
+def s3_faults(s3_endpoint, monkeypatch):
+    """Rules that make the loopback S3 server fail chosen requests (tests/s3faults.py); cleared after.
+    botocore's retries (raytl's S3 clients use its "standard" mode) go on at once in this process: they
+    back off up to 1, 2, 4 ... s (jittered), which adds up to most of these tests' time and tests nothing;
+    the number of attempts is what the tests count. (Ray's worker processes keep botocore's waits.)"""
+    from botocore.retries.standard import ExponentialBackoff
     from s3faults import FAULTS
+
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
 
     yield FAULTS
     FAULTS.clear()

@@ -21,6 +21,15 @@ def state():
     return random_state_dict(11, classifier=True)
 
 
+@pytest.fixture(scope="module")
+def vgg(state):
+    """torchvision's VGG16 holding `state` (built on meta and given the tensors: no initialisation)."""
+    with torch.device("meta"):
+        network = torchvision.models.vgg16(weights=None)
+    network.load_state_dict(state, assign=True)
+    return network.eval()
+
+
 @pytest.mark.parametrize(
     "layer,pool,size,dim",
     [
@@ -42,10 +51,7 @@ def test_embedding_dim(layer, pool, size, dim):
 @pytest.mark.parametrize(
     "layer,pool", [("pool5", "avg"), ("pool5", "max"), ("pool5", "flatten"), ("fc6", "avg"), ("fc7", "avg")]
 )
-def test_trunk_equals_torchvision_vgg16(state, layer, pool):
-    vgg = torchvision.models.vgg16(weights=None)
-    vgg.load_state_dict(state)
-    vgg.eval()
+def test_trunk_equals_torchvision_vgg16(state, vgg, layer, pool):
     trunk = VGG16Trunk.from_state_dict(state, Layer(layer), Pool(pool))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -89,7 +95,8 @@ def test_random_weights_are_torchvisions_initialisation_seeded():
 
 
 def test_weights_of_the_wrong_shape_are_refused(tmp_path, state):
-    bad = dict(state, **{"features.0.weight": torch.zeros(32, 3, 3, 3)})
+    convolutions = {k: v for k, v in state.items() if k.startswith("features.")}  # all pool5 reads
+    bad = dict(convolutions, **{"features.0.weight": torch.zeros(32, 3, 3, 3)})
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(
         WeightsError, match=r"features.0.weight has shape \(32, 3, 3, 3\), expected \(64, 3, 3, 3\)"
@@ -126,7 +133,8 @@ def test_vgg16_is_torchvisions_without_importing_it():
 
     from raytl.vision.models import _VGG16, VGG16, preset, torchvision_preset
 
-    ours, theirs = _VGG16(), torchvision.models.vgg16(weights=None)
+    with torch.device("meta"):  # modules and shapes: no weights needed
+        ours, theirs = _VGG16(), torchvision.models.vgg16(weights=None)
     for name in ("features", "avgpool", "classifier"):
         assert repr(getattr(ours, name)) == repr(getattr(theirs, name))
     assert {k: v.shape for k, v in ours.state_dict().items()} == {
@@ -154,13 +162,10 @@ print(preset("vgg16").mean, "torchvision" in sys.modules)
     assert out.split()[-1] == "False", out
 
 
-def test_embedder_without_ray_matches_torchvision(state):
+def test_embedder_without_ray_matches_torchvision(state, vgg):
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     fp32 = Embedder({k: state[k] for k in VGG16Trunk().state_dict()}, precision=Precision.FP32, batch_size=2)
     got = fp32.embed(images)
-    vgg = torchvision.models.vgg16(weights=None)
-    vgg.load_state_dict(state)
-    vgg.eval()
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
         1, 3, 1, 1

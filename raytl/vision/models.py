@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from raytl.config import Device, Layer, Pool, Precision
 from raytl.errors import ConfigError, WeightsError
@@ -169,12 +170,29 @@ def trunk(model: str, layer: Layer = Layer.POOL5, pool: Pool = Pool.AVG, storage
     try:
         with torch.device(storage):
             network = torchvision.models.get_model(model, weights=None, **options)
-    except NotImplementedError:  # a builder that computes with tensors (RegNet) cannot run on meta
-        network = torchvision.models.get_model(model, weights=None, **options)
+    except NotImplementedError:  # a builder that computes with tensors (RegNet's widths) cannot run on meta
+        with _ParametersOnMeta():
+            network = torchvision.models.get_model(model, weights=None, **options)
     last = final_layer(network, model)
     parent, _, leaf = last.rpartition(".")
     setattr(network.get_submodule(parent) if parent else network, leaf, nn.Identity())
     return network.eval()
+
+
+class _ParametersOnMeta(TorchFunctionMode):
+    """Tensors made by the constructors that nn.Module parameters and buffers use (empty, zeros, ones,
+    full) on the meta device; the rest (arange, tensor: what RegNet's builder computes its stage widths
+    with, and reads back) on the CPU. Builds regnet_y_128gf in 0.3 s, not 18 s and 2.6 GB of weights."""
+
+    _ON_META = frozenset((torch.empty, torch.zeros, torch.ones, torch.full))
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in self._ON_META and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
 
 
 def _builder_options(model: str) -> dict[str, Any]:
