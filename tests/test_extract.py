@@ -321,6 +321,8 @@ def test_rerun_continues_other_options_are_refused_unless_overwrite(
         [*args, "--seed", "1"],
         "holds embeddings made with --weights 'random:seed=0', not 'random:seed=1'",
     )
+    # Exact and draft decodes are not mixed in one OUTPUT.
+    assert_user_error(capsys, [*args, "--decode", "draft"], "made with --decode 'cpu', not 'draft'")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert main([*args[:-1], "64", "--overwrite"]) == 0
     table = pq.read_table(out)

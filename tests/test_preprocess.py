@@ -1,6 +1,7 @@
 """Decoding and preprocessing: exactly torchvision's transforms, every mode to RGB, broken files refused."""
 
 import io
+import types
 
 import numpy as np
 import pytest
@@ -227,3 +228,73 @@ def test_cpu_decode_tasks_import_neither_torch_nor_torchvision():
         "raytl.files.doneset, raytl.files.output"
     )
     assert heavy_modules_after(modules, ("torch", "torchvision")) == []
+
+
+def _camera_photo(seed: int, size: tuple[int, int] = (4032, 3024), orientation: int | None = None) -> bytes:
+    """A 12-MP JPEG (a phone camera's 4032x3024): a crop of one of scikit-learn's photographs, scaled up."""
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    photo = Image.fromarray(load_sample_images().images[seed % 2])
+    w, h = int(photo.width * rng.uniform(0.6, 0.9)), int(photo.height * rng.uniform(0.6, 0.9))
+    left, top = int(rng.integers(0, photo.width - w)), int(rng.integers(0, photo.height - h))
+    image = photo.crop((left, top, left + w, top + h)).resize(size, Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    image.save(out, "JPEG", quality=90, exif=exif.tobytes())
+    return out.getvalue()
+
+
+def test_draft_decodes_large_jpegs_at_a_reduced_scale_and_nothing_else():
+    """--decode draft: a JPEG at least twice the resize is decoded by libjpeg at 1/2, 1/4 or 1/8 scale, its
+    shorter side never below the resize (EXIF-turned or not); smaller JPEGs and other formats exactly."""
+    exact, draft = Transform(), Transform(draft=True)
+    photo = _camera_photo(0)
+    assert exact.decode(photo).size == (4032, 3024)
+    assert draft.decode(photo).size == (504, 378)  # 1/8: 3024 / 8 = 378 >= 256
+    turned = _camera_photo(1, orientation=6)  # stored landscape, shown portrait
+    assert draft.decode(turned).size == (378, 504) and exact.decode(turned).size == (3024, 4032)
+    assert draft.decode(_camera_photo(0, size=(1000, 700))).size == (500, 350)  # 1/2: 700 // 256 = 2
+    crop, reference = draft(photo).astype(float), exact(photo).astype(float)
+    assert crop.shape == reference.shape == (224, 224, 3)
+    assert 0 < np.abs(crop - reference).mean() < 3  # of 255: a different, close decode
+    small = _camera_photo(0, size=(500, 375))  # 375 < 2 x 256: full scale
+    png = encode(Image.open(io.BytesIO(photo)).resize((1200, 900)), "PNG")
+    for data in (small, png):
+        np.testing.assert_array_equal(draft(data), exact(data))
+
+
+def test_draft_embeddings_are_near_the_exact_decoders():
+    """VGG16 pool5 at 224 px (seeded torchvision-initialised weights) of 12-MP photographs: the embeddings of
+    the draft decode have a cosine >= 0.99 to the exact decode's, photo by photo."""
+    from images import cosine, random_state_dict
+
+    from raytl.cluster.embedder import Embedder
+    from raytl.config import Precision
+
+    photos = [_camera_photo(seed) for seed in range(4)]
+    embedder = Embedder(random_state_dict(5), precision=Precision.FP32, batch_size=4)
+    exact = embedder.embed(np.stack([Transform()(p) for p in photos]))
+    draft = embedder.embed(np.stack([Transform(draft=True)(p) for p in photos]))
+    assert cosine(exact, draft).min() >= 0.99
+
+
+def test_draft_is_recorded_with_the_embeddings_and_kept_by_predict():
+    """The embeddings' metadata says `decode: draft`; a model trained on them decodes the same way (predict's
+    stages; serve makes its crop through the same `Stages.of(model.backbone)`)."""
+    from raytl.cluster.pipeline import Stages, embeddings_metadata
+    from raytl.commands.predict import backbone_stages
+    from raytl.config import ExtractConfig, PredictConfig
+    from raytl.modeling.model_dir import parse_backbone
+
+    config = ExtractConfig.create(source="s", output="o", decode="draft", image_size=64)
+    stages = Stages.of(config)
+    exact = ExtractConfig.create(source="s", output="o")
+    assert stages.transform.draft and not Stages.of(exact).transform.draft
+    metadata = embeddings_metadata(stages, "random:seed=0", 512)
+    assert metadata["preprocessing"]["decode"] == "draft"
+    model = types.SimpleNamespace(backbone=parse_backbone(metadata, "MODEL_DIR"))  # model.json's record
+    predicting = backbone_stages(model, PredictConfig.create(model_dir="m", source="s", output="o"))
+    assert predicting.transform == Transform(64, 73, config.max_pixels, "bilinear", draft=True)

@@ -56,7 +56,8 @@ class Stages:
     @property
     def transform(self) -> Transform:
         """The evaluation crop (DESIGN.md)."""
-        return Transform(self.image_size, self.resize, self.max_pixels, self.interpolation)
+        draft = self.decode == Decode.DRAFT
+        return Transform(self.image_size, self.resize, self.max_pixels, self.interpolation, draft)
 
 
 # Parquet part files stay near this size whatever D is (25088-d flattened pool5 rows are 100 KB each).

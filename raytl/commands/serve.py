@@ -34,19 +34,17 @@ class Classifier:
     """A replica: the model on this replica's device, batched scoring, one JSON answer per upload."""
 
     def __init__(self, config: ServeConfig, device: Device = Device.AUTO) -> None:
+        from raytl.cluster.pipeline import Stages
         from raytl.modeling import portable
         from raytl.modeling.classifier import Model
         from raytl.vision.models import model_device
-        from raytl.vision.preprocess import Transform
 
         model = Model.load(config.model_dir)
         self.classes = model.classes
         self.device = model_device(device)  # application: cpu unless Ray gave the replica a GPU
         self.network = portable.build(model, config.model_dir, config.weights).to(self.device)
-        backbone = model.backbone
-        self.transform = Transform(
-            backbone.image_size, backbone.resize, config.max_pixels, backbone.interpolation
-        )
+        # The crop (and --decode draft) as the model's embeddings were made, as predict makes it.
+        self.transform = Stages.of(model.backbone, max_pixels=config.max_pixels, decode_batch=1).transform
         self.max_bytes = int(config.max_upload_mb * 1024**2)
         self.max_upload_mb = config.max_upload_mb
         # Ray's stubs type a @serve.batch method as a plain coroutine function, without its setters.

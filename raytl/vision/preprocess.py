@@ -54,6 +54,9 @@ class Transform:
     resize_size: int = 256
     max_pixels: int = 89_478_485
     interpolation: str = "bilinear"  # of the resize (InterpolationMode's value), as the model's weights say
+    # --decode draft: a JPEG at least twice the resize (shorter side) is decoded at 1/2, 1/4 or 1/8 scale by
+    # libjpeg's scaled IDCT (Pillow's draft mode), never below the resize; other images exactly as without.
+    draft: bool = False
 
     def __call__(self, data: bytes) -> np.ndarray:
         """bytes -> uint8 array (image_size, image_size, 3); raises ImageError with the reason."""
@@ -98,6 +101,10 @@ class Transform:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # palette-transparency and EXIF warnings are not errors
+                if self.draft and image.format == "JPEG":
+                    # The largest scale 1/k (k in 1, 2, 4, 8) with both sides still >= the resize: the
+                    # shorter side, whichever way EXIF turns the image, is never upsampled afterwards.
+                    image.draft(image.mode, (self.resize_size, self.resize_size))
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 return to_rgb(image)
