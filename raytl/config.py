@@ -250,7 +250,9 @@ class ImageLimits:
 class Reading:
     """How the CPU tasks read image files and shards."""
 
-    decode_batch: int = option(32, "files fetched and decoded per CPU task call")
+    # 128: a Ray task's own cost spread over 4x the files of 32 (1.5x extract's rate with a near-free model,
+    # bench/pipeline.py); a task still holds only FETCH_AT_ONCE fetched files in memory at a time.
+    decode_batch: int = option(128, "files fetched and decoded per CPU task call")
     label_field: str | None = option(
         None, "tar shards: cls | txt | json:FIELD (default: KEY.cls when present)"
     )

@@ -26,7 +26,7 @@ MAX_ERRORS = "--max-errors must be a count of files (0, 1, ...) or a share below
         ({"layer": "pool4"}, "--layer must be one of pool5, fc6, fc7, not 'pool4'."),
         ({"pool": "median"}, "--pool must be one of avg, max, flatten, not 'median'."),
         ({"precision": "int8"}, "--precision must be one of auto, fp32, bf16, fp16, not 'int8'."),
-        ({"decode": "tpu"}, "--decode must be one of cpu, gpu, not 'tpu'."),
+        ({"decode": "tpu"}, "--decode must be one of cpu, draft, gpu, not 'tpu'."),
         ({"max_errors": "lots"}, MAX_ERRORS + "not 'lots'."),
         ({"label_field": "caption"}, "--label-field must be cls, txt or json:FIELD, not 'caption'."),
         ({"label_field": "json:"}, "--label-field must be cls, txt or json:FIELD, not 'json:'."),
