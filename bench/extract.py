@@ -52,11 +52,16 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="raytl-bench-"))
     with S3Server() as endpoint:
         result = memory_run(args, workdir) if args.memory else speed_run(args, state, workdir, endpoint)
+    report(result, args.json)
+
+
+def report(result: dict, json_path: str | None) -> None:
+    """The figures with the machine and the command that made them: printed, and written to json_path."""
     result["machine"] = machine()
     result["command"] = "python " + " ".join(sys.argv)
     print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
 
 
 def parse_args() -> argparse.Namespace:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import collections
 import io
-import json
 import os
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from extract import BUCKET, S3Server, log, machine, upload, write_photos
+from extract import BUCKET, S3Server, log, report, upload, write_photos
 from PIL import Image
 
 from raytl.cluster.embedder import Embedder
@@ -76,11 +75,7 @@ def main() -> None:
     result["draft"] = draft_run(workdir / "camera", args.camera_photos, cores, args.weights)
     result["d_224"] = decoder_rate(files, Transform(), cores)  # 256 px resize, 224 px crop: a GPU run's
     result["cores_at_10000_per_second"] = extrapolated(result, cores)
-    result["machine"] = machine()
-    result["command"] = "python " + " ".join(sys.argv)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    report(result, args.json)
 
 
 def parse_args() -> argparse.Namespace:
