@@ -14,6 +14,7 @@ On the same files and the same cores, in one run:
     every 0.5 s: decode tasks, model actors, writer, driver, Ray's own processes, the S3 server), and the
     CPU-seconds per image spent outside decoding and the model; the same from the first batch on (the
     pipeline at work, start-up left out) and the rate then.
+Then the client CPU per S3 GET of raytl's reader (s3fs), pyarrow's S3FileSystem and boto3, same objects.
 The model is a near-free backbone: mobilenet_v3_small, random weights, 64 px crops of 64 px resizes, fp32.
 Then --decode draft on the camera photos: the bare decoder's rate exact and draft, and the cosine of
 VGG16 pool5 embeddings (224 px; --weights, random by default) of the two decodes. Last, the bare decoder
@@ -62,7 +63,6 @@ def main() -> None:
     log(f"d {result['d']} images/s, m {result['m']} images/s, c {result['c']} images/s")
     with S3Server() as endpoint:
         upload(files, workdir / "photos", "photos")
-        import ray
 
         for where, source in (("local", str(workdir / "photos")), ("s3", f"s3://{BUCKET}/photos")):
             run = extract_run(source, f"{workdir}/out-{where}", len(files), endpoint, cores)
@@ -71,7 +71,7 @@ def main() -> None:
             run["cpu_ms_per_image_outside_decode_and_model"] = round(1000 * outside, 2)
             result[f"p_{where}"] = run
             log(f"p ({where}) {run['p']} images/s: p/c {run['p/c']}, p/d {run['p/d']}")
-        ray.shutdown()
+        result["s3_client_cpu_ms_per_get"] = s3_clients(files[:1024], workdir / "photos", endpoint)
     result["draft"] = draft_run(workdir / "camera", args.camera_photos, cores, args.weights)
     result["d_224"] = decoder_rate(files, Transform(), cores)  # 256 px resize, 224 px crop: a GPU run's
     result["cores_at_10000_per_second"] = extrapolated(result, cores)
@@ -280,6 +280,47 @@ class CpuSampler:
         if "/ray/" in title or "raylet" in title or "gcs_server" in title:
             return "ray: raylet, GCS, agents"
         return None
+
+
+def s3_clients(files: list[Path], root: Path, endpoint: str) -> dict:
+    """Client CPU (this process's) per GET of the same objects, 128 at a time: raytl's fetch_many (s3fs on
+    aiobotocore), pyarrow's C++ S3FileSystem and boto3 (32 threads each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    import pyarrow.fs
+
+    from raytl.files import storage
+
+    keys = [f"{BUCKET}/photos/{f.relative_to(root)}" for f in files]
+    arrow = pyarrow.fs.S3FileSystem(
+        endpoint_override=endpoint, scheme="http", access_key="bench", secret_key="bench", region="us-east-1"
+    )
+    client = boto3.client("s3", endpoint_url=endpoint)
+    threads = ThreadPoolExecutor(32)
+
+    def arrow_get(key: str) -> bytes:
+        with arrow.open_input_file(key) as f:
+            return f.read()
+
+    def boto_get(key: str) -> bytes:
+        bucket, name = key.split("/", 1)
+        return client.get_object(Bucket=bucket, Key=name)["Body"].read()
+
+    readers = {
+        "raytl (s3fs)": lambda batch: storage.fetch_many(["s3://" + k for k in batch]),
+        "pyarrow": lambda batch: list(threads.map(arrow_get, batch)),
+        "boto3": lambda batch: list(threads.map(boto_get, batch)),
+    }
+    out = {}
+    for name, read in readers.items():
+        read(keys[:8])  # connections and clients made
+        cpu = time.process_time()
+        for start in range(0, len(keys), 128):
+            read(keys[start : start + 128])
+        out[name] = round(1000 * (time.process_time() - cpu) / len(keys), 2)
+    log(f"S3 client CPU per GET (ms): {out}")
+    return out
 
 
 def extrapolated(result: dict, cores: int) -> dict:
