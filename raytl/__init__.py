@@ -6,6 +6,7 @@ The Python API runs what the CLI runs, with the CLI's options as keywords (`--im
     import raytl
     raytl.extract("s3://bucket/images", "s3://bucket/embeddings", image_size=224)
     raytl.train("s3://bucket/embeddings", "s3://bucket/models/probe", head="svm")
+    raytl.curve("s3://bucket/embeddings", "s3://bucket/curves/probe")  # accuracy against labels per class
     raytl.predict("s3://bucket/models/probe", "s3://bucket/new", "s3://bucket/predictions")
     raytl.finetune("s3://bucket/images", "s3://bucket/models/ft", epochs=5)
     raytl.export("s3://bucket/models/ft", "model.pt2")  # for plain PyTorch, raytl not needed
@@ -40,6 +41,17 @@ def train(embeddings: str, model_dir: str, **options: Any) -> dict[str, Any]:
 
     config = TrainConfig.create(embeddings=embeddings, model_dir=model_dir, **options)
     from raytl.commands import train as command
+
+    return command.run(config)
+
+
+def curve(embeddings: str, output: str, **options: Any) -> dict[str, Any]:
+    """`raytl curve EMBEDDINGS OUT`: the probe's few-shot learning curve (accuracy against labels per class);
+    returns it (also OUT/curve.json)."""
+    from raytl.config import CurveConfig
+
+    config = CurveConfig.create(embeddings=embeddings, output=output, **options)
+    from raytl.commands import curve as command
 
     return command.run(config)
 

@@ -13,6 +13,7 @@ from typing import Any, get_args, get_type_hints
 from raytl import errors
 from raytl.config import (
     Choice,
+    CurveConfig,
     ExportConfig,
     ExtractConfig,
     FinetuneConfig,
@@ -131,6 +132,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "run.",
         "raytl finetune s3://bucket/images s3://bucket/models/ft --freeze block4 --epochs 10",
     ),
+    "curve": (
+        "how accuracy grows with labels: the probe's few-shot learning curve",
+        "Fit the linear probe on k labelled rows per class of EMBEDDINGS (1, 2, 4, ... and all; several "
+        "seeded draws each, one Ray task a fit), score each on train's validation split, and write "
+        "curve.json, curve.png and curve.html to OUT.",
+        "raytl curve s3://bucket/embeddings s3://bucket/curves/probe --repeats 5",
+    ),
     "predict": (
         "classify images or embeddings with a trained model",
         "Classify INPUT (embeddings, or images: a class-per-folder SOURCE or --manifest) with MODEL_DIR.",
@@ -189,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs = {
         "extract": run_extract,
         "train": run_train,
+        "curve": run_curve,
         "finetune": run_finetune,
         "predict": run_predict,
         "export": run_export,
@@ -269,6 +278,7 @@ _FIELDS = {"INPUT": "source", "OUTPUT_PREFIX": "output"}  # the config field of 
 CONFIGS: dict[str, Any] = {
     "extract": ExtractConfig,
     "train": TrainConfig,
+    "curve": CurveConfig,
     "finetune": FinetuneConfig,
     "predict": PredictConfig,
     "export": ExportConfig,
@@ -279,9 +289,12 @@ CONFIGS: dict[str, Any] = {
 
 def add_command(p: argparse.ArgumentParser, verb: str) -> None:
     """A verb that runs from a config: its paths (with a usage line for each form) and its options."""
-    if verb == "train":
+    if verb in ("train", "curve"):
         p.add_argument("embeddings", metavar="EMBEDDINGS", help="a raytl embeddings dataset (folder or URI)")
+    if verb == "train":
         p.add_argument("model_dir", metavar="MODEL_DIR", help="where the model, metrics and checkpoints go")
+    if verb == "curve":
+        p.add_argument("output", metavar="OUT", help="where curve.json, curve.png and curve.html go")
     if verb in ("export", "serve"):
         p.add_argument("model_dir", metavar="MODEL_DIR", help="a model written by raytl train or finetune")
     if verb == "export":
@@ -347,6 +360,18 @@ def run_train(args: argparse.Namespace) -> int:
             {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "model_dir": args.model_dir}
         )
     )
+    return 0
+
+
+def run_curve(args: argparse.Namespace) -> int:
+    from raytl.commands import curve
+
+    result = curve.run(config_of(args, "curve"))
+    rows = [(f"k = {p['shots']}", f"{p['accuracy']:.4f} ± {p['accuracy_std']:.4f}") for p in result["points"]]
+    logs.summary_table("raytl curve (validation accuracy, labels per class)", rows)
+    print(result["sentence"], file=sys.stderr)
+    found = result["answer"]
+    print(json.dumps({**{k: found[k] for k in ("shots", "labels", "full_accuracy")}, "output": args.output}))
     return 0
 
 

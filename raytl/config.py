@@ -549,24 +549,34 @@ class ClassWeight(Choice):
     BALANCED = "balanced"  # weight each class by n / (classes * n_class), as scikit-learn does
 
 
+@dataclass(frozen=True, kw_only=True)
+class Probe:
+    """The linear probe fitted on embeddings (train, and every point of curve)."""
+
+    head: ProbeHead = option(ProbeHead.LOGREG, "logreg: softmax; svm: one-vs-rest squared hinge (LinearSVC)")
+    l2: float | None = option(None, "L2 penalty lambda/2 * ||W||^2 (default 1/n_train, scikit-learn's C=1)")
+    class_weight: ClassWeight = option(ClassWeight.NONE, "balanced: each class weighted n / (classes * n_c)")
+    seed: int = option(0, "seeds the split and every random draw (shuffles, curve's labelled subsets)")
+
+    def check_group(self) -> None:
+        if self.l2 is not None and self.l2 < 0:
+            raise ConfigError(f"--l2 must be zero or positive, not {self.l2!r}.")
+
+
 @dataclass(frozen=True)
 class TrainConfig(
-    Validated, Validation, TrainWorkers, Tracking, Overwrite, paths=("embeddings", "model_dir", "val")
+    Validated, Validation, Probe, TrainWorkers, Tracking, Overwrite, paths=("embeddings", "model_dir", "val")
 ):
     """Everything `raytl train` needs; build with `TrainConfig.create` to validate."""
 
     embeddings: str
     model_dir: str
     backend: Backend = option(Backend.RAY, "ray: Ray Train, data-parallel; sklearn: on one node")
-    head: ProbeHead = option(ProbeHead.LOGREG, "logreg: softmax; svm: one-vs-rest squared hinge (LinearSVC)")
     kernel: Kernel = option(Kernel.LINEAR, "svm: rbf is scikit-learn's SVC (--backend sklearn; small data)")
     epochs: int = option(100, "at most this many epochs")
     patience: int = option(10, "stop after this many epochs without a better kept epoch")
     batch_size: int = option(256, "rows per optimiser step on each worker")
     lr: float = option(0.01, "Adam learning rate, decayed to zero over --epochs on a cosine")
-    l2: float | None = option(None, "L2 penalty lambda/2 * ||W||^2 (default 1/n_train, scikit-learn's C=1)")
-    class_weight: ClassWeight = option(ClassWeight.NONE, "balanced: each class weighted n / (classes * n_c)")
-    seed: int = option(0, "seeds the split and the shuffles")
 
     def validate(self) -> None:
         """Raise ConfigError on the first bad value."""
@@ -575,12 +585,54 @@ class TrainConfig(
         _positive_fields(self, "epochs", "patience", "batch_size")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, not {self.lr!r}.")
-        if self.l2 is not None and self.l2 < 0:
-            raise ConfigError(f"--l2 must be zero or positive, not {self.l2!r}.")
         if self.kernel == Kernel.RBF and (self.head != ProbeHead.SVM or self.backend != Backend.SKLEARN):
             raise ConfigError(
                 "--kernel rbf is scikit-learn's SVC on one node: give it with --head svm --backend sklearn."
             )
+
+
+@dataclass(frozen=True)
+class CurveConfig(
+    Validated, Validation, Probe, TrainWorkers, Overwrite, paths=("embeddings", "output", "val")
+):
+    """Everything `raytl curve` needs; build with `CurveConfig.create` to validate."""
+
+    embeddings: str
+    output: str
+    shots: tuple[int, ...] | None = option(
+        None, "labels per class at each point below 'all', e.g. 1,5,10 (default 1, 2, 4, ... below the "
+        "largest class)", metavar="K,K,...",
+    )  # fmt: skip
+    repeats: int = option(5, "seeded draws of each point's labelled rows (the spread over them is shown)")
+
+    @classmethod
+    def prepare(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return {**options, "shots": parse_shots(options.get("shots"))}
+
+    def validate(self) -> None:
+        if not self.embeddings or not self.output:
+            raise ConfigError("curve takes EMBEDDINGS and OUT, and neither may be empty.")
+        _positive_fields(self, "repeats")
+
+    def probe(self, model_dir: str, backend: Backend) -> TrainConfig:
+        """The probe of each point, as `raytl train` would fit it (its split, head, l2 and seed)."""
+        shared = {f.name: getattr(self, f.name) for f in fields(TrainConfig) if hasattr(self, f.name)}
+        if self.val is not None:
+            del shared["val_fraction"]  # unused, and refused beside --val
+        return TrainConfig.create(**{**shared, "model_dir": model_dir, "backend": backend})
+
+
+def parse_shots(value: Any) -> tuple[int, ...] | None:
+    """--shots "1,2,4" (or a sequence): distinct positive whole numbers, sorted; "all" may end it."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [str(item).strip() for item in items if str(item).strip().lower() != "all"]
+    if not all(item.isdigit() and int(item) > 0 for item in items):
+        raise ConfigError(
+            f"--shots must be labels per class as whole numbers above 0, e.g. 1,2,4, not {value!r}."
+        )
+    return tuple(sorted({int(item) for item in items}))
 
 
 class Head(Choice):

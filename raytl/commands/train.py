@@ -22,7 +22,7 @@ from raytl.modeling import loop, probe, split
 from raytl.modeling import model_dir as model_dirs
 from raytl.modeling.classifier import LinearHead, Model
 from raytl.modeling.metrics import report as classification_report
-from raytl.modeling.model_dir import METRICS_FILE, PROBE_CHECKPOINT, TRAIN_RUN
+from raytl.modeling.model_dir import METRICS_FILE, PROBE_CHECKPOINT, TRAIN_RUN, ModelInfo
 from raytl.reporting import report, tracking
 from raytl.version import VERSION
 
@@ -75,25 +75,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
     session.init_ray()
     plan = plan_split(config, train, val)
     model_dirs.record_run(config.model_dir, TRAIN_RUN, model_dirs.run_options(config))  # now resumable
-    train_rows = xy(train, plan, config.seed, side="all" if val else "train")
-    val_rows = xy(val, plan, None, side="all") if val else xy(train, plan, config.seed, side="val")
-    train_rows, val_rows = cache_if_small(train_rows, val_rows, train, val)
-    mean, std = moments(train_rows, train.dim)
-    n_train = sum(plan.train_counts.values())
-    l2 = config.l2 if config.l2 is not None else 1.0 / n_train  # scikit-learn's default C=1
+    train_rows, val_rows = split_rows(plan, config.seed, train, val)
     info = model_dirs.info_of(
         train.metadata, kind="probe", head=str(config.head), kernel=str(config.kernel),
-        backend=str(config.backend), embeddings=storage.redact(config.embeddings), l2=l2,
-        raytl_version=VERSION,
+        backend=str(config.backend), embeddings=storage.redact(config.embeddings),
+        l2=default_l2(config, plan), raytl_version=VERSION,
     )  # fmt: skip
     with tracking.run("train", config, train.metadata) as tracker:
-        history: list[dict] = []  # of the epochs (the sklearn backend has none)
-        if config.backend == Backend.SKLEARN:
-            x, y = gather(train_rows)
-            model = probe.fit_sklearn(x, y, plan.classes, config, l2, info)
-        else:
-            head, history = fit_ray(train_rows, val_rows, plan, config, mean, std, l2, tracker)
-            model = Model.from_head(head, plan.classes, info)
+        model, history = fit(config, plan, train_rows, val_rows, train.dim, info, tracker)
         model.save(config.model_dir)
         metrics, sample = validation_metrics(model, val_rows)
         report.write_validation(config.model_dir, sample)
@@ -115,6 +104,25 @@ def run(config: TrainConfig) -> dict[str, Any]:
         report.write_quietly(config.model_dir)
         tracker.finish(config.model_dir, metrics)
     return metrics
+
+
+def default_l2(config: TrainConfig, plan: Plan) -> float:
+    """--l2, or 1/n_train: scikit-learn's default C=1."""
+    return config.l2 if config.l2 is not None else 1.0 / sum(plan.train_counts.values())
+
+
+def fit(
+    config: TrainConfig, plan: Plan, train_rows: ray.data.Dataset, val_rows: ray.data.Dataset, dim: int,
+    info: ModelInfo, tracker: tracking.Tracker = tracking.UNTRACKED,
+) -> tuple[Model, list[dict]]:  # fmt: skip
+    """The probe on the training rows, by --backend; and the history of its epochs (none for sklearn)."""
+    l2 = default_l2(config, plan)
+    if config.backend == Backend.SKLEARN:
+        x, y = gather(train_rows)
+        return probe.fit_sklearn(x, y, plan.classes, config, l2, info), []
+    mean, std = moments(train_rows, dim)
+    head, history = fit_ray(train_rows, val_rows, plan, config, mean, std, l2, tracker)
+    return Model.from_head(head, plan.classes, info), history
 
 
 def prepare_model_dir(config: TrainConfig) -> bool:
@@ -142,8 +150,9 @@ def label_histograms(batch: pa.Table, seed: int) -> pa.Table:
     return pa.table({"stats": [pickle.dumps((hists, missing))]})
 
 
-def count_labels(data: Embeddings, seed: int, what: str) -> dict[str, np.ndarray]:
-    """One distributed pass over the path and label columns only; refuses rows without a label."""
+def count_labels(data: Embeddings, seed: int, what: str, labelled_only: bool) -> dict[str, np.ndarray]:
+    """One distributed pass over the path and label columns only; refuses rows without a label unless
+    `labelled_only` (which skips them)."""
     ds = data.read().select_columns(["path", "label"])
     total: dict[str, np.ndarray] = {}
     missing = 0
@@ -155,18 +164,21 @@ def count_labels(data: Embeddings, seed: int, what: str) -> dict[str, np.ndarray
             missing += none
             for label, hist in hists.items():
                 total[label] = total.get(label, 0) + hist
-    if missing:
+    if missing and not labelled_only:
         raise DatasetError(f"{what} {storage.redact(data.uri)} has {missing} rows without a label.")
     return total
 
 
-def plan_split(config: TrainConfig, train: Embeddings, val: Embeddings | None) -> Plan:
-    """Classes, and which rows validate: a separate --val dataset or a stratified --val-fraction."""
-    hists = count_labels(train, config.seed, "EMBEDDINGS")
+def plan_split(
+    config: TrainConfig, train: Embeddings, val: Embeddings | None, labelled_only: bool = False
+) -> Plan:
+    """Classes, and which rows validate: a separate --val dataset or a stratified --val-fraction. Rows
+    without a label are refused, or with `labelled_only` left out (to_xy drops them)."""
+    hists = count_labels(train, config.seed, "EMBEDDINGS", labelled_only)
     classes = sorted(hists)
     split.check_classes(f"EMBEDDINGS {storage.redact(train.uri)}", classes)
     if val is not None:
-        val_hists = count_labels(val, config.seed, "--val")
+        val_hists = count_labels(val, config.seed, "--val", labelled_only)
         split.check_val_labels("EMBEDDINGS", val_hists, classes)
         train_counts = {c: int(h.sum()) for c, h in hists.items()}
         val_counts = {c: int(val_hists.get(c, np.zeros(1)).sum()) for c in classes}
@@ -186,11 +198,11 @@ def to_xy(batch: pa.Table, classes: list[str], dim: int, seed: int | None, limit
     """Embeddings, class indices and paths (for the report's sample) of the rows on `side` (train | val |
     all) of the split."""
     labels = batch["label"].to_pylist()
-    keep = np.ones(len(labels), bool)
+    keep = np.fromiter((label is not None and label != "" for label in labels), bool, len(labels))
     if side != "all":
         assert seed is not None and limits is not None, "a split side needs the seed and the limits"
         val = split.in_validation(labels, split.bins(batch["path"].to_pylist(), seed), limits)
-        keep = val if side == "val" else ~val
+        keep &= val if side == "val" else ~val
     index = {c: i for i, c in enumerate(classes)}
     x = matrix(batch["embedding"], dim)[keep]
     y = np.array([index[label] for label, k in zip(labels, keep, strict=True) if k], dtype=np.int64)
@@ -209,6 +221,15 @@ def xy(data: Embeddings, plan: Plan, seed: int | None, side: str) -> ray.data.Da
         },
         batch_format="pyarrow",
     )
+
+
+def split_rows(
+    plan: Plan, seed: int, train: Embeddings, val: Embeddings | None
+) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """The training and validation rows (x, y, path) of the split `plan` made; held in memory if small."""
+    train_rows = xy(train, plan, seed, side="all" if val else "train")
+    val_rows = xy(val, plan, None, side="all") if val else xy(train, plan, seed, side="val")
+    return cache_if_small(train_rows, val_rows, train, val)
 
 
 def cache_if_small(

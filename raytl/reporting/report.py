@@ -208,7 +208,7 @@ window.addEventListener("load", () => {{
 # --- figures (matplotlib, drawn off-screen) -------------------------------------------------------------
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,8 +217,8 @@ def _pyplot() -> Any:
     return plt
 
 
-def _png(figure: Any) -> bytes:
-    plt = _pyplot()
+def figure_png(figure: Any) -> bytes:
+    plt = pyplot()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
@@ -226,16 +226,16 @@ def _png(figure: Any) -> bytes:
 
 
 def _message(text: str) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(6, 1.2))
     axes.axis("off")
     axes.text(0.5, 0.5, text, ha="center", va="center", fontsize=11, color="#555")
-    return _png(figure)
+    return figure_png(figure)
 
 
 def confusion_figure(metrics: dict) -> bytes:
     """Counts, coloured by the share of each true class (row)."""
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.array(metrics["confusion_matrix"], dtype=np.int64)
     classes = metrics["classes"]
     share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
@@ -252,11 +252,11 @@ def confusion_figure(metrics: dict) -> bytes:
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     figure.colorbar(image, ax=axes, fraction=0.046, label="share of the true class")
-    return _png(figure)
+    return figure_png(figure)
 
 
 def per_class_figure(metrics: dict) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     classes = metrics["classes"]
     x = np.arange(len(classes))
     figure, axes = plt.subplots(figsize=(min(14.0, 3 + 0.5 * len(classes)), 3.6))
@@ -269,14 +269,14 @@ def per_class_figure(metrics: dict) -> bytes:
     axes.set_ylim(0, 1.05)
     axes.legend(loc="lower right")
     axes.grid(axis="y", alpha=0.3)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def curves_figure(history: list[dict]) -> bytes:
     """Loss and accuracy per epoch, training and validation."""
     if not history:
         return _message("no training curve: scikit-learn fitted this model in one call")
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     figure, (loss, accuracy) = plt.subplots(1, 2, figsize=(10, 3.6))
     for axes, key in ((loss, "loss"), (accuracy, "accuracy")):
@@ -288,14 +288,14 @@ def curves_figure(history: list[dict]) -> bytes:
         axes.set_title(key)
         axes.grid(alpha=0.3)
         axes.legend()
-    return _png(figure)
+    return figure_png(figure)
 
 
 def pca_figure(sample: pa.Table) -> bytes:
     """The validation sample's embeddings (standardised) on their first two principal components."""
     if sample.num_rows < 3:
         return _message("too few validation rows for a projection")
-    plt = _pyplot()
+    plt = pyplot()
     x = np.stack([np.asarray(e, np.float32) for e in sample["embedding"].to_pylist()])
     x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
     _, singular, vt = np.linalg.svd(x, full_matrices=False)
@@ -318,7 +318,7 @@ def pca_figure(sample: pa.Table) -> bytes:
     axes.set_title("coloured by true class; x = misclassified", fontsize=9)
     if len(set(labels)) <= 20:
         axes.legend(fontsize=7, markerscale=1.5, loc="best")
-    return _png(figure)
+    return figure_png(figure)
 
 
 def image_schemes(info: ModelInfo, model_dir: str) -> tuple[str, ...]:
@@ -337,7 +337,7 @@ def misclassified_figure(sample: pa.Table, schemes: Sequence[str] = ("file",)) -
             if r["label"] != r["predicted_label"]][:_GRID]  # fmt: skip
     if not rows:
         return _message("no misclassified images in the validation sample")
-    plt = _pyplot()
+    plt = pyplot()
     images = thumbnails([r["path"] for r in rows], schemes)
     columns = min(6, len(rows))
     lines = -(-len(rows) // columns)
@@ -350,7 +350,7 @@ def misclassified_figure(sample: pa.Table, schemes: Sequence[str] = ("file",)) -
         else:
             axes.imshow(image)
         axes.set_title(f"{row['label']} → {row['predicted_label']}\n({row['score']:.2f})", fontsize=8)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def thumbnails(paths: list[str], schemes: Sequence[str]) -> list[np.ndarray | None]:
