@@ -58,6 +58,8 @@ def test_the_readme_example_runs(api_run):
     assert api_run["summary"]["embedded"] == n and api_run["summary"]["failed"] == 0
     assert api_run["result"]["predicted"] == n and 0.0 <= api_run["result"]["accuracy"] <= 1.0
     assert 0.0 <= api_run["metrics"]["accuracy"] <= 1.0
+    # raytl curve's last point is train --backend sklearn on the same split
+    assert api_run["curve"]["points"][-1]["accuracy"] == pytest.approx(api_run["metrics"]["accuracy"])
     assert pq.read_table(api_run["tmp"] / "out" / "embeddings").num_rows == n
     first = api_run["first"]
     assert first["embedding"].shape == (512,) and first["error"] == ""

@@ -114,6 +114,7 @@ def test_command_modules_import_shared_layers_never_each_other():
     assert commands == {
         "extract",
         "train",
+        "curve",
         "finetune",
         "predict",
         "export",

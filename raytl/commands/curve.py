@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from raytl.cluster import session
-from raytl.commands import train
+from raytl.cluster import probing, session
 from raytl.config import Backend, CurveConfig
 from raytl.errors import DatasetError, StorageError
 from raytl.files import storage
@@ -45,25 +44,25 @@ def run(config: CurveConfig) -> dict[str, Any]:
     session.init_ray()
     scratch = storage.join(config.output, "_full")
     probe = config.probe(scratch, Backend.SKLEARN)
-    plan = train.plan_split(probe, data, val, labelled_only=True)
+    plan = probing.plan_split(probe, data, val, labelled_only=True)
     n_train = sum(plan.train_counts.values())
     if n_train > SKLEARN_MAX_ROWS:
         probe = config.probe(scratch, Backend.RAY)
-    train_rows, val_rows = train.split_rows(plan, config.seed, data, val)
+    train_rows, val_rows = probing.split_rows(plan, config.seed, data, val)
     info = model_dirs.info_of(
         data.metadata, kind="probe", head=str(config.head), kernel="linear", backend=str(probe.backend),
         embeddings=storage.redact(config.embeddings), raytl_version=VERSION,
     )  # fmt: skip
     shots = curve.ladder(config.shots, max(plan.train_counts.values()))
     points = few_shot_points(config, plan, train_rows, val_rows, shots, data.dim, info)
-    model, _ = train.fit(probe, plan, train_rows, val_rows, data.dim, info)
+    model, _ = probing.fit(probe, plan, train_rows, val_rows, data.dim, info)
     if probe.backend == Backend.RAY:
         with storage.guarded(f"remove {scratch}"):
             fs, path = storage.filesystem(scratch)
             fs.rm(path, recursive=True)
-    full, _ = train.validation_metrics(model, val_rows)
+    full, _ = probing.validation_metrics(model, val_rows)
     done = {"accuracy": full["accuracy"], "macro_f1": full["macro_f1"], "labels": n_train,
-            "l2": train.default_l2(probe, plan)}  # fmt: skip
+            "l2": probing.default_l2(probe, plan)}  # fmt: skip
     points.append(curve.point(curve.FULL, n_train / len(plan.classes), [done]))
     found = curve.answer(points)
     result = {
@@ -96,7 +95,7 @@ def check_out(config: CurveConfig) -> None:
 
 
 def few_shot_points(
-    config: CurveConfig, plan: train.Plan, train_rows: ray.data.Dataset, val_rows: ray.data.Dataset,
+    config: CurveConfig, plan: probing.Plan, train_rows: ray.data.Dataset, val_rows: ray.data.Dataset,
     shots: list[int], dim: int, info: model_dirs.ModelInfo,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """The points below "all": each draw's k-shot subsets from one streamed pass over the training rows,
@@ -119,7 +118,7 @@ def few_shot_points(
     )
     for batch in ranked.iter_batches(batch_size=None, batch_format="numpy"):
         subsets.add(batch)
-    validation = ray.put(train.gather(val_rows))
+    validation = ray.put(probing.gather(val_rows))
     probe = config.probe(config.output, Backend.SKLEARN)
     fit = ray.remote(num_cpus=1)(curve.score)
     refs = {
