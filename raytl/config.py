@@ -554,13 +554,29 @@ class Probe:
     """The linear probe fitted on embeddings (train, and every point of curve)."""
 
     head: ProbeHead = option(ProbeHead.LOGREG, "logreg: softmax; svm: one-vs-rest squared hinge (LinearSVC)")
-    l2: float | None = option(None, "L2 penalty lambda/2 * ||W||^2 (default 1/n_train, scikit-learn's C=1)")
+    l2: float | str | None = option(
+        None, "L2 penalty lambda/2 * ||W||^2 (default 1/n_train, scikit-learn's C=1); auto: chosen on the "
+        "validation split by a Ray Tune sweep", metavar="X|auto",
+    )  # fmt: skip
     class_weight: ClassWeight = option(ClassWeight.NONE, "balanced: each class weighted n / (classes * n_c)")
     seed: int = option(0, "seeds the split and every random draw (shuffles, curve's labelled subsets)")
 
     def check_group(self) -> None:
-        if self.l2 is not None and self.l2 < 0:
-            raise ConfigError(f"--l2 must be zero or positive, not {self.l2!r}.")
+        if isinstance(self.l2, float) and not self.l2 >= 0:
+            raise ConfigError(f"--l2 must be zero or positive, or auto, not {self.l2!r}.")
+
+
+L2_AUTO = "auto"
+
+
+def parse_l2(value: Any) -> float | str | None:
+    """--l2: a number (as text from the CLI), auto, or None (the default)."""
+    if value is None or value == L2_AUTO:
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--l2 must be zero or positive, or auto, not {value!r}.") from None
 
 
 @dataclass(frozen=True)
@@ -578,8 +594,14 @@ class TrainConfig(
     batch_size: int = option(256, "rows per optimiser step on each worker")
     lr: float = option(0.01, "Adam learning rate, decayed to zero over --epochs on a cosine")
 
+    @classmethod
+    def prepare(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return {**options, "l2": parse_l2(options.get("l2"))}
+
     def validate(self) -> None:
         """Raise ConfigError on the first bad value."""
+        if self.l2 == L2_AUTO and self.kernel == Kernel.RBF:
+            raise ConfigError("--l2 auto sweeps the linear probe's penalty; give --kernel rbf a number.")
         if not self.embeddings or not self.model_dir:
             raise ConfigError("train takes EMBEDDINGS and MODEL_DIR, and neither may be empty.")
         _positive_fields(self, "epochs", "patience", "batch_size")
@@ -607,11 +629,16 @@ class CurveConfig(
 
     @classmethod
     def prepare(cls, options: dict[str, Any]) -> dict[str, Any]:
-        return {**options, "shots": parse_shots(options.get("shots"))}
+        return {**options, "shots": parse_shots(options.get("shots")), "l2": parse_l2(options.get("l2"))}
 
     def validate(self) -> None:
         if not self.embeddings or not self.output:
             raise ConfigError("curve takes EMBEDDINGS and OUT, and neither may be empty.")
+        if self.l2 == L2_AUTO:
+            raise ConfigError(
+                "curve does not take --l2 auto yet (each point would need a sweep of its own); give a number "
+                "or leave --l2 out (1/n of each point's rows)."
+            )
         _positive_fields(self, "repeats")
 
     def probe(self, model_dir: str, backend: Backend) -> TrainConfig:

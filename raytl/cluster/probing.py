@@ -63,8 +63,11 @@ class WorkerPlan:
 
 
 def default_l2(config: TrainConfig, plan: Plan) -> float:
-    """--l2, or 1/n_train: scikit-learn's default C=1."""
-    return config.l2 if config.l2 is not None else 1.0 / sum(plan.train_counts.values())
+    """--l2, or 1/n_train: scikit-learn's default C=1 (--l2 auto is resolved before: sweep.choose_l2)."""
+    if isinstance(config.l2, float):
+        return config.l2
+    assert config.l2 is None, "--l2 auto is chosen before the fit"
+    return 1.0 / sum(plan.train_counts.values())
 
 
 def fit(

@@ -4,10 +4,12 @@ fitted with Ray Train or scikit-learn (cluster/probing.py); MODEL_DIR gets the m
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 from raytl.cluster import probing, session
-from raytl.config import Backend, ProbeHead, TrainConfig
+from raytl.cluster.sweep import choose_l2
+from raytl.config import L2_AUTO, Backend, ProbeHead, TrainConfig
 from raytl.files import storage
 from raytl.files.embeddings import check_same_backbone, open_embeddings
 from raytl.modeling import loop, probe
@@ -32,6 +34,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
     plan = probing.plan_split(config, train, val)
     model_dirs.record_run(config.model_dir, TRAIN_RUN, model_dirs.run_options(config))  # now resumable
     train_rows, val_rows = probing.split_rows(plan, config.seed, train, val)
+    sweep: list[dict[str, Any]] = []
+    if config.l2 == L2_AUTO:
+        chosen, sweep = choose_l2(config, train_rows, val_rows, sum(plan.train_counts.values()))
+        config = replace(config, l2=chosen)
     info = model_dirs.info_of(
         train.metadata, kind="probe", head=str(config.head), kernel=str(config.kernel),
         backend=str(config.backend), embeddings=storage.redact(config.embeddings),
@@ -49,6 +55,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
             train_samples=plan.train_counts,
             val_samples=plan.val_counts,
             history=history,
+            l2=probing.default_l2(config, plan),
+            **({"l2_sweep": sweep} if sweep else {}),
         )
         if config.backend == Backend.RAY:
             kept = [row["epoch"] for row in history if row.get("selected")]

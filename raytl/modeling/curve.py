@@ -101,7 +101,7 @@ def score(
 ) -> dict[str, Any]:  # fmt: skip
     """One point of one draw: the probe fitted on (x, y) with scikit-learn (train's --backend sklearn: the
     same solver, standardisation and default l2 = 1/n), scored on the validation rows."""
-    l2 = config.l2 if config.l2 is not None else 1.0 / len(y)
+    l2 = config.l2 if isinstance(config.l2, float) else 1.0 / len(y)  # curve refuses --l2 auto
     model = fit_sklearn(x, y, classes, config, l2, info)
     predicted, _ = model.predict(val[0])
     metrics = report(confusion(val[1], predicted, len(classes)), classes)
