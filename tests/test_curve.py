@@ -156,3 +156,4 @@ def test_l2_auto_sweeps_with_ray_tune_and_beats_the_default_on_few_labels(ray_se
     reference = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)).fit(x, y)
     assert auto["accuracy"] == pytest.approx(float((reference.predict(xv) == yv).mean()))
     assert auto["accuracy"] > default["accuracy"] + 0.02
+    assert "chosen by --l2 auto from 9 values" in (tmp_path / "auto" / "report.html").read_text()

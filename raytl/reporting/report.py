@@ -168,6 +168,10 @@ def _html(model_dir: str, metrics: dict, info: ModelInfo, sample: pa.Table, figu
                      f"weights {backbone.weights}"),
         ("best epoch", str(metrics.get("best_epoch", "-"))),
     ]  # fmt: skip
+    if info.l2 is not None:
+        swept = metrics.get("l2_sweep")
+        chosen = f", chosen by --l2 auto from {len(swept)} values" if swept else ""
+        facts.append(("L2 penalty", f"{info.l2:.3g}{chosen}"))
     sections = "".join(
         f'<section><h2>{html.escape(title)}</h2><img class="figure" alt="{html.escape(title)}" '
         f'src="data:image/png;base64,{base64.b64encode(png).decode()}"></section>'
