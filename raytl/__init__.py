@@ -7,6 +7,7 @@ The Python API runs what the CLI runs, with the CLI's options as keywords (`--im
     raytl.extract("s3://bucket/images", "s3://bucket/embeddings", image_size=224)
     raytl.train("s3://bucket/embeddings", "s3://bucket/models/probe", head="svm")
     raytl.curve("s3://bucket/embeddings", "s3://bucket/curves/probe")  # accuracy against labels per class
+    raytl.select("s3://bucket/embeddings", "next.csv", budget=500)  # which unlabelled images to label next
     raytl.predict("s3://bucket/models/probe", "s3://bucket/new", "s3://bucket/predictions")
     raytl.finetune("s3://bucket/images", "s3://bucket/models/ft", epochs=5)
     raytl.export("s3://bucket/models/ft", "model.pt2")  # for plain PyTorch, raytl not needed
@@ -52,6 +53,17 @@ def curve(embeddings: str, output: str, **options: Any) -> dict[str, Any]:
 
     config = CurveConfig.create(embeddings=embeddings, output=output, **options)
     from raytl.commands import curve as command
+
+    return command.run(config)
+
+
+def select(embeddings: str, output: str, **options: Any) -> dict[str, Any]:
+    """`raytl select EMBEDDINGS OUT --budget N`: which unlabelled rows to label next, written to OUT as a
+    manifest (path, rank, score, strategy); returns the summary."""
+    from raytl.config import SelectConfig
+
+    config = SelectConfig.create(embeddings=embeddings, output=output, **options)
+    from raytl.commands import select as command
 
     return command.run(config)
 

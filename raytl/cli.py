@@ -19,6 +19,7 @@ from raytl.config import (
     FinetuneConfig,
     PackConfig,
     PredictConfig,
+    SelectConfig,
     ServeConfig,
     TrainConfig,
     flag,
@@ -139,6 +140,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "curve.json, curve.png and curve.html to OUT.",
         "raytl curve s3://bucket/embeddings s3://bucket/curves/probe --repeats 5",
     ),
+    "select": (
+        "which unlabelled images to label next, as a manifest",
+        "Pick --budget unlabelled rows (label empty) of EMBEDDINGS to label next, by --strategy (random; "
+        "typical or kcenter without a model; margin, entropy or margin-diverse with --model), and write "
+        "them to OUT as a manifest (path, rank, score, strategy; .parquet or .csv).",
+        "raytl select s3://bucket/embeddings next.csv --budget 500 --strategy margin-diverse --model M",
+    ),
     "predict": (
         "classify images or embeddings with a trained model",
         "Classify INPUT (embeddings, or images: a class-per-folder SOURCE or --manifest) with MODEL_DIR.",
@@ -198,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "extract": run_extract,
         "train": run_train,
         "curve": run_curve,
+        "select": run_select,
         "finetune": run_finetune,
         "predict": run_predict,
         "export": run_export,
@@ -279,6 +288,7 @@ CONFIGS: dict[str, Any] = {
     "extract": ExtractConfig,
     "train": TrainConfig,
     "curve": CurveConfig,
+    "select": SelectConfig,
     "finetune": FinetuneConfig,
     "predict": PredictConfig,
     "export": ExportConfig,
@@ -289,12 +299,14 @@ CONFIGS: dict[str, Any] = {
 
 def add_command(p: argparse.ArgumentParser, verb: str) -> None:
     """A verb that runs from a config: its paths (with a usage line for each form) and its options."""
-    if verb in ("train", "curve"):
+    if verb in ("train", "curve", "select"):
         p.add_argument("embeddings", metavar="EMBEDDINGS", help="a raytl embeddings dataset (folder or URI)")
     if verb == "train":
         p.add_argument("model_dir", metavar="MODEL_DIR", help="where the model, metrics and checkpoints go")
     if verb == "curve":
         p.add_argument("output", metavar="OUT", help="where curve.json, curve.png and curve.html go")
+    if verb == "select":
+        p.add_argument("output", metavar="OUT", help="the manifest to write (.parquet or .csv)")
     if verb in ("export", "serve"):
         p.add_argument("model_dir", metavar="MODEL_DIR", help="a model written by raytl train or finetune")
     if verb == "export":
@@ -372,6 +384,18 @@ def run_curve(args: argparse.Namespace) -> int:
     print(result["sentence"], file=sys.stderr)
     found = result["answer"]
     print(json.dumps({**{k: found[k] for k in ("shots", "labels", "full_accuracy")}, "output": args.output}))
+    return 0
+
+
+def run_select(args: argparse.Namespace) -> int:
+    from raytl.commands import select
+
+    summary = select.run(config_of(args, "select"))
+    logs.summary_table(
+        "raytl select",
+        [(name, summary[name]) for name in ("selected", "unlabelled", "strategy", "output")],
+    )
+    print(json.dumps(summary))
     return 0
 
 

@@ -662,6 +662,49 @@ def parse_shots(value: Any) -> tuple[int, ...] | None:
     return tuple(sorted({int(item) for item in items}))
 
 
+class Strategy(Choice):
+    RANDOM = "random"
+    TYPICAL = "typical"  # cold start: the most typical row of each k-means cluster (TypiClust)
+    KCENTER = "kcenter"  # cold start: greedy k-center coverage
+    MARGIN = "margin"  # --model: the smallest gap between the two most probable classes
+    ENTROPY = "entropy"  # --model: the most uncertain class probabilities
+    MARGIN_DIVERSE = "margin-diverse"  # --model: the smallest margin within each of --budget clusters
+
+
+MODEL_STRATEGIES = (Strategy.MARGIN, Strategy.ENTROPY, Strategy.MARGIN_DIVERSE)
+
+
+@dataclass(frozen=True)
+class SelectConfig(Validated, Overwrite, paths=("embeddings", "output", "model")):
+    """Everything `raytl select` needs; build with `SelectConfig.create` to validate."""
+
+    embeddings: str
+    output: str
+    budget: int = option(0, "how many unlabelled rows to pick (required)")
+    strategy: Strategy = option(
+        Strategy.TYPICAL, "how to pick; margin, entropy and margin-diverse need --model"
+    )
+    model: str | None = option(None, "a MODEL_DIR of a probe trained on these embeddings' backbone")
+    seed: int = option(0, "seeds random's draw, typical's sample and its k-means")
+
+    def validate(self) -> None:
+        if not self.embeddings or not self.output:
+            raise ConfigError("select takes EMBEDDINGS and OUT, and neither may be empty.")
+        if not self.output.lower().endswith((".parquet", ".pq", ".csv")):
+            raise ConfigError(f"OUT is a manifest and must end in .parquet or .csv, not {self.output!r}.")
+        if self.budget < 1:
+            raise ConfigError(f"--budget must be a whole number above 0, not {self.budget!r}.")
+        if self.strategy in MODEL_STRATEGIES and not self.model:
+            raise ConfigError(
+                f"--strategy {self.strategy} ranks by a model's predictions: give --model MODEL_DIR."
+            )
+        if self.model and self.strategy not in MODEL_STRATEGIES:
+            raise ConfigError(
+                f"--strategy {self.strategy} uses no model: --model goes with margin, entropy or "
+                "margin-diverse."
+            )
+
+
 class Head(Choice):
     AVG = "avg"  # pool5 averaged over the grid -> a new Linear(512, classes): light, any image size
     FC7 = "fc7"  # VGG16's own fc6 and fc7 (pre-trained) -> Dropout -> a new Linear(4096, classes)

@@ -115,6 +115,7 @@ def test_command_modules_import_shared_layers_never_each_other():
         "extract",
         "train",
         "curve",
+        "select",
         "finetune",
         "predict",
         "export",

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
 from raytl.cluster import session
 from raytl.config import PackConfig
+from raytl.corpus import reader
 from raytl.corpus.reader import Corpus, list_corpus
 from raytl.errors import ConfigError, StorageError
 from raytl.files import storage
@@ -91,16 +91,7 @@ def _write_shard(index: int, rows: pa.Table, prefix: str, classes: list[str]) ->
 def write_manifest(source: str, manifest: str) -> dict[str, Any]:
     """`raytl list`: list a class-per-folder SOURCE once and write (path, label) as Parquet or CSV."""
     corpus = _loose(source, None)
-    sink = io.BytesIO()
-    if manifest.lower().endswith((".parquet", ".pq")):
-        pq.write_table(corpus.table, sink)
-    elif manifest.lower().endswith(".csv"):
-        import pyarrow.csv as pacsv
-
-        pacsv.write_csv(corpus.table, sink)
-    else:
-        raise ConfigError(f"MANIFEST must end in .parquet or .csv, not {manifest!r}.")
-    storage.write_bytes(manifest, sink.getvalue())
+    reader.write_manifest(corpus.table, manifest)
     return {"images": corpus.table.num_rows, "ignored_non_images": corpus.ignored, "manifest": manifest}
 
 

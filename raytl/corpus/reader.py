@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raytl.corpus import shards
-from raytl.errors import StorageError
+from raytl.errors import ConfigError, StorageError
 from raytl.files import doneset, storage
 from raytl.vision.preprocess import IMAGE_EXTENSIONS, is_image
 
@@ -272,6 +272,18 @@ def resolve_manifest_paths(paths: list[str], manifest: str, allow_schemes: tuple
             path = os.path.abspath(path)
         resolved.append(path)
     return resolved
+
+
+def write_manifest(table: pa.Table, manifest: str) -> None:
+    """A manifest (path, label, ... columns) written as Parquet or CSV, by MANIFEST's suffix."""
+    sink = io.BytesIO()
+    if manifest.lower().endswith((".parquet", ".pq")):
+        pq.write_table(table, sink)
+    elif manifest.lower().endswith(".csv"):
+        pacsv.write_csv(table, sink)
+    else:
+        raise ConfigError(f"MANIFEST must end in .parquet or .csv, not {manifest!r}.")
+    storage.write_bytes(manifest, sink.getvalue())
 
 
 def _parse_manifest(manifest: str, data: bytes) -> pa.Table:

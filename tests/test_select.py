@@ -1,0 +1,124 @@
+"""`raytl select`: which unlabelled rows to label next, each strategy on a case whose answer is known."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import assert_user_error
+from synthetic import write
+
+import raytl
+from raytl.cli import main
+from raytl.config import SelectConfig
+from raytl.corpus.reader import read_manifest
+from raytl.errors import ConfigError
+from raytl.modeling.classifier import Model
+
+CENTRES = np.array([[0, 0], [40, 0], [0, 40], [40, 40]], dtype=np.float32)
+
+
+def _four_blobs(n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    blob = rng.integers(0, 4, n)
+    return (CENTRES[blob] + rng.normal(0, 2, (n, 2))).astype(np.float32), blob
+
+
+def _picked(out) -> list[str]:
+    table = pq.read_table(out)
+    assert table.column("rank").to_pylist() == list(range(1, table.num_rows + 1))
+    return table.column("path").to_pylist()
+
+
+@pytest.mark.ray
+def test_cold_start_strategies_cover_every_cluster_and_repeat_for_a_seed(ray_session, tmp_path, capsys):
+    """Four separated blobs, unlabelled but for a few rows: typical picks the most typical row of each blob
+    (the lowest mean distance to its 20 nearest neighbours, recomputed here), kcenter one of each; random is
+    the same for a seed and differs for another; labelled rows are never picked; the manifest reads back."""
+    x, blob = _four_blobs()
+    labels = ["a" if i < 10 else None for i in range(len(x))]
+    paths = write(str(tmp_path / "emb"), x, labels)
+    index = {p: i for i, p in enumerate(paths)}
+    emb = str(tmp_path / "emb")
+
+    assert main(["select", emb, str(tmp_path / "typical.parquet"), "--budget", "4"]) == 0
+    typical = [index[p] for p in _picked(tmp_path / "typical.parquet")]
+    assert sorted(blob[typical]) == [0, 1, 2, 3]
+    for row in typical:
+        mine = np.flatnonzero((blob == blob[row]) & (np.arange(len(x)) >= 10))
+        d = np.linalg.norm(x[mine, None] - x[None, mine], axis=2)
+        mean = np.sort(d, axis=1)[:, 1:21].mean(axis=1)
+        assert row == mine[np.argmin(mean)]
+
+    raytl.select(emb, str(tmp_path / "kcenter.csv"), budget=4, strategy="kcenter")
+    kcenter = [
+        index[p]
+        for p in read_manifest(str(tmp_path / "kcenter.csv"), ("s3",)).table.column("path").to_pylist()
+    ]
+    assert sorted(blob[kcenter]) == [0, 1, 2, 3] and min(kcenter) >= 10
+
+    runs = {}
+    for name, seed in (("one", 1), ("again", 1), ("other", 2)):
+        raytl.select(emb, str(tmp_path / f"{name}.parquet"), budget=15, strategy="random", seed=seed)
+        runs[name] = _picked(tmp_path / f"{name}.parquet")
+    assert runs["one"] == runs["again"] != runs["other"]
+    assert min(index[p] for p in runs["one"]) >= 10 and len(set(runs["one"])) == 15
+
+    assert_user_error(capsys, ["select", emb, str(tmp_path / "one.parquet"), "--budget", "2"], "exists; pass")
+    assert_user_error(capsys, ["select", emb, str(tmp_path / "n.csv"), "--budget", "191"],
+                      "--budget 191 is more than the 190 unlabelled rows of EMBEDDINGS.")  # fmt: skip
+
+
+@pytest.mark.ray
+def test_margin_picks_the_rows_nearest_the_decision_boundary(ray_session, tmp_path, capsys):
+    """A probe trained on two classes split at x = 0: margin and entropy pick the unlabelled rows nearest
+    x = 0; margin-diverse takes the most uncertain row of each of two far-apart uncertain groups."""
+    rng = np.random.default_rng(1)
+    xl = np.concatenate([rng.normal([-5, 0], 1, (60, 2)), rng.normal([5, 0], 1, (60, 2))]).astype(np.float32)
+    xl[:, 1] = rng.uniform(-35, 35, 120)  # y tells the classes nothing
+    write(str(tmp_path / "labelled"), xl, ["left"] * 60 + ["right"] * 60, prefix="l")
+    raytl.train(str(tmp_path / "labelled"), str(tmp_path / "model"), backend="sklearn")
+    # unlabelled: spread along x, in two groups far apart in y
+    xu = np.stack([np.linspace(-6, 6, 80), np.where(np.arange(80) % 2, 30.0, -30.0)], axis=1).astype(
+        np.float32
+    )
+    xu[:, 0] += rng.normal(0, 0.01, 80).astype(np.float32)
+    paths = write(str(tmp_path / "pool"), xu, [None] * 80, prefix="u")
+    index = {p: i for i, p in enumerate(paths)}
+    pool, model = str(tmp_path / "pool"), str(tmp_path / "model")
+    logits = Model.load(model).logits(xu)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    nearest = set(np.argsort(np.abs(p[:, 0] - p[:, 1]))[:5].tolist())
+    assert all(abs(xu[i, 0]) < 1 for i in nearest)  # the boundary is near x = 0
+
+    for strategy in ("margin", "entropy"):
+        raytl.select(pool, str(tmp_path / f"{strategy}.parquet"), budget=5, strategy=strategy, model=model)
+        assert {index[q] for q in _picked(tmp_path / f"{strategy}.parquet")} == nearest, strategy
+    raytl.select(pool, str(tmp_path / "diverse.parquet"), budget=2, strategy="margin-diverse", model=model)
+    diverse = [index[q] for q in _picked(tmp_path / "diverse.parquet")]
+    assert sorted(np.sign(xu[diverse, 1]).tolist()) == [-1.0, 1.0]  # one from each group
+    assert all(abs(xu[i, 0]) < 1 for i in diverse)
+
+    write(str(tmp_path / "other"), xu, [None] * 80, prefix="o", image_size=64)
+    assert_user_error(capsys, ["select", str(tmp_path / "other"), str(tmp_path / "o.csv"), "--budget", "2",
+                               "--strategy", "margin", "--model", model], "image_size")  # fmt: skip
+    labelled = ["select", str(tmp_path / "labelled"), str(tmp_path / "l.csv"), "--budget", "2"]
+    assert_user_error(capsys, labelled, "has no unlabelled rows (label empty) to select from")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({}, "--budget must be a whole number above 0, not 0"),
+        (
+            {"budget": 3, "strategy": "margin"},
+            "--strategy margin ranks by a model's predictions: give --model",
+        ),
+        ({"budget": 3, "model": "m"}, "--strategy typical uses no model"),
+        ({"budget": 3, "strategy": "best"}, "--strategy must be one of random, typical, kcenter, margin"),
+    ],
+)
+def test_bad_options_get_one_sentence(options, message):
+    with pytest.raises(ConfigError, match=message):
+        SelectConfig.create(embeddings="e", output="o.csv", **options)
+    with pytest.raises(ConfigError, match="OUT is a manifest and must end in .parquet or .csv"):
+        SelectConfig.create(embeddings="e", output="o.txt", budget=1)
