@@ -30,41 +30,46 @@ def _picked(out) -> list[str]:
 
 @pytest.mark.ray
 def test_cold_start_strategies_cover_every_cluster_and_repeat_for_a_seed(ray_session, tmp_path, capsys):
-    """Four separated blobs, unlabelled but for a few rows: typical picks the most typical row of each blob
-    (the lowest mean distance to its 20 nearest neighbours, recomputed here), kcenter one of each; random is
-    the same for a seed and differs for another; labelled rows are never picked; the manifest reads back."""
+    """Four separated blobs, unlabelled but for one row of the first: typical clusters them into four
+    (labelled + budget) and picks the most typical row (the lowest mean distance to its 20 nearest
+    neighbours, recomputed here) of each blob the label does not cover, kcenter one row of each of those
+    blobs; random is the same for a seed and differs for another; labelled rows are never picked; the
+    manifest reads back as extract's --manifest."""
     x, blob = _four_blobs()
-    labels = ["a" if i < 10 else None for i in range(len(x))]
+    known = int(np.flatnonzero(blob == 0)[0])
+    labels = ["a" if i == known else None for i in range(len(x))]
     paths = write(str(tmp_path / "emb"), x, labels)
     index = {p: i for i, p in enumerate(paths)}
     emb = str(tmp_path / "emb")
 
-    assert main(["select", emb, str(tmp_path / "typical.parquet"), "--budget", "4"]) == 0
+    assert main(["select", emb, str(tmp_path / "typical.parquet"), "--budget", "3"]) == 0
     typical = [index[p] for p in _picked(tmp_path / "typical.parquet")]
-    assert sorted(blob[typical]) == [0, 1, 2, 3]
+    assert sorted(blob[typical]) == [1, 2, 3]
     for row in typical:
-        mine = np.flatnonzero((blob == blob[row]) & (np.arange(len(x)) >= 10))
+        mine = np.flatnonzero(blob == blob[row])
         d = np.linalg.norm(x[mine, None] - x[None, mine], axis=2)
         mean = np.sort(d, axis=1)[:, 1:21].mean(axis=1)
         assert row == mine[np.argmin(mean)]
 
-    raytl.select(emb, str(tmp_path / "kcenter.csv"), budget=4, strategy="kcenter")
+    raytl.select(emb, str(tmp_path / "kcenter.csv"), budget=3, strategy="kcenter")
     kcenter = [
         index[p]
         for p in read_manifest(str(tmp_path / "kcenter.csv"), ("s3",)).table.column("path").to_pylist()
     ]
-    assert sorted(blob[kcenter]) == [0, 1, 2, 3] and min(kcenter) >= 10
+    assert sorted(blob[kcenter]) == [1, 2, 3] and kcenter[0] == np.argmax(
+        np.linalg.norm(x - x[known], axis=1)
+    )
 
     runs = {}
     for name, seed in (("one", 1), ("again", 1), ("other", 2)):
         raytl.select(emb, str(tmp_path / f"{name}.parquet"), budget=15, strategy="random", seed=seed)
         runs[name] = _picked(tmp_path / f"{name}.parquet")
     assert runs["one"] == runs["again"] != runs["other"]
-    assert min(index[p] for p in runs["one"]) >= 10 and len(set(runs["one"])) == 15
+    assert paths[known] not in runs["one"] and len(set(runs["one"])) == 15
 
     assert_user_error(capsys, ["select", emb, str(tmp_path / "one.parquet"), "--budget", "2"], "exists; pass")
-    assert_user_error(capsys, ["select", emb, str(tmp_path / "n.csv"), "--budget", "191"],
-                      "--budget 191 is more than the 190 unlabelled rows of EMBEDDINGS.")  # fmt: skip
+    assert_user_error(capsys, ["select", emb, str(tmp_path / "n.csv"), "--budget", "200"],
+                      "--budget 200 is more than the 199 unlabelled rows of EMBEDDINGS.")  # fmt: skip
 
 
 @pytest.mark.ray

@@ -42,7 +42,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
             "OUT."
         )
     session.init_ray()
-    best = pool_pass(config, data, model)
+    best, covered = pool_pass(config, data, model)
     if best.seen == 0:
         raise DatasetError(
             f"EMBEDDINGS {storage.redact(config.embeddings)} has no unlabelled rows (label empty) to select "
@@ -52,7 +52,7 @@ def run(config: SelectConfig) -> dict[str, Any]:
         raise DatasetError(
             f"--budget {config.budget} is more than the {best.seen} unlabelled rows of EMBEDDINGS."
         )
-    rows, scores = choose(config, best)
+    rows, scores = choose(config, best, covered)
     table = pa.table(
         {
             "path": pa.array(best.path[rows].tolist(), pa.string()),
@@ -73,39 +73,45 @@ def run(config: SelectConfig) -> dict[str, Any]:
 def score_batch(batch: pa.Table, dim: int, strategy: Strategy, seed: int, model: Model | None) -> dict:
     """The unlabelled rows of a batch: path, embedding, score (higher: label it sooner) and a tie-breaker."""
     labels = batch["label"].to_pylist()
-    keep = np.fromiter((label is None or label == "" for label in labels), bool, len(labels))
-    paths = np.array(batch["path"].to_pylist(), dtype=object)[keep]
-    x = matrix(batch["embedding"], dim)[keep]
+    unlabelled = np.fromiter((label is None or label == "" for label in labels), bool, len(labels))
+    paths = np.array(batch["path"].to_pylist(), dtype=object)
+    x = matrix(batch["embedding"], dim)
     tie = select.hashed(paths.tolist(), seed)
-    if model is None or strategy not in MODEL_STRATEGIES:
-        score = tie  # random, and the seeded sample typical and kcenter work on
-    else:
+    score = tie  # random, and the seeded samples typical and kcenter work on
+    if model is not None and strategy in MODEL_STRATEGIES:
         use = Strategy.MARGIN if strategy == Strategy.MARGIN_DIVERSE else strategy
         score = select.uncertainty(model.logits(x), use)
-    return {"path": paths, "x": x, "score": score, "tie": tie}
+    return {"path": paths, "x": x, "score": score, "tie": tie, "unlabelled": unlabelled}
 
 
-def pool_pass(config: SelectConfig, data: Any, model: Model | None) -> select.Best:
-    """One streamed pass over EMBEDDINGS: the best-scored candidates, and how many rows are unlabelled."""
+def pool_pass(config: SelectConfig, data: Any, model: Model | None) -> tuple[select.Best, select.Best]:
+    """One streamed pass over EMBEDDINGS: the best-scored unlabelled candidates (and how many rows are
+    unlabelled), and for typical and kcenter a seeded sample of the labelled rows."""
     best = select.Best(select.candidates(config.strategy, config.budget))
+    cold = config.strategy in (Strategy.TYPICAL, Strategy.KCENTER)
+    covered = select.Best(select.COVERED if cold else 0)
     scored = data.read().map_batches(
         score_batch,
         fn_kwargs={"dim": data.dim, "strategy": config.strategy, "seed": config.seed, "model": model},
         batch_format="pyarrow",
     )
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        best.add(batch["score"], batch["tie"], batch["path"], batch["x"])
-    return best
+        pool, known = batch["unlabelled"], ~batch["unlabelled"]
+        best.add(batch["score"][pool], batch["tie"][pool], batch["path"][pool], batch["x"][pool])
+        if cold:
+            covered.add(batch["tie"][known], batch["tie"][known], batch["path"][known], batch["x"][known])
+    return best, covered
 
 
-def choose(config: SelectConfig, best: select.Best) -> tuple[np.ndarray, np.ndarray]:
+def choose(config: SelectConfig, best: select.Best, covered: select.Best) -> tuple[np.ndarray, np.ndarray]:
     """(indices into the candidates, scores) of the picks, in rank order."""
     assert best.x is not None
     x = best.x.astype(np.float64)
+    known = None if covered.x is None or not len(covered.x) else covered.x.astype(np.float64)
     if config.strategy == Strategy.TYPICAL:
-        return select.typical(x, config.budget, config.seed)
+        return select.typical(x, config.budget, config.seed, known)
     if config.strategy == Strategy.KCENTER:
-        return select.kcenter(x, config.budget, first=0)  # the candidate ranked first by the seeded hash
+        return select.kcenter(x, config.budget, 0, known)  # no labels: from the first by the seeded hash
     if config.strategy == Strategy.MARGIN_DIVERSE:
         return select.diverse(x, best.score, config.budget, config.seed)
     return np.arange(config.budget), best.score[: config.budget]

@@ -2,10 +2,11 @@
 candidate set the driver keeps, and the selections made on it.
 
 - random: a seeded hash of the path (the same on every run);
-- typical (cold start, TypiClust): k-means of the candidates into `budget` clusters, the most typical row of
-  each (the inverse mean distance to its nearest neighbours in its cluster), largest clusters first;
-- kcenter (cold start): greedy k-center coverage of the candidates, each pick the row farthest from those
-  picked before;
+- typical (cold start, TypiClust): k-means of the candidates and the labelled rows into labelled + budget
+  clusters, the most typical row (the inverse mean distance to its nearest neighbours in its cluster) of
+  each cluster without a labelled row, largest clusters first;
+- kcenter (cold start): greedy k-center coverage of the candidates, each pick the row farthest from the
+  labelled rows and those picked before;
 - margin / entropy (with a model): the smallest gap between the two most probable classes, the largest
   entropy of the class probabilities (an SVM's margins through a softmax);
 - margin-diverse: the 10 x budget smallest-margin rows clustered into `budget` clusters, the smallest margin
@@ -24,7 +25,8 @@ from raytl.config import Strategy
 
 NEIGHBOURS = 20  # typicality: the mean distance to this many nearest neighbours in the cluster
 DIVERSE_POOL = 10  # margin-diverse: clusters drawn from the budget x this many most uncertain rows
-COLD_CANDIDATES = 20_000  # typical and kcenter work on a seeded sample of the pool of at least this many
+COLD_CANDIDATES = 20_000  # typical and kcenter: a seeded sample of at least this many unlabelled rows
+COVERED = 20_000  # and of at most this many labelled rows (what the labels cover already)
 
 
 def hashed(paths: Sequence[str], seed: int) -> np.ndarray:
@@ -82,35 +84,62 @@ def _kmeans(x: np.ndarray, clusters: int, seed: int) -> np.ndarray:
     return KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit_predict(x)
 
 
-def typical(x: np.ndarray, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row indices, typicality): the most typical row of each of `budget` k-means clusters, largest first."""
+def typical(
+    x: np.ndarray, budget: int, seed: int, covered: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row indices, typicality): TypiClust. The candidates and the rows labelled already (`covered`) in
+    len(covered) + budget k-means clusters; of the clusters that hold no labelled row, largest first, the
+    most typical candidate (the lowest mean distance to its nearest neighbours in the cluster)."""
     from sklearn.neighbors import NearestNeighbors
 
-    labels = _kmeans(x, budget, seed)
-    sizes = np.bincount(labels, minlength=budget)
-    picks, scores = [], []
-    for cluster in sorted(range(budget), key=lambda c: (-sizes[c], c)):
-        rows = np.flatnonzero(labels == cluster)
+    held = 0 if covered is None else len(covered)
+    both = x if not held else np.concatenate([covered, x])
+    clusters = min(len(both), held + budget)
+    labels = _kmeans(both, clusters, seed)
+    taken = set(labels[:held].tolist())
+    own = labels[held:]
+    sizes = np.bincount(own, minlength=clusters)
+    order = sorted(range(clusters), key=lambda c: (c in taken, -sizes[c], c))  # uncovered, largest first
+    picks: list[int] = []
+    scores: list[float] = []
+    for cluster in order:
+        rows = np.flatnonzero(own == cluster)
+        if len(picks) == budget:
+            break
         if len(rows) == 0:
             continue
         k = min(NEIGHBOURS, len(rows) - 1)
         if k == 0:
-            picks.append(rows[0])
+            picks.append(int(rows[0]))
             scores.append(0.0)
             continue
         distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(x[rows]).kneighbors(x[rows])
         mean = distances[:, 1:].mean(axis=1)  # the first neighbour is the row itself
         best = int(np.argmin(mean))
-        picks.append(rows[best])
+        picks.append(int(rows[best]))
         scores.append(1.0 / (mean[best] + 1e-12))
+    if len(picks) < budget:  # more picks than clusters with candidates: the nearest-to-centre rest
+        rest = [i for i in range(len(x)) if i not in set(picks)][: budget - len(picks)]
+        picks += rest
+        scores += [0.0] * len(rest)
     return np.array(picks, dtype=np.int64), np.array(scores)
 
 
-def kcenter(x: np.ndarray, budget: int, first: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row indices, distance to the nearest earlier pick): greedy k-center from row `first`."""
-    picks, scores = [first], [np.inf]
-    nearest = np.linalg.norm(x - x[first], axis=1)
-    for _ in range(budget - 1):
+def kcenter(
+    x: np.ndarray, budget: int, first: int, covered: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row indices, distance to the nearest labelled row or earlier pick): greedy k-center coverage, from
+    the labelled rows (`covered`) or, with none, from row `first`."""
+    picks: list[int] = []
+    scores: list[float] = []
+    if covered is not None and len(covered):
+        nearest = np.full(len(x), np.inf)
+        for chunk in np.array_split(covered, max(1, len(covered) // 1024)):
+            nearest = np.minimum(nearest, np.sqrt(((x[:, None, :] - chunk[None]) ** 2).sum(-1)).min(axis=1))
+    else:
+        picks, scores = [first], [np.inf]
+        nearest = np.linalg.norm(x - x[first], axis=1)
+    while len(picks) < budget:
         row = int(np.argmax(nearest))
         picks.append(row)
         scores.append(float(nearest[row]))
