@@ -156,16 +156,19 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the figures here")
-    parser.add_argument("--only", choices=["curve", "simulate"], help="one part only")
+    parser.add_argument("--only", choices=["curve", "simulate", "scale"], help="one part only")
+    parser.add_argument("--scale-rows", type=int, default=1_000_000, help="--only scale: unlabelled rows")
     parser.add_argument("--embeddings", help="simulate on these labelled raytl embeddings, not digits")
     parser.add_argument("--per-round", type=int, default=10, help="labels selected a round")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--sim-repeats", type=int, default=3)
     args = parser.parse_args()
     figures: dict = {}
-    if args.only != "curve":
+    if args.only == "scale":
+        figures["scale"] = run_scale(args)
+    if args.only not in ("curve", "scale"):
         figures["simulation"] = run_simulation(args)
-    if args.only != "simulate":
+    if args.only not in ("simulate", "scale"):
         figures.update(run_curve(args))
     print(json.dumps(figures, indent=2))
     if args.json:
@@ -199,6 +202,33 @@ def run_simulation(args) -> dict:
     return {"dataset": dataset, "per_round": args.per_round, "repeats": args.sim_repeats, "curves": sim,
             "labels_random_needs": labels_random_needs(sim),
             "best_at_n_vs_random_at_2n": against_twice_random(sim), "seconds": seconds}  # fmt: skip
+
+
+def run_scale(args) -> dict:
+    """raytl select on --scale-rows unlabelled 512-d rows (written in parts of 50,000): the wall time of
+    typical, kcenter, random and margin-diverse (with a probe trained on 2,000 labelled rows)."""
+    import ray
+
+    import raytl
+
+    ray.init(logging_level="ERROR", include_dashboard=False)
+    out: dict = {"rows": args.scale_rows, "dim": 512}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        start = time.perf_counter()
+        for part in range(0, args.scale_rows, 50_000):
+            x, _ = blobs(min(50_000, args.scale_rows - part), 10, 512, seed=part, spread=12)
+            write(f"{tmp}/pool", x, [None] * len(x), parts=1, prefix=f"u{part}")
+        x, y = blobs(2000, 10, 512, seed=1, spread=12)
+        write(f"{tmp}/labelled", x, names(y), parts=1, prefix="l")
+        out["write_seconds"] = round(time.perf_counter() - start, 1)
+        raytl.train(f"{tmp}/labelled", f"{tmp}/model", backend="sklearn")
+        for strategy, extra in (("random", {}), ("typical", {}), ("kcenter", {}),
+                                ("margin-diverse", {"model": f"{tmp}/model"})):  # fmt: skip
+            start = time.perf_counter()
+            raytl.select(f"{tmp}/pool", f"{tmp}/{strategy}.parquet", budget=100, strategy=strategy, **extra)
+            out[f"{strategy}_seconds"] = round(time.perf_counter() - start, 1)
+            print(strategy, out[f"{strategy}_seconds"], flush=True)
+    return out
 
 
 def run_curve(args) -> dict:
