@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from raytl.files import storage
-from raytl.reporting.report import figure_png, pyplot
+from raytl.reporting.report import figure_png, page_head, pyplot
 
 
 def figure(curve: dict[str, Any]) -> bytes:
@@ -46,13 +46,7 @@ def page(curve: dict[str, Any], png: bytes) -> str:
         for p in curve["points"]
     )
     where = html.escape(storage.redact(curve["embeddings"]))
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>raytl curve: {where}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 980px; color: #222; }}
-table {{ border-collapse: collapse; margin: .5rem 0 1.5rem; }}
-td, th {{ border-bottom: 1px solid #ddd; padding: .25rem .8rem; text-align: right; }}
-img.figure {{ max-width: 100%; border: 1px solid #eee; }}
+    return f"""{page_head(f"raytl curve: {where}")}
 </style></head>
 <body>
 <h1>raytl curve</h1>

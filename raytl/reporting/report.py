@@ -150,6 +150,17 @@ def _read_sample(model_dir: str) -> pa.Table:
         return SAMPLE_SCHEMA.empty_table()
 
 
+def page_head(title: str) -> str:
+    """The start of raytl's self-contained pages, up to an open <style> (a page adds its own rules)."""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 980px; color: #222; }}
+table {{ border-collapse: collapse; margin: .5rem 0 1.5rem; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: .25rem .8rem; text-align: right; }}
+img.figure {{ max-width: 100%; border: 1px solid #eee; }}"""
+
+
 def _html(model_dir: str, metrics: dict, info: ModelInfo, sample: pa.Table, figures: dict) -> str:
     classes = metrics["classes"]
     per_class = "".join(
@@ -178,14 +189,8 @@ def _html(model_dir: str, metrics: dict, info: ModelInfo, sample: pa.Table, figu
         for title, png in figures.values()
     )
     where = html.escape(storage.redact(model_dir))
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>raytl report: {where}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 980px; color: #222; }}
-table {{ border-collapse: collapse; margin: .5rem 0 1.5rem; }}
-td, th {{ border-bottom: 1px solid #ddd; padding: .25rem .8rem; text-align: right; }}
+    return f"""{page_head(f"raytl report: {where}")}
 td:first-child, th:first-child {{ text-align: left; }}
-img.figure {{ max-width: 100%; border: 1px solid #eee; }}
 dl {{ display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; }}
 dt {{ color: #666; }}
 </style></head>
