@@ -684,7 +684,9 @@ class SelectConfig(Validated, Overwrite, paths=("embeddings", "output", "model")
     strategy: Strategy = option(
         Strategy.TYPICAL, "how to pick; margin, entropy and margin-diverse need --model"
     )
-    model: str | None = option(None, "a MODEL_DIR of a probe trained on these embeddings' backbone")
+    model: str | None = option(
+        None, "a MODEL_DIR of a probe trained on these embeddings' backbone", metavar="MODEL_DIR"
+    )
     seed: int = option(0, "seeds random's draw, typical's sample and its k-means")
 
     def validate(self) -> None:

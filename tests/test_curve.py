@@ -90,7 +90,7 @@ def test_embeddings_without_labels_get_one_sentence(ray_session, tmp_path, capsy
         ),
         ({"shots": "0,4"}, "--shots must be labels per class"),
         ({"repeats": 0}, "--repeats must be"),
-        ({"l2": -1.0}, "--l2 must be zero or positive, not -1.0"),
+        ({"l2": -1.0}, "--l2 must be zero or positive, or auto, not -1.0"),
     ],
 )
 def test_bad_options_get_one_sentence(options, message):
