@@ -57,6 +57,8 @@ def run(workdir: str) -> int:
                 f"  model        {paths['model']}  (model.pt, model.json, metrics.json, train/ checkpoints)",
                 f"  report       {os.path.join(paths['model'], REPORT_FILE)}  (open it in a browser)",
                 f"  predictions  {paths['predictions']}  (Parquet: path, predicted_label, score, label)",
+                "next: how many labels the digits need, accuracy against labels per class:",
+                f"  raytl curve {paths['embeddings']} {os.path.join(workdir, 'curve')}",
             ]
         )
     )
