@@ -8,6 +8,7 @@ The Python API runs what the CLI runs, with the CLI's options as keywords (`--im
     raytl.train("s3://bucket/embeddings", "s3://bucket/models/probe", head="svm")
     raytl.curve("s3://bucket/embeddings", "s3://bucket/curves/probe")  # accuracy against labels per class
     raytl.select("s3://bucket/embeddings", "next.csv", budget=500)  # which unlabelled images to label next
+    raytl.audit("s3://bucket/embeddings", "s3://bucket/audits/v1")  # wrong labels, duplicates, leakage
     raytl.predict("s3://bucket/models/probe", "s3://bucket/new", "s3://bucket/predictions")
     raytl.finetune("s3://bucket/images", "s3://bucket/models/ft", epochs=5)
     raytl.export("s3://bucket/models/ft", "model.pt2")  # for plain PyTorch, raytl not needed
@@ -64,6 +65,17 @@ def select(embeddings: str, output: str, **options: Any) -> dict[str, Any]:
 
     config = SelectConfig.create(embeddings=embeddings, output=output, **options)
     from raytl.commands import select as command
+
+    return command.run(config)
+
+
+def audit(embeddings: str, output: str, **options: Any) -> dict[str, Any]:
+    """`raytl audit EMBEDDINGS OUT`: likely label errors, near-duplicate groups and train/validation leakage,
+    written to OUT as Parquet tables and audit.html; returns the summary (also OUT/audit.json)."""
+    from raytl.config import AuditConfig
+
+    config = AuditConfig.create(embeddings=embeddings, output=output, **options)
+    from raytl.commands import audit as command
 
     return command.run(config)
 

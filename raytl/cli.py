@@ -12,6 +12,7 @@ from typing import Any, get_args, get_type_hints
 
 from raytl import errors
 from raytl.config import (
+    AuditConfig,
     Choice,
     CurveConfig,
     ExportConfig,
@@ -147,6 +148,15 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "them to OUT as a manifest (path, rank, score, strategy; .parquet or .csv).",
         "raytl select s3://bucket/embeddings next.csv --budget 500 --strategy margin-diverse --model M",
     ),
+    "audit": (
+        "which labels and images are wrong: label issues, near-duplicates, leakage",
+        "Find in EMBEDDINGS the likely label errors (out-of-fold probe probabilities, one Ray task a fold, "
+        "then cleanlab's confident learning), the near-duplicate groups (cosine of the normalised "
+        "embeddings, FAISS, searched in Ray tasks over cells) and the validation rows with a duplicate in "
+        "training; write label_issues.parquet, duplicates.parquet, leakage.parquet, audit.json and "
+        "audit.html to OUT. train --exclude takes the tables back.",
+        "raytl audit s3://bucket/embeddings s3://bucket/audits/v1 --val s3://bucket/val-embeddings",
+    ),
     "predict": (
         "classify images or embeddings with a trained model",
         "Classify INPUT (embeddings, or images: a class-per-folder SOURCE or --manifest) with MODEL_DIR.",
@@ -207,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train": run_train,
         "curve": run_curve,
         "select": run_select,
+        "audit": run_audit,
         "finetune": run_finetune,
         "predict": run_predict,
         "export": run_export,
@@ -249,7 +260,9 @@ def add_options(p: argparse.ArgumentParser, config_class: type) -> None:
             continue  # a positional path (SOURCE, OUTPUT, ...): each verb takes those itself
         kind, default = hints[item.name], item.default
         extra: dict[str, Any] = {"dest": item.name, "default": argparse.SUPPRESS}
-        shown = "" if default in (None, False, (), "") else f" (default {default})"
+        shown = (
+            "" if default in (None, False, (), "") or isinstance(default, tuple) else f" (default {default})"
+        )
         if kind is bool:
             extra["action"] = "store_false" if default else "store_true"
             shown = ""
@@ -289,6 +302,7 @@ CONFIGS: dict[str, Any] = {
     "train": TrainConfig,
     "curve": CurveConfig,
     "select": SelectConfig,
+    "audit": AuditConfig,
     "finetune": FinetuneConfig,
     "predict": PredictConfig,
     "export": ExportConfig,
@@ -299,7 +313,7 @@ CONFIGS: dict[str, Any] = {
 
 def add_command(p: argparse.ArgumentParser, verb: str) -> None:
     """A verb that runs from a config: its paths (with a usage line for each form) and its options."""
-    if verb in ("train", "curve", "select"):
+    if verb in ("train", "curve", "select", "audit"):
         p.add_argument("embeddings", metavar="EMBEDDINGS", help="a raytl embeddings dataset (folder or URI)")
     if verb == "train":
         p.add_argument("model_dir", metavar="MODEL_DIR", help="where the model, metrics and checkpoints go")
@@ -307,6 +321,11 @@ def add_command(p: argparse.ArgumentParser, verb: str) -> None:
         p.add_argument("output", metavar="OUT", help="where curve.json, curve.png and curve.html go")
     if verb == "select":
         p.add_argument("output", metavar="OUT", help="the manifest to write (.parquet or .csv)")
+    if verb == "audit":
+        p.add_argument(
+            "output", metavar="OUT", help="where label_issues.parquet, duplicates.parquet, leakage.parquet, "
+            "audit.json and audit.html go",
+        )  # fmt: skip
     if verb in ("export", "serve"):
         p.add_argument("model_dir", metavar="MODEL_DIR", help="a model written by raytl train or finetune")
     if verb == "export":
@@ -396,6 +415,35 @@ def run_select(args: argparse.Namespace) -> int:
         [(name, summary[name]) for name in ("selected", "unlabelled", "strategy", "output")],
     )
     print(json.dumps(summary))
+    return 0
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    from raytl.commands import audit
+
+    result = audit.run(config_of(args, "audit"))
+    found = {name: result[name] for name in ("labels", "duplicates", "leakage") if name in result}
+    rows: list[tuple[str, Any]] = []
+    if "labels" in found:
+        rows += [("likely label errors", f"{found['labels']['issues']} of {found['labels']['labelled']}")]
+    if "duplicates" in found:
+        d = found["duplicates"]
+        rows += [("duplicate groups", d["groups"]), ("rows in them", d["rows_in_groups"]),
+                 ("groups across the split", d["groups_crossing_splits"])]  # fmt: skip
+    if "leakage" in found:
+        leak = found["leakage"]
+        rows += [
+            ("validation rows leaked", f"{leak['leaked']} of {leak['validation_rows']}"),
+            ("accuracy", leak["accuracy"]),
+            ("accuracy without leaked", leak["accuracy_without_leaked"]),
+        ]
+    logs.summary_table("raytl audit", [*rows, ("output", args.output)])
+    counts = {
+        "label_issues": found.get("labels", {}).get("issues"),
+        "duplicate_groups": found.get("duplicates", {}).get("groups"),
+        "leaked": found.get("leakage", {}).get("leaked"),
+    }
+    print(json.dumps({**counts, "output": args.output}))
     return 0
 
 

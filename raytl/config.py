@@ -643,10 +643,16 @@ class CurveConfig(
 
     def probe(self, model_dir: str, backend: Backend) -> TrainConfig:
         """The probe of each point, as `raytl train` would fit it (its split, head, l2 and seed)."""
-        shared = {f.name: getattr(self, f.name) for f in fields(TrainConfig) if hasattr(self, f.name)}
-        if self.val is not None:
-            del shared["val_fraction"]  # unused, and refused beside --val
-        return TrainConfig.create(**{**shared, "model_dir": model_dir, "backend": backend})
+        return train_config_of(self, model_dir, backend)
+
+
+def train_config_of(config: Any, model_dir: str, backend: Backend) -> TrainConfig:
+    """The TrainConfig of the probe a curve or an audit fits: `raytl train`'s, with the options they share
+    (the split, the Probe group, the workers) taken from theirs."""
+    shared = {f.name: getattr(config, f.name) for f in fields(TrainConfig) if hasattr(config, f.name)}
+    if config.val is not None:
+        del shared["val_fraction"]  # unused, and refused beside --val
+    return TrainConfig.create(**{**shared, "model_dir": model_dir, "backend": backend})
 
 
 def parse_shots(value: Any) -> tuple[int, ...] | None:
@@ -660,6 +666,69 @@ def parse_shots(value: Any) -> tuple[int, ...] | None:
             f"--shots must be labels per class as whole numbers above 0, e.g. 1,2,4, not {value!r}."
         )
     return tuple(sorted({int(item) for item in items}))
+
+
+# audit: two rows whose normalised embeddings have at least this cosine are near-duplicates. Measured by
+# bench/audit.py (README, "Which labels and images are wrong: audit").
+DUPLICATE_THRESHOLD = 0.9
+
+
+class Check(Choice):
+    LABELS = "labels"  # likely label errors: out-of-fold probe probabilities, confident learning (cleanlab)
+    DUPLICATES = "duplicates"  # near-duplicate groups by cosine of the normalised embeddings
+    LEAKAGE = "leakage"  # validation rows with a near-duplicate in training; the accuracy without them
+
+
+@dataclass(frozen=True)
+class AuditConfig(
+    Validated, Validation, Probe, TrainWorkers, Overwrite, paths=("embeddings", "output", "val")
+):
+    """Everything `raytl audit` needs; build with `AuditConfig.create` to validate."""
+
+    embeddings: str
+    output: str
+    checks: tuple[Check, ...] = option(
+        (Check.LABELS, Check.DUPLICATES, Check.LEAKAGE), "which checks to run, of labels, duplicates and "
+        "leakage (default all three)", metavar="CHECK,...",
+    )  # fmt: skip
+    folds: int = option(5, "label issues: out-of-fold probabilities from this many folds (by path hash)")
+    threshold: float = option(
+        DUPLICATE_THRESHOLD, "near-duplicates: the cosine of the normalised embeddings at and above which "
+        "two rows are duplicates",
+    )  # fmt: skip
+    neighbours: int = option(10, "near-duplicates: each row's most similar rows looked at")
+
+    @classmethod
+    def prepare(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return {**options, "checks": parse_checks(options.get("checks")), "l2": parse_l2(options.get("l2"))}
+
+    def validate(self) -> None:
+        if not self.embeddings or not self.output:
+            raise ConfigError("audit takes EMBEDDINGS and OUT, and neither may be empty.")
+        if self.l2 == L2_AUTO:
+            raise ConfigError("audit does not take --l2 auto; give a number or leave --l2 out (1/n).")
+        _positive_fields(self, "neighbours")
+        if self.folds < 2:
+            raise ConfigError(f"--folds must be 2 or more, not {self.folds!r}.")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"--threshold is a cosine, between -1 and 1, not {self.threshold!r}.")
+
+    def probe(self, model_dir: str, backend: Backend) -> TrainConfig:
+        """The probe that label issues (logistic regression) and leakage (--head) fit, as train would."""
+        return train_config_of(self, model_dir, backend)
+
+
+def parse_checks(value: Any) -> tuple[Check, ...]:
+    """--checks "labels,duplicates" (or a sequence): known checks, in the order they run."""
+    if value is None:
+        return tuple(Check)
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(getattr(item, "value", item)).strip() for item in items if str(item).strip()]
+    known = [c.value for c in Check]
+    wrong = [name for name in names if name not in known]
+    if wrong or not names:
+        raise ConfigError(f"--checks must name some of {', '.join(known)}, not {value!r}.")
+    return tuple(c for c in Check if c.value in names)
 
 
 class Strategy(Choice):

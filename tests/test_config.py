@@ -116,6 +116,7 @@ def test_command_modules_import_shared_layers_never_each_other():
         "train",
         "curve",
         "select",
+        "audit",
         "finetune",
         "predict",
         "export",
