@@ -18,6 +18,7 @@ from raytl.config import (
     ExportConfig,
     ExtractConfig,
     FinetuneConfig,
+    ListConfig,
     PackConfig,
     PredictConfig,
     SelectConfig,
@@ -228,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report": run_report,
         "inspect": run_inspect,
     }
-    others = {"quickstart": add_quickstart, "list": add_list, "report": add_report, "inspect": add_inspect}
+    others = {"quickstart": add_quickstart, "report": add_report, "inspect": add_inspect}
     for verb, (summary, description, example) in COMMANDS.items():
         p = sub.add_parser(
             verb,
@@ -308,6 +309,7 @@ CONFIGS: dict[str, Any] = {
     "export": ExportConfig,
     "serve": ServeConfig,
     "pack": PackConfig,
+    "list": ListConfig,
 }
 
 
@@ -326,6 +328,9 @@ def add_command(p: argparse.ArgumentParser, verb: str) -> None:
             "output", metavar="OUT", help="where label_issues.parquet, duplicates.parquet, leakage.parquet, "
             "audit.json and audit.html go",
         )  # fmt: skip
+    if verb == "list":
+        p.add_argument("source", metavar="SOURCE", help="class-per-folder images (folder or URI)")
+        p.add_argument("manifest", metavar="MANIFEST", help="the manifest to write: .parquet or .csv")
     if verb in ("export", "serve"):
         p.add_argument("model_dir", metavar="MODEL_DIR", help="a model written by raytl train or finetune")
     if verb == "export":
@@ -549,15 +554,10 @@ def run_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_list(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="SOURCE", help="class-per-folder images (folder or URI)")
-    p.add_argument("manifest", metavar="MANIFEST", help="the manifest to write: .parquet or .csv")
-
-
 def run_list(args: argparse.Namespace) -> int:
     from raytl.commands import pack
 
-    print(json.dumps(pack.write_manifest(args.source, args.manifest)))
+    print(json.dumps(pack.write_manifest(config_of(args, "list"))))
     return 0
 
 

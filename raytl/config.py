@@ -296,6 +296,33 @@ class Validation:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Exclude:
+    """Rows left out: those that tables (raytl audit's, or any with a `path` column) list."""
+
+    exclude: tuple[str, ...] = option(
+        (), "leave out the rows these tables list (comma-separated .parquet or .csv with a path column; "
+        "raytl audit's duplicates.parquet: all but the kept member of each group; label_issues.parquet: see "
+        "--exclude-rank)", metavar="TABLE,...",
+    )  # fmt: skip
+    exclude_rank: int | None = option(
+        None, "label_issues.parquet in --exclude: leave out only the issues ranked 1 to N (default all)",
+        metavar="N",
+    )  # fmt: skip
+
+    def check_group(self) -> None:
+        if self.exclude_rank is not None and (not self.exclude or self.exclude_rank < 1):
+            raise ConfigError(
+                f"--exclude-rank must be 1 or more and come with --exclude, not {self.exclude_rank!r}."
+            )
+
+
+def parse_tables(value: Any) -> tuple[str, ...]:
+    """--exclude "a.parquet,b.csv" (or a sequence): the tables, local paths made absolute."""
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    return tuple(absolute_path(str(item).strip()) or "" for item in items if str(item).strip())
+
+
+@dataclass(frozen=True, kw_only=True)
 class Tracking:
     """Where a training run is tracked (MLflow)."""
 
@@ -437,6 +464,8 @@ def parsed(cls: type, options: dict[str, Any]) -> dict[str, Any]:
             options[name] = kind.parse(value, flag(known[name]))
     if "allow_schemes" in known:
         options["allow_schemes"] = parse_schemes(options.get("allow_schemes"))
+    if "exclude" in known:
+        options["exclude"] = parse_tables(options.get("exclude"))
     for name in ("num_actors", "workers", "replicas"):
         if options.get(name) is not None:
             options[name] = parse_count(options[name], flag(known[name]))
@@ -581,8 +610,9 @@ def parse_l2(value: Any) -> float | str | None:
 
 @dataclass(frozen=True)
 class TrainConfig(
-    Validated, Validation, Probe, TrainWorkers, Tracking, Overwrite, paths=("embeddings", "model_dir", "val")
-):
+    Validated, Validation, Probe, TrainWorkers, Exclude, Tracking, Overwrite,
+    paths=("embeddings", "model_dir", "val"),
+):  # fmt: skip
     """Everything `raytl train` needs; build with `TrainConfig.create` to validate."""
 
     embeddings: str
@@ -836,8 +866,8 @@ class Optimizer(Choice):
 
 @dataclass(frozen=True)
 class FinetuneConfig(
-    Validated, BackboneOptions, Validation, TrainWorkers, ImageLimits, Reading, Listing, Tracking, Overwrite,
-    paths=("source", "model_dir", "manifest", "val"),
+    Validated, BackboneOptions, Validation, TrainWorkers, ImageLimits, Reading, Listing, Exclude, Tracking,
+    Overwrite, paths=("source", "model_dir", "manifest", "val"),
 ):  # fmt: skip
     """Everything `raytl finetune` needs; build with `FinetuneConfig.create` to validate."""
 
@@ -938,6 +968,18 @@ class PredictConfig(
             raise ConfigError("predict takes MODEL_DIR and OUTPUT, and neither may be empty.")
         if not self.source and not self.manifest:
             raise ConfigError("INPUT is empty: give embeddings, a directory or URI of images, or --manifest.")
+
+
+@dataclass(frozen=True)
+class ListConfig(Validated, Exclude, paths=("source", "manifest")):
+    """Everything `raytl list` needs; build with `ListConfig.create` to validate."""
+
+    source: str
+    manifest: str
+
+    def validate(self) -> None:
+        if not self.source or not self.manifest:
+            raise ConfigError("list takes SOURCE and MANIFEST, and neither may be empty.")
 
 
 @dataclass(frozen=True)

@@ -174,3 +174,75 @@ def test_groups_are_connected_components():
     assert groups.groups() == [["a", "b", "e"], ["c", "d"], ["x", "y"]]
     assert groups.best == {"a": 0.95, "b": 0.99, "e": 0.99, "c": 0.97, "d": 0.97, "x": 0.91, "y": 0.91}
     assert command.audit.keeper(["a", "b"], ["val", "train"]) == 1
+
+
+@pytest.mark.ray
+def test_exclude_feeds_the_tables_back_into_training(ray_session, tmp_path, capsys):
+    """train --exclude with raytl audit's tables: the top-5 label issues and every duplicate but the kept
+    one are left out; the metrics are scikit-learn's on the rows left."""
+    rng = np.random.default_rng(3)
+    x, y = blobs(300, 3, 64, seed=5, spread=2.5)
+    x[1], x[3] = _near_copy(x[0], rng), _near_copy(x[2], rng)
+    given = np.where(rng.random(300) < 0.05, (y + 1) % 3, y)
+    paths = write(str(tmp_path / "emb"), x, names(given))
+    xv, yv = blobs(90, 3, 64, seed=6, spread=2.5)
+    write(str(tmp_path / "val"), xv, names(yv), prefix="val")
+    audited = tmp_path / "audit"
+    raytl.audit(str(tmp_path / "emb"), str(audited), checks="labels,duplicates", folds=3)
+    issues = pq.read_table(audited / "label_issues.parquet")["path"].to_pylist()
+    groups = pq.read_table(audited / "duplicates.parquet").to_pylist()
+    assert {r["path"] for r in groups} == {paths[0], paths[1], paths[2], paths[3]} and len(issues) > 5
+    dropped = set(issues[:5]) | {r["path"] for r in groups if not r["keep"]}
+    tables = f"{audited}/label_issues.parquet,{audited}/duplicates.parquet"
+    model = tmp_path / "model"
+    args = [
+        "train",
+        str(tmp_path / "emb"),
+        str(model),
+        "--backend",
+        "sklearn",
+        "--val",
+        str(tmp_path / "val"),
+    ]
+    assert main([*args, "--exclude", tables, "--exclude-rank", "5"]) == 0
+    metrics = json.loads((model / "metrics.json").read_text())
+    kept = np.array([p not in dropped for p in paths])
+    assert metrics["train_samples"] == {f"class-{c}": int((given[kept] == c).sum()) for c in range(3)}
+    expected = float((_logreg(x[kept], given[kept]).predict(xv) == yv).mean())
+    assert metrics["accuracy"] == pytest.approx(expected)
+    assert metrics["excluded"]["paths"] == len(dropped) == 7
+
+    (tmp_path / "no-path.csv").write_text("file\na.jpg\n")
+    assert_user_error(capsys, [*args, "--exclude", str(tmp_path / "no-path.csv"), "--overwrite"],
+                      "has no `path` column (columns: file)")  # fmt: skip
+    assert_user_error(capsys, [*args, "--exclude", str(tmp_path / "gone.parquet"), "--overwrite"],
+                      "gone.parquet: no such file")  # fmt: skip
+    assert_user_error(
+        capsys, [*args, "--exclude-rank", "5"], "--exclude-rank must be 1 or more and come with"
+    )
+
+
+def test_finetune_and_list_leave_out_the_listed_images(tmp_path, capsys):
+    """finetune's split and list's manifest lose exactly the images an --exclude table lists."""
+    from images import write_corpus
+
+    from raytl.commands import finetune
+    from raytl.config import FinetuneConfig
+
+    good = write_corpus(tmp_path / "images", {"cat": [1, 2], "dog": [3, 4]}, broken=False, strays=False)
+    root = str(tmp_path / "images")
+    gone = sorted(good)[:3]
+    (tmp_path / "leakage.csv").write_text("path,label\n" + "".join(f"{root}/{p},x\n" for p in gone))
+    config = FinetuneConfig.create(
+        source=root, model_dir=str(tmp_path / "m"), exclude=str(tmp_path / "leakage.csv")
+    )
+    train, val, classes = finetune.split_corpus(config)
+    seen = set(train.table["path"].to_pylist()) | set(val.table["path"].to_pylist())
+    assert seen == {f"{root}/{p}" for p in good} - {f"{root}/{p}" for p in gone} and classes == ["cat", "dog"]
+
+    assert (
+        main(["list", root, str(tmp_path / "clean.parquet"), "--exclude", str(tmp_path / "leakage.csv")]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["excluded"] == 3
+    listed = pq.read_table(tmp_path / "clean.parquet")["path"].to_pylist()
+    assert sorted(listed) == sorted(seen)

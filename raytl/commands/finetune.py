@@ -21,7 +21,7 @@ from raytl.config import FinetuneConfig, Head, Layer, Pool
 from raytl.corpus import shards
 from raytl.corpus.reader import CORPUS_SCHEMA, Corpus, image_schemes, list_corpus
 from raytl.errors import ConfigError, DatasetError, StorageError
-from raytl.files import storage
+from raytl.files import exclusions, storage
 from raytl.files.output import NOTHING
 from raytl.modeling import loop, split
 from raytl.modeling import metrics as classification
@@ -111,6 +111,9 @@ class Images:
 def split_corpus(config: FinetuneConfig) -> tuple[Images, Images, list[str]]:
     """Training and validation images and the sorted classes; refuses unlabelled images."""
     images = _labelled(config.source, config.manifest, config.label_field, config.allow_schemes)
+    excluded = exclusions.excluded_paths(config.exclude, config.exclude_rank) if config.exclude else None
+    if excluded is not None:
+        images = left_in(images, excluded)
     corpus = images.table
     what = "SOURCE" if config.source else "--manifest"
     _require_labels(corpus, what)
@@ -118,6 +121,7 @@ def split_corpus(config: FinetuneConfig) -> tuple[Images, Images, list[str]]:
     split.check_classes(f"{what} {storage.redact(config.source or config.manifest or '')}", classes)
     if config.val:
         val = _list_val(config.val, config.label_field, config.allow_schemes)
+        val = val if excluded is None else left_in(val, excluded)
         split.check_val_labels(what, val.table["label"].to_pylist(), classes)
         train = images
     else:
@@ -133,6 +137,13 @@ def split_corpus(config: FinetuneConfig) -> tuple[Images, Images, list[str]]:
     if train.table.num_rows < workers:
         raise ConfigError(f"--workers {workers} is more than the {train.table.num_rows} training images.")
     return train, val, classes
+
+
+def left_in(images: Images, excluded: pa.Array) -> Images:
+    """The images whose path --exclude's tables do not list."""
+    kept = Images(exclusions.drop(images.table, excluded), images.shards)
+    log.info("--exclude: left out %d images", images.table.num_rows - kept.table.num_rows)
+    return kept
 
 
 def _labelled(

@@ -14,11 +14,11 @@ import pyarrow as pa
 import ray
 
 from raytl.cluster import session
-from raytl.config import PackConfig
+from raytl.config import ListConfig, PackConfig
 from raytl.corpus import reader
 from raytl.corpus.reader import Corpus, list_corpus
 from raytl.errors import ConfigError, StorageError
-from raytl.files import storage
+from raytl.files import exclusions, storage
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,17 @@ def _write_shard(index: int, rows: pa.Table, prefix: str, classes: list[str]) ->
     return packed
 
 
-def write_manifest(source: str, manifest: str) -> dict[str, Any]:
-    """`raytl list`: list a class-per-folder SOURCE once and write (path, label) as Parquet or CSV."""
-    corpus = _loose(source, None)
-    reader.write_manifest(corpus.table, manifest)
-    return {"images": corpus.table.num_rows, "ignored_non_images": corpus.ignored, "manifest": manifest}
+def write_manifest(config: ListConfig) -> dict[str, Any]:
+    """`raytl list`: list a class-per-folder SOURCE once and write (path, label) as Parquet or CSV, less
+    the images --exclude's tables list (a cleaned manifest for extract --manifest and pack)."""
+    corpus = _loose(config.source, None)
+    table, excluded = corpus.table, 0
+    if config.exclude:
+        table = exclusions.drop(table, exclusions.excluded_paths(config.exclude, config.exclude_rank))
+        excluded = corpus.table.num_rows - table.num_rows
+    reader.write_manifest(table, config.manifest)
+    return {"images": table.num_rows, "excluded": excluded, "ignored_non_images": corpus.ignored,
+            "manifest": config.manifest}  # fmt: skip
 
 
 def _loose(source: str | None, manifest: str | None, allow_schemes: tuple[str, ...] = ()) -> Corpus:

@@ -12,6 +12,7 @@ from raytl.cluster.sweep import choose_l2
 from raytl.config import L2_AUTO, Backend, ProbeHead, TrainConfig
 from raytl.files import storage
 from raytl.files.embeddings import check_same_backbone, open_embeddings
+from raytl.files.exclusions import excluded_paths
 from raytl.modeling import loop, probe
 from raytl.modeling import model_dir as model_dirs
 from raytl.modeling.model_dir import METRICS_FILE, TRAIN_RUN
@@ -27,6 +28,10 @@ def run(config: TrainConfig) -> dict[str, Any]:
     val = open_embeddings(config.val, "--val") if config.val else None
     if val is not None:
         check_same_backbone(train.metadata, val, "--val")
+    excluded = excluded_paths(config.exclude, config.exclude_rank) if config.exclude else None
+    if excluded is not None:
+        log.info("--exclude: leaving out the %d paths its tables list", len(excluded))
+        train, val = replace(train, excluded=excluded), val and replace(val, excluded=excluded)
     probe.check_kernel(config, train.rows)
     if prepare_model_dir(config):
         log.warning("resuming the unfinished run in MODEL_DIR %s", storage.redact(config.model_dir))
@@ -57,6 +62,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
             history=history,
             l2=probing.default_l2(config, plan),
             **({"l2_sweep": sweep} if sweep else {}),
+            **(
+                {"excluded": {"tables": [storage.redact(t) for t in config.exclude], "paths": len(excluded)}}
+                if excluded is not None
+                else {}
+            ),
         )
         if config.backend == Backend.RAY:
             kept = [row["epoch"] for row in history if row.get("selected")]

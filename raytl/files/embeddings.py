@@ -36,7 +36,8 @@ class Embeddings:
     files: list[str]  # full URIs
     dim: int
     metadata: dict[str, Any]
-    rows: int  # from the Parquet footers
+    rows: int  # from the Parquet footers (before `excluded`)
+    excluded: pa.Array | None = None  # paths that read() leaves out (--exclude)
 
     def backbone(self) -> dict[str, Any]:
         return {k: self.metadata.get(k) for k in BACKBONE_FIELDS}
@@ -45,8 +46,17 @@ class Embeddings:
         """The rows as a Ray dataset (streamed, never gathered on the driver)."""
         import ray
 
+        from raytl.files.exclusions import drop
+
         fs, _ = storage.filesystem(self.uri)
-        return ray.data.read_parquet([storage.filesystem(f)[1] for f in self.files], filesystem=fs)
+        rows = ray.data.read_parquet([storage.filesystem(f)[1] for f in self.files], filesystem=fs)
+        if self.excluded is None or len(self.excluded) == 0:
+            return rows
+        return rows.map_batches(
+            drop,  # type: ignore[arg-type]  # Ray's stubs do not model fn_kwargs
+            fn_kwargs={"excluded": self.excluded},
+            batch_format="pyarrow",
+        )
 
 
 def is_embeddings(uri: str) -> bool:
