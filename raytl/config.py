@@ -709,6 +709,16 @@ class Check(Choice):
     LEAKAGE = "leakage"  # validation rows with a near-duplicate in training; the accuracy without them
 
 
+class FilterBy(Choice):
+    """cleanlab.filter.find_label_issues's filter_by: which rows confident learning flags."""
+
+    PRUNE_BY_NOISE_RATE = "prune_by_noise_rate"
+    PRUNE_BY_CLASS = "prune_by_class"
+    BOTH = "both"
+    CONFIDENT_LEARNING = "confident_learning"
+    PREDICTED_NEQ_GIVEN = "predicted_neq_given"
+
+
 @dataclass(frozen=True)
 class AuditConfig(
     Validated, Validation, Probe, TrainWorkers, Overwrite, paths=("embeddings", "output", "val")
@@ -722,6 +732,10 @@ class AuditConfig(
         "leakage (default all three)", metavar="CHECK,...",
     )  # fmt: skip
     folds: int = option(5, "label issues: out-of-fold probabilities from this many folds (by path hash)")
+    filter_by: FilterBy = option(
+        FilterBy.PRUNE_BY_NOISE_RATE, "label issues: cleanlab's find_label_issues filter_by (both: fewer, "
+        "surer issues; predicted_neq_given: every row the probe disagrees with)",
+    )  # fmt: skip
     threshold: float = option(
         DUPLICATE_THRESHOLD, "near-duplicates: the cosine of the normalised embeddings at and above which "
         "two rows are duplicates",

@@ -20,9 +20,9 @@ from raytl.modeling import audit
 from raytl.modeling.select import hashed
 
 
-def _logreg(x, y):
-    """What train --backend sklearn fits with --l2 left out (1/n: C = 1), standardised."""
-    return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000, random_state=0)).fit(x, y)
+def _logreg(x, y, c: float = 1.0):
+    """What train --backend sklearn fits: with --l2 left out (1/n) C = 1; l2 = s/n is C = 1/s."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=0)).fit(x, y)
 
 
 def _planted_flips(n: int, seed: int, share: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -36,8 +36,9 @@ def _planted_flips(n: int, seed: int, share: float) -> tuple[np.ndarray, np.ndar
 @pytest.mark.ray
 def test_label_issues_are_cleanlab_on_out_of_fold_probabilities(ray_session, tmp_path, capsys):
     """5 % of 600 labels flipped: the table is cleanlab's find_label_issues (ranked by self-confidence) on
-    the out-of-fold probabilities of scikit-learn's logistic regression, folds by the documented path hash;
-    it finds the flips; unlabelled rows are left out."""
+    the out-of-fold probabilities of scikit-learn's logistic regression, folds by the documented path hash,
+    its penalty (1, 10 or 100 / n) the one of the lowest out-of-fold log loss; it finds the flips;
+    unlabelled rows are left out."""
     x, given, flipped = _planted_flips(600, seed=4, share=0.05)
     labels = [None if i % 50 == 7 else label for i, label in enumerate(names(given))]
     paths = np.array(write(str(tmp_path / "emb"), x, labels), dtype=object)
@@ -51,9 +52,15 @@ def test_label_issues_are_cleanlab_on_out_of_fold_probabilities(ray_session, tmp
     keep = np.array([label is not None for label in labels])
     xs, ys, ps = x[keep], given[keep], paths[keep]
     fold = np.minimum((hashed(list(ps), 2) * 4).astype(int), 3)
-    probs = np.zeros((len(ys), 3))
-    for f in range(4):
-        probs[fold == f] = _logreg(xs[fold != f], ys[fold != f]).predict_proba(xs[fold == f])
+    losses = {}
+    for times_n in (1.0, 10.0, 100.0):
+        probs = np.zeros((len(ys), 3))
+        for f in range(4):
+            model = _logreg(xs[fold != f], ys[fold != f], c=1.0 / times_n)
+            probs[fold == f] = model.predict_proba(xs[fold == f])
+        losses[times_n] = (float(-np.log(np.clip(probs[np.arange(len(ys)), ys], 1e-15, 1)).mean()), probs)
+    chosen = min(losses, key=lambda s: losses[s][0])
+    probs = losses[chosen][1]
     expected = find_label_issues(ys, probs, return_indices_ranked_by="self_confidence")
 
     table = pq.read_table(out / "label_issues.parquet")
@@ -70,6 +77,10 @@ def test_label_issues_are_cleanlab_on_out_of_fold_probabilities(ray_session, tmp
     summary = json.loads((out / "audit.json").read_text())
     assert summary["labels"]["labelled"] == len(ys) and summary["labels"]["issues"] == printed["label_issues"]
     assert summary["labels"]["out_of_fold_accuracy"] == pytest.approx(float((probs.argmax(1) == ys).mean()))
+    assert summary["labels"]["l2"] == f"{chosen:g}/n"
+    assert [s["log_loss"] for s in summary["labels"]["l2_sweep"]] == pytest.approx(
+        [losses[s][0] for s in (1.0, 10.0, 100.0)], abs=1e-5
+    )
     assert not (out / "duplicates.parquet").exists() and "duplicates" not in summary
     page = (out / "audit.html").read_text()
     assert "Likely label errors" in page and got["path"][0].rsplit("/", 1)[-1] in page

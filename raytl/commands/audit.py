@@ -136,11 +136,12 @@ def label_issues(config: AuditConfig, data: Embeddings, plan: probing.Plan) -> t
     labelled = sum(plan.train_counts.values()) + (0 if config.val else sum(plan.val_counts.values()))
     whole = probing.Plan(plan.classes, None, plan.train_counts, plan.val_counts)
     rows = probing.xy(data, whole, None, side="all")
+    sweep: list[dict[str, float]] = []
     if labelled <= SKLEARN_MAX_ROWS:
-        paths, y, probs = folds_in_tasks(config, rows, plan.classes, data)
+        paths, y, probs, sweep = folds_in_tasks(config, rows, plan.classes, data)
     else:
         paths, y, probs = folds_on_ray_train(config, rows, plan.classes, data)
-    found = audit.label_issues(y, probs)
+    found = audit.label_issues(y, probs, str(config.filter_by))
     classes = np.array(plan.classes, dtype=object)
     table = pa.table(
         {
@@ -153,8 +154,12 @@ def label_issues(config: AuditConfig, data: Embeddings, plan: probing.Plan) -> t
         schema=LABEL_ISSUES_SCHEMA,
     )
     accuracy = float((probs.argmax(axis=1) == y).mean())
-    return table, {"labelled": len(y), "issues": table.num_rows, "folds": config.folds,
-                   "out_of_fold_accuracy": accuracy}  # fmt: skip
+    chosen = min(sweep, key=lambda s: s["log_loss"]) if sweep else None
+    l2 = config.l2 if config.l2 is not None else f"{chosen['l2_times_n'] if chosen else 1:g}/n"
+    summary = {"labelled": len(y), "issues": table.num_rows, "folds": config.folds, "l2": l2,
+               "filter_by": str(config.filter_by), "out_of_fold_accuracy": accuracy,
+               "out_of_fold_log_loss": audit.log_loss(y, probs)}  # fmt: skip
+    return table, {**summary, **({"l2_sweep": sweep} if sweep else {})}
 
 
 def gather_rows(rows: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -169,9 +174,10 @@ def gather_rows(rows: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 def fit_fold(
     x: np.ndarray, y: np.ndarray, fold: np.ndarray, f: int, classes: list[str], config: AuditConfig,
-    info: model_dir.ModelInfo,
+    info: model_dir.ModelInfo, l2_times_n: float | None,
 ) -> np.ndarray:  # fmt: skip
-    """Fold f's out-of-fold probabilities: train's scikit-learn logistic regression on the other folds."""
+    """Fold f's out-of-fold probabilities: train's scikit-learn logistic regression on the other folds,
+    with --l2, or l2_times_n / n_train."""
     from raytl.modeling.probe import fit_sklearn
 
     inside = fold == f
@@ -189,7 +195,7 @@ def fit_fold(
         index[y[~inside]],
         [classes[c] for c in present],
         probe_logreg(probe),
-        1.0 / int((~inside).sum()) if probe.l2 is None else float(probe.l2),
+        probe.l2 if isinstance(probe.l2, float) else (l2_times_n or 1.0) / int((~inside).sum()),
         info,
     )
     return audit.spread(select.probabilities(model.logits(x[inside])), present, len(classes))
@@ -204,18 +210,35 @@ def probe_logreg(probe: Any) -> Any:
 
 def folds_in_tasks(
     config: AuditConfig, rows: ray.data.Dataset, classes: list[str], data: Embeddings
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(paths, labels, out-of-fold probabilities): one Ray task a fold, the rows in the object store once."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, float]]]:
+    """(paths, labels, out-of-fold probabilities, the l2 sweep): one Ray task a fold and penalty, the rows
+    in the object store once. Without --l2 the penalty is chosen from audit.L2_TIMES_N (times 1/n) by the
+    out-of-fold log loss: confident learning needs calibrated probabilities, and a probe fitted with
+    train's default (1/n) on few rows of many dimensions is overconfident."""
     x, y, paths = gather_rows(rows)
     fold = audit.folds(paths.tolist(), config.seed, config.folds)
     info = probe_info(data)
     task = ray.remote(num_cpus=1)(fit_fold)
     xr, yr, fr = ray.put(x), ray.put(y), ray.put(fold)
-    parts = ray.get([task.remote(xr, yr, fr, f, classes, config, info) for f in range(config.folds)])
-    probs = np.zeros((len(y), len(classes)))
-    for f, part in enumerate(parts):
-        probs[fold == f] = part
-    return paths, y, probs
+    grid: tuple[float | None, ...] = (None,) if config.l2 is not None else audit.L2_TIMES_N
+    refs = {
+        (s, f): task.remote(xr, yr, fr, f, classes, config, info, s)
+        for s in grid
+        for f in range(config.folds)
+    }
+    best: tuple[float, np.ndarray] | None = None
+    sweep = []
+    for s in grid:
+        probs = np.zeros((len(y), len(classes)))
+        for f in range(config.folds):
+            probs[fold == f] = ray.get(refs[(s, f)])
+        loss = audit.log_loss(y, probs)
+        if s is not None:
+            sweep.append({"l2_times_n": s, "log_loss": round(loss, 6)})
+        if best is None or loss < best[0]:
+            best = (loss, probs)
+    assert best is not None
+    return paths, y, best[1], sweep
 
 
 def probe_info(data: Embeddings) -> model_dir.ModelInfo:

@@ -22,6 +22,8 @@ from raytl.modeling.select import hashed
 CELL_ROWS = 2_000
 EXACT_ROWS = 20_000
 PROBES = 2
+# Label issues without --l2: the probe's penalty, times 1/n_train, chosen by the out-of-fold log loss.
+L2_TIMES_N = (1.0, 10.0, 100.0)
 SAMPLE_PER_CELL = 64  # k-means learns the cells from this many sampled rows a cell (at most MAX_SAMPLE)
 MAX_SAMPLE = 100_000
 HISTOGRAM_BINS = 100  # of every row's nearest-neighbour similarity, over [-1, 1]
@@ -33,6 +35,11 @@ HISTOGRAM_BINS = 100  # of every row's nearest-neighbour similarity, over [-1, 1
 def folds(paths: Sequence[str], seed: int, k: int) -> np.ndarray:
     """Each path's fold in 0..k-1, by its seeded hash (select.hashed): stable across runs and processes."""
     return np.minimum((hashed(paths, seed) * k).astype(np.int64), k - 1)
+
+
+def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The mean negative log probability of the given labels (clipped at 1e-15, as scikit-learn's)."""
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-15, 1.0)).mean())
 
 
 def spread(probs: np.ndarray, present: np.ndarray, classes: int) -> np.ndarray:
@@ -52,12 +59,14 @@ class Issues:
     self_confidence: np.ndarray
 
 
-def label_issues(labels: np.ndarray, probs: np.ndarray) -> Issues:
-    """Confident learning (cleanlab.filter.find_label_issues, pruned by noise rate) on out-of-fold
+def label_issues(labels: np.ndarray, probs: np.ndarray, filter_by: str = "prune_by_noise_rate") -> Issues:
+    """Confident learning (cleanlab.filter.find_label_issues, by `filter_by`) on out-of-fold
     probabilities, ranked by self-confidence (the probability of the given label), lowest first."""
     from cleanlab.filter import find_label_issues
 
-    rows = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
+    rows = find_label_issues(
+        labels, probs, filter_by=filter_by, return_indices_ranked_by="self_confidence", n_jobs=1
+    )
     rows = np.asarray(rows, dtype=np.int64)
     return Issues(rows, labels[rows], probs[rows].argmax(axis=1), probs[rows, labels[rows]])
 
