@@ -11,9 +11,10 @@ extract` (VGG16 pool5, --weights random: no download here), then a seeded 5 % of
 another class; `raytl audit --checks labels` (5 folds): the precision and recall of the rows it flags
 against the flipped ones. The same on the digits' 64 raw pixels, as a second feature set.
 
-duplicates: --distinct distinct images (2x2 mosaics of random crops of scikit-learn's two sample photos,
-224x224) and, of the first --copied, three copies each: resized to 50-80 %, re-encoded as JPEG at quality
-60-95, cropped by 10 % (5 % a side); all embedded by `raytl extract`. For each threshold, on the cosine of
+duplicates: --distinct distinct images (224x224 2x2 mosaics; a tile is a random crop of one of
+scikit-learn's two sample photos, a smooth random pattern or a digit in random colours) and, of the
+first --copied, three copies each: resized to 50-80 %, re-encoded as JPEG at quality 60-95, cropped by
+10 % (5 % a side); all embedded by `raytl extract`. For each threshold, on the cosine of
 the normalised embeddings (centred on the mean, then unit length, as audit computes it) and on the raw
 cosine: the share of (original, copy) pairs at or above it (recall), and the share of distinct images
 with another distinct image at or above it (flagged). The threshold chosen is the lowest at which at most
@@ -134,8 +135,9 @@ def run_labels(args, tmp: str) -> dict:
         summary = raytl.audit(f"{tmp}/{name}-flipped", f"{tmp}/{name}-audit", checks="labels")
         seconds = round(time.perf_counter() - start, 1)
         found = pq.read_table(f"{tmp}/{name}-audit/label_issues.parquet")["path"].to_pylist()
-        out[name] = {**scored(found, planted), "rows": summary["labels"]["labelled"], "l2": summary["labels"]["l2"],
-                     "out_of_fold_accuracy": round(summary["labels"]["out_of_fold_accuracy"], 4),
+        labels = summary["labels"]
+        out[name] = {**scored(found, planted), "rows": labels["labelled"], "l2": labels["l2"],
+                     "out_of_fold_accuracy": round(labels["out_of_fold_accuracy"], 4),
                      "audit_seconds": seconds}  # fmt: skip
     return out
 
@@ -144,20 +146,32 @@ def run_labels(args, tmp: str) -> dict:
 
 
 def mosaic(rng: np.random.Generator, photos: list[np.ndarray], size: int = 224):
-    """A 2x2 mosaic of random crops (random place, size and flip) of the photos: distinct per seed."""
+    """A 2x2 mosaic, each tile one of: a random crop (place, size, flip) of one of the photos, a smooth
+    random pattern (tests/images.py's picture), or a digit in two random colours: distinct per draw."""
+    from images import picture
     from PIL import Image
+    from sklearn.datasets import load_digits
 
+    digits = load_digits().images
     half = size // 2
     canvas = Image.new("RGB", (size, size))
     for k in range(4):
-        photo = photos[int(rng.integers(len(photos)))]
-        h, w = photo.shape[:2]
-        side = int(rng.integers(40, min(h, w) // 2))
-        top, left = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
-        tile = Image.fromarray(photo[top : top + side, left : left + side]).resize((half, half))
-        if rng.random() < 0.5:
-            tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        canvas.paste(tile, ((k % 2) * half, (k // 2) * half))
+        kind = int(rng.integers(3))
+        if kind == 0:
+            photo = photos[int(rng.integers(len(photos)))]
+            h, w = photo.shape[:2]
+            side = int(rng.integers(40, min(h, w) // 2))
+            top, left = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+            tile = Image.fromarray(photo[top : top + side, left : left + side])
+            if rng.random() < 0.5:
+                tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        elif kind == 1:
+            tile = picture(int(rng.integers(1 << 30)), 64, 64)
+        else:
+            ink, paper = rng.uniform(0, 255, (2, 3))
+            alpha = (digits[int(rng.integers(len(digits)))] / 16.0)[..., None]
+            tile = Image.fromarray((paper * (1 - alpha) + ink * alpha).astype(np.uint8))
+        canvas.paste(tile.resize((half, half)), ((k % 2) * half, (k // 2) * half))
     return canvas
 
 
