@@ -698,8 +698,8 @@ def parse_shots(value: Any) -> tuple[int, ...] | None:
     return tuple(sorted({int(item) for item in items}))
 
 
-# audit: two rows whose normalised embeddings have at least this cosine are near-duplicates. Measured by
-# bench/audit.py (README, "Which labels and images are wrong: audit").
+# audit: two rows whose normalised embeddings have at least this cosine are near-duplicates. Provisional:
+# bench/audit.py measures it, but only trained weights can (README, "Which labels and images are wrong").
 DUPLICATE_THRESHOLD = 0.9
 
 

@@ -21,7 +21,7 @@ import ray
 
 from raytl.cluster import probing, session
 from raytl.config import AuditConfig, Backend, Check, ProbeHead
-from raytl.errors import DatasetError, StorageError
+from raytl.errors import ConfigError, DatasetError, StorageError
 from raytl.files import storage
 from raytl.files.embeddings import Embeddings, check_same_backbone, matrix, open_embeddings
 from raytl.files.output import check_apart
@@ -120,12 +120,18 @@ def check_out(config: AuditConfig) -> None:
 
 
 def labels_plan(config: AuditConfig, data: Embeddings, val: Embeddings | None) -> probing.Plan | None:
-    """train's split of the labelled rows (classes, per-side counts); None when no row has a label."""
-    if Check.LABELS not in config.checks and Check.LEAKAGE not in config.checks:
-        return None
+    """train's split of the labelled rows (classes, per-side counts); None when no row has a label. For
+    duplicates alone the split only names each row's side (`split`), so labels train would refuse (one
+    class, a class too small to split) leave every labelled row on the training side instead."""
     if not probing.count_labels(data, config.seed, "EMBEDDINGS", labelled_only=True):
         return None
-    return probing.plan_split(config.probe(config.output, Backend.SKLEARN), data, val, labelled_only=True)
+    probe = config.probe(config.output, Backend.SKLEARN)
+    if Check.LABELS in config.checks or Check.LEAKAGE in config.checks:
+        return probing.plan_split(probe, data, val, labelled_only=True)
+    try:
+        return probing.plan_split(probe, data, val, labelled_only=True)
+    except (ConfigError, DatasetError):
+        return None
 
 
 # --- label issues ---------------------------------------------------------------------------------------
