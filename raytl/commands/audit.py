@@ -21,10 +21,10 @@ import ray
 
 from raytl.cluster import probing, session
 from raytl.config import AuditConfig, Backend, Check, ProbeHead
-from raytl.errors import ConfigError, DatasetError, StorageError
+from raytl.errors import ConfigError, DatasetError
 from raytl.files import storage
 from raytl.files.embeddings import Embeddings, check_same_backbone, matrix, open_embeddings
-from raytl.files.output import check_apart
+from raytl.files.output import check_apart, check_unheld
 from raytl.modeling import audit, model_dir, select, split
 from raytl.reporting import audit as pages
 from raytl.version import VERSION
@@ -64,7 +64,7 @@ def run(config: AuditConfig) -> dict[str, Any]:
         if held is not None and held.rows == 0:
             raise DatasetError(f"{what} {storage.redact(held.uri)} has no rows.")
     check_apart(config.output, {"EMBEDDINGS": config.embeddings, "--val": config.val})
-    check_out(config)
+    check_unheld(config.output, AUDIT_JSON, "an audit", config.overwrite)
     session.init_ray()
     seconds: dict[str, float] = {}
     result: dict[str, Any] = {
@@ -105,18 +105,6 @@ def run(config: AuditConfig) -> dict[str, Any]:
     result["raytl_version"] = VERSION
     write(config, data, result, tables)
     return result
-
-
-def check_out(config: AuditConfig) -> None:
-    """OUT may not hold an audit already, unless --overwrite."""
-    fs, path = storage.filesystem(config.output)
-    with storage.guarded(f"read OUT {config.output}"):
-        held = fs.exists(f"{path.rstrip('/')}/{AUDIT_JSON}")
-    if held and not config.overwrite:
-        raise StorageError(
-            f"OUT {storage.redact(config.output)} already holds an audit ({AUDIT_JSON}); pass --overwrite to "
-            "replace it or choose another OUT."
-        )
 
 
 def labels_plan(config: AuditConfig, data: Embeddings, val: Embeddings | None) -> probing.Plan | None:

@@ -14,10 +14,10 @@ import ray
 
 from raytl.cluster import probing, session
 from raytl.config import Backend, CurveConfig
-from raytl.errors import DatasetError, StorageError
+from raytl.errors import DatasetError
 from raytl.files import storage
 from raytl.files.embeddings import check_same_backbone, open_embeddings
-from raytl.files.output import check_apart
+from raytl.files.output import check_apart, check_unheld
 from raytl.modeling import curve
 from raytl.modeling import model_dir as model_dirs
 from raytl.reporting import curve as pages
@@ -40,7 +40,7 @@ def run(config: CurveConfig) -> dict[str, Any]:
     if val is not None:
         check_same_backbone(data.metadata, val, "--val")
     check_apart(config.output, {"EMBEDDINGS": config.embeddings, "--val": config.val})
-    check_out(config)
+    check_unheld(config.output, CURVE_JSON, "a curve", config.overwrite)
     session.init_ray()
     scratch = storage.join(config.output, "_full")
     probe = config.probe(scratch, Backend.SKLEARN)
@@ -80,18 +80,6 @@ def run(config: CurveConfig) -> dict[str, Any]:
     }
     write(config.output, result)
     return result
-
-
-def check_out(config: CurveConfig) -> None:
-    """OUT may not hold a curve already, unless --overwrite."""
-    fs, path = storage.filesystem(config.output)
-    with storage.guarded(f"read OUT {config.output}"):
-        held = fs.exists(f"{path.rstrip('/')}/{CURVE_JSON}")
-    if held and not config.overwrite:
-        raise StorageError(
-            f"OUT {storage.redact(config.output)} already holds a curve ({CURVE_JSON}); pass --overwrite to "
-            "replace it or choose another OUT."
-        )
 
 
 def few_shot_points(

@@ -23,6 +23,18 @@ EMBEDDINGS, PREDICTIONS = "embeddings", "predictions"
 _KIND_COLUMN = {EMBEDDINGS: "embedding", PREDICTIONS: "predicted_label"}
 
 
+def check_unheld(output: str, marker: str, what: str, overwrite: bool) -> None:
+    """OUT may not hold a result already (its `marker` file, e.g. curve.json), unless --overwrite."""
+    fs, path = storage.filesystem(output)
+    with storage.guarded(f"read OUT {output}"):
+        held = fs.exists(f"{path.rstrip('/')}/{marker}")
+    if held and not overwrite:
+        raise StorageError(
+            f"OUT {storage.redact(output)} already holds {what} ({marker}); pass --overwrite to replace it "
+            "or choose another OUT."
+        )
+
+
 def check_apart(output: str, inputs: dict[str, str | None]) -> None:
     """Refuse an OUTPUT that is one of the inputs or inside one (its results would land among, or replace,
     what the run reads). `inputs`: option name -> URI (None: not given)."""

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from raytl.files import storage
-from raytl.reporting.report import figure_png, page_head, pyplot, thumbnails
+from raytl.reporting.report import FIGURES_SCRIPT, figure_png, page_head, pyplot, thumbnails
 
 ISSUES_SHOWN = 24  # label issues drawn, most suspicious first
 GROUPS_SHOWN = 8  # duplicate groups drawn, largest first
@@ -137,12 +137,6 @@ td, th {{ border-bottom: 1px solid #ddd; padding: .15rem .6rem; text-align: left
 <p>{where}</p>
 <dl>{listed}</dl>
 {"".join(sections)}
-<script>
-window.addEventListener("load", () => {{
-  const figures = [...document.querySelectorAll("img.figure")];
-  document.body.dataset.figures = figures.length;
-  document.body.dataset.figuresDrawn = figures.filter(i => i.complete && i.naturalWidth > 0).length;
-}});
-</script>
+{FIGURES_SCRIPT}
 </body></html>
 """

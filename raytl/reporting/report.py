@@ -150,6 +150,16 @@ def _read_sample(model_dir: str) -> pa.Table:
         return SAMPLE_SCHEMA.empty_table()
 
 
+# Closes every page: how many figures it holds and drew (the report test reads both in headless Chromium).
+FIGURES_SCRIPT = """<script>
+window.addEventListener("load", () => {
+  const figures = [...document.querySelectorAll("img.figure")];
+  document.body.dataset.figures = figures.length;
+  document.body.dataset.figuresDrawn = figures.filter(i => i.complete && i.naturalWidth > 0).length;
+});
+</script>"""
+
+
 def page_head(title: str) -> str:
     """The start of raytl's self-contained pages, up to an open <style> (a page adds its own rules)."""
     return f"""<!doctype html>
@@ -203,13 +213,7 @@ dt {{ color: #666; }}
 {sections}
 <p>Figures drawn from metrics.json and a sample of {sample.num_rows} validation rows ({VALIDATION_FILE}).
 The PNG files are in {FIGURES_DIR}/.</p>
-<script>
-window.addEventListener("load", () => {{
-  const figures = [...document.querySelectorAll("img.figure")];
-  document.body.dataset.figures = figures.length;
-  document.body.dataset.figuresDrawn = figures.filter(i => i.complete && i.naturalWidth > 0).length;
-}});
-</script>
+{FIGURES_SCRIPT}
 </body></html>
 """
 
