@@ -664,11 +664,6 @@ class CurveConfig(
     def validate(self) -> None:
         if not self.embeddings or not self.output:
             raise ConfigError("curve takes EMBEDDINGS and OUT, and neither may be empty.")
-        if self.l2 == L2_AUTO:
-            raise ConfigError(
-                "curve does not take --l2 auto yet (each point would need a sweep of its own); give a number "
-                "or leave --l2 out (1/n of each point's rows)."
-            )
         _positive_fields(self, "repeats")
 
     def probe(self, model_dir: str, backend: Backend) -> TrainConfig:

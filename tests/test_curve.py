@@ -157,3 +157,46 @@ def test_l2_auto_sweeps_with_ray_tune_and_beats_the_default_on_few_labels(ray_se
     assert auto["accuracy"] == pytest.approx(float((reference.predict(xv) == yv).mean()))
     assert auto["accuracy"] > default["accuracy"] + 0.02
     assert "chosen by --l2 auto from 9 values" in (tmp_path / "auto" / "report.html").read_text()
+
+    # curve --l2 auto: each few-shot point chooses its own penalty by cross-validation within its rows
+    # (never the validation rows that score it); one row a class has no split (the default 1/n); the last
+    # point is train --l2 auto's fit.
+    got = raytl.curve(str(tmp_path / "emb"), str(tmp_path / "curve"), val=str(tmp_path / "val"), l2="auto",
+                      shots="1,8", repeats=1)  # fmt: skip
+    one, eight, full = got["points"]
+    assert one["draws"][0]["l2"] == pytest.approx(1 / 3) and "l2_sweep" not in one["draws"][0]
+    draw = eight["draws"][0]
+    assert [t["l2"] for t in draw["l2_sweep"]] == pytest.approx([10.0**e / 24 for e in range(-4, 5)])
+    assert draw["l2"] == max(draw["l2_sweep"], key=lambda t: (t["accuracy"], t["l2"]))["l2"]
+    done = full["draws"][0]
+    assert done["l2"] in [t["l2"] for t in done["l2_sweep"]] and len(done["l2_sweep"]) == 9
+    c = 1 / (done["l2"] * 150)
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000)).fit(x, y)
+    assert full["accuracy"] == pytest.approx(float((reference.predict(xv) == yv).mean()))
+
+
+def test_inner_l2_is_stratified_cross_validation_within_the_point():
+    """curve.inner_l2 against scikit-learn: for each factor f of the grid (C = 1/f in every inner fold),
+    the accuracy of StratifiedKFold(min(5, smallest class), shuffled by the seed); the best, ties larger."""
+    from sklearn.model_selection import StratifiedKFold
+    from synthetic import BACKBONE
+
+    from raytl.config import TrainConfig
+    from raytl.modeling import model_dir
+
+    x, y = blobs(36, 3, 20, seed=3, spread=6)
+    config = TrainConfig.create(embeddings="e", model_dir="m", backend="sklearn", l2="auto", seed=5)
+    info = model_dir.info_of({**BACKBONE, "dim": 20}, kind="probe", head="logreg", backend="sklearn")
+    chosen, sweep = curve.inner_l2(x, y, ["a", "b", "c"], config, info)
+    k = min(5, int(np.bincount(y).min()))
+    expected = []
+    for factor in curve.L2_FACTORS:
+        right = 0
+        for inside, held in StratifiedKFold(k, shuffle=True, random_state=5).split(x, y):
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=1 / factor, max_iter=2000))
+            right += int((model.fit(x[inside], y[inside]).predict(x[held]) == y[held]).sum())
+        expected.append(right / 36)
+    assert [t["accuracy"] for t in sweep] == pytest.approx(expected)
+    assert chosen == max(sweep, key=lambda t: (t["accuracy"], t["l2"]))["l2"]
+    single = np.array([0, 1, 1, 2, 2])
+    assert curve.inner_l2(x[:5], single, ["a", "b", "c"], config, info) == (pytest.approx(1 / 5), [])

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import ray
 
 from raytl.cluster import probing, session
-from raytl.config import Backend, CurveConfig
+from raytl.cluster.sweep import choose_l2
+from raytl.config import L2_AUTO, Backend, CurveConfig
 from raytl.errors import DatasetError
 from raytl.files import storage
 from raytl.files.embeddings import check_same_backbone, open_embeddings
@@ -55,6 +57,10 @@ def run(config: CurveConfig) -> dict[str, Any]:
     )  # fmt: skip
     shots = curve.ladder(config.shots, max(plan.train_counts.values()))
     points = few_shot_points(config, plan, train_rows, val_rows, shots, data.dim, info)
+    sweep: list[dict[str, Any]] = []
+    if probe.l2 == L2_AUTO:  # the last point is what train --l2 auto fits
+        chosen, sweep = choose_l2(probe, train_rows, val_rows, n_train)
+        probe = replace(probe, l2=chosen)
     model, _ = probing.fit(probe, plan, train_rows, val_rows, data.dim, info)
     if probe.backend == Backend.RAY:
         with storage.guarded(f"remove {scratch}"):
@@ -62,7 +68,7 @@ def run(config: CurveConfig) -> dict[str, Any]:
             fs.rm(path, recursive=True)
     full, _ = probing.validation_metrics(model, val_rows)
     done = {"accuracy": full["accuracy"], "macro_f1": full["macro_f1"], "labels": n_train,
-            "l2": probing.default_l2(probe, plan)}  # fmt: skip
+            "l2": probing.default_l2(probe, plan), **({"l2_sweep": sweep} if sweep else {})}  # fmt: skip
     points.append(curve.point(curve.FULL, n_train / len(plan.classes), [done]))
     found = curve.answer(points)
     result = {

@@ -17,13 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from raytl.config import TrainConfig
+from raytl.config import L2_AUTO, TrainConfig
 from raytl.modeling.metrics import confusion, report
 from raytl.modeling.model_dir import ModelInfo
 from raytl.modeling.probe import fit_sklearn
 
 FULL = "all"  # the last point: every training row
 SHARE = 0.9  # the answer printed: the labels per class that reach this share of the full-data accuracy
+# --l2 auto at a few-shot point: lambda = factor / n, the grid of train's sweep (cluster/sweep.FACTORS),
+# scored by stratified cross-validation within the point's own rows, in at most this many folds.
+L2_FACTORS = tuple(10.0**e for e in range(-4, 5))
+INNER_FOLDS = 5
 
 
 def ladder(shots: Sequence[int] | None, largest_class: int) -> list[int]:
@@ -100,12 +104,44 @@ def score(
     info: ModelInfo,
 ) -> dict[str, Any]:  # fmt: skip
     """One point of one draw: the probe fitted on (x, y) with scikit-learn (train's --backend sklearn: the
-    same solver, standardisation and default l2 = 1/n), scored on the validation rows."""
-    l2 = config.l2 if isinstance(config.l2, float) else 1.0 / len(y)  # curve refuses --l2 auto
+    same solver, standardisation and default l2 = 1/n; --l2 auto: inner_l2), scored on the validation rows."""
+    sweep: list[dict[str, float]] = []
+    if isinstance(config.l2, float):
+        l2 = config.l2
+    elif config.l2 == L2_AUTO:
+        l2, sweep = inner_l2(x, y, classes, config, info)
+    else:
+        l2 = 1.0 / len(y)
     model = fit_sklearn(x, y, classes, config, l2, info)
     predicted, _ = model.predict(val[0])
     metrics = report(confusion(val[1], predicted, len(classes)), classes)
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "l2": l2, "labels": len(y)}
+    scored = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "l2": l2, "labels": len(y)}
+    return {**scored, **({"l2_sweep": sweep} if sweep else {})}
+
+
+def inner_l2(
+    x: np.ndarray, y: np.ndarray, classes: list[str], config: TrainConfig, info: ModelInfo
+) -> tuple[float, list[dict[str, float]]]:
+    """--l2 auto at one point, never looking at the validation rows that score it: each factor / n of
+    L2_FACTORS scored by stratified cross-validation within the point's rows (as many folds as the
+    smallest class allows, at most INNER_FOLDS; seeded by --seed), the most accurate chosen (ties: the
+    larger). With one row of some class there is no split: the default 1/n, and no sweep."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(y, minlength=len(classes))
+    k = int(min(INNER_FOLDS, counts[counts > 0].min()))
+    if k < 2:
+        return 1.0 / len(y), []
+    splits = list(StratifiedKFold(k, shuffle=True, random_state=config.seed).split(x, y))
+    sweep = []
+    for factor in L2_FACTORS:
+        right = 0
+        for inside, held in splits:
+            model = fit_sklearn(x[inside], y[inside], classes, config, factor / len(inside), info)
+            right += int((model.predict(x[held])[0] == y[held]).sum())
+        sweep.append({"l2": factor / len(y), "accuracy": right / len(y)})
+    best = max(sweep, key=lambda t: (t["accuracy"], t["l2"]))
+    return best["l2"], sweep
 
 
 def point(shots: int | str, per_class: float, results: list[dict[str, Any]]) -> dict[str, Any]:
