@@ -188,27 +188,32 @@ def test_groups_are_connected_components():
 
 
 @pytest.mark.ray
-def test_exclude_feeds_the_tables_back_into_training(ray_session, tmp_path, capsys):
-    """train --exclude with raytl audit's tables: the top-5 label issues and every duplicate but the kept
-    one are left out; the metrics are scikit-learn's on the rows left."""
+def test_exclude_feeds_the_tables_back_into_training(ray_session, tmp_path, capsys, bucket):
+    """train --exclude with raytl audit's tables, all in S3 (loopback moto): the top-5 label issues and
+    every duplicate but the kept one are left out; the metrics are scikit-learn's on the rows left."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
     rng = np.random.default_rng(3)
     x, y = blobs(300, 3, 64, seed=5, spread=2.5)
     x[1], x[3] = _near_copy(x[0], rng), _near_copy(x[2], rng)
     given = np.where(rng.random(300) < 0.05, (y + 1) % 3, y)
-    paths = write(str(tmp_path / "emb"), x, names(given))
+    emb = f"s3://{bucket}/emb"
+    paths = write(emb, x, names(given))
     xv, yv = blobs(90, 3, 64, seed=6, spread=2.5)
     write(str(tmp_path / "val"), xv, names(yv), prefix="val")
-    audited = tmp_path / "audit"
-    raytl.audit(str(tmp_path / "emb"), str(audited), checks="labels,duplicates", folds=3)
-    issues = pq.read_table(audited / "label_issues.parquet")["path"].to_pylist()
-    groups = pq.read_table(audited / "duplicates.parquet").to_pylist()
+    audited = f"s3://{bucket}/audit"
+    raytl.audit(emb, audited, checks="labels,duplicates", folds=3)
+    issues = pq.read_table(f"{bucket}/audit/label_issues.parquet", filesystem=fs)["path"].to_pylist()
+    groups = pq.read_table(f"{bucket}/audit/duplicates.parquet", filesystem=fs).to_pylist()
+    assert fs.exists(f"{bucket}/audit/audit.html") and fs.exists(f"{bucket}/audit/audit.json")
     assert {r["path"] for r in groups} == {paths[0], paths[1], paths[2], paths[3]} and len(issues) > 5
     dropped = set(issues[:5]) | {r["path"] for r in groups if not r["keep"]}
     tables = f"{audited}/label_issues.parquet,{audited}/duplicates.parquet"
     model = tmp_path / "model"
     args = [
         "train",
-        str(tmp_path / "emb"),
+        emb,
         str(model),
         "--backend",
         "sklearn",
