@@ -189,8 +189,9 @@ def test_groups_are_connected_components():
 
 @pytest.mark.ray
 def test_exclude_feeds_the_tables_back_into_training(ray_session, tmp_path, capsys, bucket):
-    """train --exclude with raytl audit's tables, all in S3 (loopback moto): the top-5 label issues and
-    every duplicate but the kept one are left out; the metrics are scikit-learn's on the rows left."""
+    """train --exclude with raytl audit's tables, the audit in S3 (loopback moto): the top-5 label issues and
+    every duplicate but the kept one are left out; the metrics are scikit-learn's on the rows left. (train
+    reads a local copy of the same rows: its report would fetch the rows' made-up s3:// images.)"""
     import s3fs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
@@ -200,6 +201,7 @@ def test_exclude_feeds_the_tables_back_into_training(ray_session, tmp_path, caps
     given = np.where(rng.random(300) < 0.05, (y + 1) % 3, y)
     emb = f"s3://{bucket}/emb"
     paths = write(emb, x, names(given))
+    assert write(str(tmp_path / "emb"), x, names(given)) == paths
     xv, yv = blobs(90, 3, 64, seed=6, spread=2.5)
     write(str(tmp_path / "val"), xv, names(yv), prefix="val")
     audited = f"s3://{bucket}/audit"
@@ -213,7 +215,7 @@ def test_exclude_feeds_the_tables_back_into_training(ray_session, tmp_path, caps
     model = tmp_path / "model"
     args = [
         "train",
-        emb,
+        str(tmp_path / "emb"),
         str(model),
         "--backend",
         "sklearn",
@@ -228,6 +230,7 @@ def test_exclude_feeds_the_tables_back_into_training(ray_session, tmp_path, caps
     assert metrics["accuracy"] == pytest.approx(expected)
     assert metrics["excluded"]["paths"] == len(dropped) == 7
 
+    capsys.readouterr()  # the audit's page warned of the rows' made-up s3:// images: not what is judged next
     (tmp_path / "no-path.csv").write_text("file\na.jpg\n")
     assert_user_error(capsys, [*args, "--exclude", str(tmp_path / "no-path.csv"), "--overwrite"],
                       "has no `path` column (columns: file)")  # fmt: skip
