@@ -161,7 +161,9 @@ def test_bad_input_gets_one_sentence(ray_session, tmp_path, capsys):
     write(str(tmp_path / "empty"), x[:0], [], parts=1)
     out = str(tmp_path / "out")
     assert_user_error(
-        capsys, ["audit", str(tmp_path / "unlabelled"), out], "has no labelled rows: label issues"
+        capsys,
+        ["audit", str(tmp_path / "unlabelled"), out],
+        "has no labelled rows: label issues and leakage need labels",
     )
     assert_user_error(capsys, ["audit", str(tmp_path / "emb"), out, "--val", str(tmp_path / "other")],
                       "has image_size 64")  # fmt: skip

@@ -75,14 +75,17 @@ def run(config: AuditConfig) -> dict[str, Any]:
         "seed": config.seed,
     }
     plan = labels_plan(config, data, val)
+    needing = [name for check, name in ((Check.LABELS, "label issues"), (Check.LEAKAGE, "leakage"))
+               if check in config.checks]  # fmt: skip
+    if plan is None and needing:
+        raise DatasetError(
+            f"EMBEDDINGS {storage.redact(config.embeddings)} has no labelled rows: {' and '.join(needing)} "
+            "need labels (give --checks duplicates for the rest)."
+        )
     tables: dict[str, pa.Table] = {}
     if Check.LABELS in config.checks:
+        assert plan is not None
         started = time.perf_counter()
-        if plan is None:
-            raise DatasetError(
-                f"EMBEDDINGS {storage.redact(config.embeddings)} has no labelled rows: label issues need "
-                "labels (give --checks duplicates for the rest)."
-            )
         tables[LABEL_ISSUES], result["labels"] = label_issues(config, data, plan)
         seconds["labels"] = time.perf_counter() - started
     if Check.DUPLICATES in config.checks or Check.LEAKAGE in config.checks:
@@ -91,12 +94,8 @@ def run(config: AuditConfig) -> dict[str, Any]:
         tables[DUPLICATES], result["duplicates"] = duplicate_table(found, config.threshold)
         seconds["duplicates"] = time.perf_counter() - started
         if Check.LEAKAGE in config.checks:
+            assert plan is not None
             started = time.perf_counter()
-            if plan is None:
-                raise DatasetError(
-                    f"EMBEDDINGS {storage.redact(config.embeddings)} has no labelled rows: leakage needs "
-                    "train's split of the labelled rows."
-                )
             tables[LEAKAGE], result["leakage"] = leakage(config, data, val, plan, found)
             seconds["leakage"] = time.perf_counter() - started
         if Check.DUPLICATES not in config.checks:
