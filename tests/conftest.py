@@ -22,6 +22,9 @@ os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 # task worker was killed between two stages and a new one started (importing pyarrow, Ray Data, raytl: ~2
 # CPU-seconds each). Kept here for reuse, as they would be on a node with more CPUs.
 os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+# Ray Train starts a PreemptionWatcher actor (a process: ~2 CPU-seconds) for every run, to act on a node's
+# drain notice; no test drains a node (a lost node is killed, not drained), and the suite has ~20 runs.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # The tests track runs in MLflow's file store (a folder), which MLflow 3 takes only when asked to.
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 

@@ -102,7 +102,7 @@ def wait(what, condition, job):
 LOST_NODES = r"""
 # After a node is lost, Ray Train first tries the old group size again (the node is still in the view of
 # Ray's AutoscalingCoordinator) and waits this long for a placement group before it shrinks; 60 s by default.
-os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
+os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "4"
 import re
 from ray.cluster_utils import Cluster
 from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
@@ -110,7 +110,12 @@ from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator impor
 )
 
 source, output, images, model_dir, gate = sys.argv[1:6]
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})  # decoding; no GPU
+# The GCS marks a node dead after `health_check_failure_threshold` failed checks `health_check_period_ms`
+# apart (5 x 3 s by default): a lost node's work is rescheduled only then.
+health_checks = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+cluster = Cluster(
+    initialize_head=True, head_node_args={"num_cpus": 2, "_system_config": health_checks}  # decoding; no GPU
+)
 gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
 cluster.wait_for_nodes()
 address = cluster.address
