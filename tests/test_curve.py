@@ -167,7 +167,9 @@ def test_l2_auto_sweeps_with_ray_tune_and_beats_the_default_on_few_labels(ray_se
     assert one["draws"][0]["l2"] == pytest.approx(1 / 3) and "l2_sweep" not in one["draws"][0]
     draw = eight["draws"][0]
     assert [t["l2"] for t in draw["l2_sweep"]] == pytest.approx([10.0**e / 24 for e in range(-4, 5)])
-    assert draw["l2"] == max(draw["l2_sweep"], key=lambda t: (t["accuracy"], t["l2"]))["l2"]
+    assert (
+        draw["l2"] == min(draw["l2_sweep"], key=lambda t: (t["log_loss"], abs(np.log10(t["l2"] * 24))))["l2"]
+    )
     done = full["draws"][0]
     assert done["l2"] in [t["l2"] for t in done["l2_sweep"]] and len(done["l2_sweep"]) == 9
     c = 1 / (done["l2"] * 150)
@@ -177,8 +179,11 @@ def test_l2_auto_sweeps_with_ray_tune_and_beats_the_default_on_few_labels(ray_se
 
 def test_inner_l2_is_stratified_cross_validation_within_the_point():
     """curve.inner_l2 against scikit-learn: for each factor f of the grid (C = 1/f in every inner fold),
-    the accuracy of StratifiedKFold(min(5, smallest class), shuffled by the seed); the best, ties larger."""
+    the out-of-fold accuracy and log loss of StratifiedKFold(min(5, smallest class), shuffled by the seed);
+    the lowest log loss chosen (ties: nearest the default); the SVM by accuracy; under 4 rows of a class,
+    the default 1/n."""
     from sklearn.model_selection import StratifiedKFold
+    from sklearn.svm import LinearSVC
     from synthetic import BACKBONE
 
     from raytl.config import TrainConfig
@@ -188,15 +193,31 @@ def test_inner_l2_is_stratified_cross_validation_within_the_point():
     config = TrainConfig.create(embeddings="e", model_dir="m", backend="sklearn", l2="auto", seed=5)
     info = model_dir.info_of({**BACKBONE, "dim": 20}, kind="probe", head="logreg", backend="sklearn")
     chosen, sweep = curve.inner_l2(x, y, ["a", "b", "c"], config, info)
-    k = min(5, int(np.bincount(y).min()))
-    expected = []
+    folds = list(StratifiedKFold(min(5, int(np.bincount(y).min())), shuffle=True, random_state=5).split(x, y))
+    accuracy, loss = [], []
     for factor in curve.L2_FACTORS:
-        right = 0
-        for inside, held in StratifiedKFold(k, shuffle=True, random_state=5).split(x, y):
+        right, total = 0, 0.0
+        for inside, held in folds:
             model = make_pipeline(StandardScaler(), LogisticRegression(C=1 / factor, max_iter=2000))
-            right += int((model.fit(x[inside], y[inside]).predict(x[held]) == y[held]).sum())
-        expected.append(right / 36)
-    assert [t["accuracy"] for t in sweep] == pytest.approx(expected)
-    assert chosen == max(sweep, key=lambda t: (t["accuracy"], t["l2"]))["l2"]
-    single = np.array([0, 1, 1, 2, 2])
-    assert curve.inner_l2(x[:5], single, ["a", "b", "c"], config, info) == (pytest.approx(1 / 5), [])
+            model.fit(x[inside], y[inside])
+            right += int((model.predict(x[held]) == y[held]).sum())
+            p = model.predict_proba(x[held])[np.arange(len(held)), y[held]]
+            total -= np.log(np.clip(p, 1e-15, 1.0)).sum()  # clipped as raytl's (scikit-learn's old eps)
+        accuracy.append(right / 36)
+        loss.append(total / 36)
+    assert [t["accuracy"] for t in sweep] == pytest.approx(accuracy)
+    assert [t["log_loss"] for t in sweep] == pytest.approx(loss, rel=1e-3)
+    assert chosen == pytest.approx(curve.L2_FACTORS[int(np.argmin(loss))] / 36) and len(accuracy) == 9
+
+    svm = TrainConfig.create(embeddings="e", model_dir="m", backend="sklearn", l2="auto", seed=5, head="svm")
+    svm_info = model_dir.info_of({**BACKBONE, "dim": 20}, kind="probe", head="svm", backend="sklearn")
+    chosen, sweep = curve.inner_l2(x, y, ["a", "b", "c"], svm, svm_info)
+    right = []
+    for factor in curve.L2_FACTORS:
+        model = make_pipeline(StandardScaler(), LinearSVC(C=1 / factor, max_iter=10_000, random_state=5))
+        right.append(sum(int((model.fit(x[i], y[i]).predict(x[h]) == y[h]).sum()) for i, h in folds) / 36)
+    assert [t["accuracy"] for t in sweep] == pytest.approx(right) and "log_loss" not in sweep[0]
+    best = max(range(9), key=lambda i: (right[i], -abs(np.log10(curve.L2_FACTORS[i]))))
+    assert chosen == pytest.approx(curve.L2_FACTORS[best] / 36)
+    three = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2])  # 3 rows of "c": under MIN_ROWS
+    assert curve.inner_l2(x[:11], three, ["a", "b", "c"], config, info) == (pytest.approx(1 / 11), [])
