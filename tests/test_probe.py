@@ -5,6 +5,8 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -26,6 +28,10 @@ from raytl.errors import ConfigError, StorageError
 from raytl.modeling import loop, probe, split
 from raytl.modeling.classifier import Model
 from raytl.modeling.model_dir import TRAIN_RUN, WRITTEN, info_of, record_run, run_options
+
+# A line that one of Ray's processes prints: forwarded from an actor or the raylet (`(Name pid=N) ...`,
+# maybe coloured), or Ray's own logger (`2026-12-07 16:38:20,597\tWARNING file.py:85 -- ...`, `[... E ...]`).
+RAY_LOG_LINE = re.compile(r"(\x1b\[\d+m)?\((raylet|\w+ pid=\d+)|\d{4}-\d\d-\d\d [\d:,]+\t[A-Z]+ \S+:\d+ -- |\[\d{4}-")
 
 
 @pytest.fixture(scope="module")
@@ -411,24 +417,38 @@ def test_ctrl_c_is_exit_130_and_the_same_command_resumes(ray_session, data, tmp_
     with a MODEL_DIR the rerun refused: "is not empty"); the same command then resumes the run and ends."""
     import signal
     import sys
-    import time
 
     write(str(tmp_path / "emb"), data["x"], names(data["y"]))
     model_dir = tmp_path / "model"
     args = [sys.executable, "-m", "raytl", "train", str(tmp_path / "emb"), str(model_dir), "--workers", "1",
-            "--epochs", "30", "--patience", "30", "--batch-size", "64"]  # fmt: skip
+            "--epochs", "30", "--patience", "30", "--batch-size", "16"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (model_dir / "train").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)  # into the epochs
-    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    # Ctrl-C once the second epoch's line is in, not after a fixed wait: the run's start takes 10-40 s and
+    # its epochs ~2 s on an idle machine, so a wait could land before or after them. (Ray Train's abort then
+    # takes ~9 s here, during which the epochs may run to the end: the run is unfinished all the same.)
+    deadline = time.monotonic() + 180
+    while not any("train: epoch 2/30" in line for line in lines) and proc.poll() is None:
+        assert time.monotonic() < deadline, "".join(lines[-30:])
+        time.sleep(0.02)
+    assert proc.poll() is None, "".join(lines[-30:])
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    reader.join(timeout=30)
+    err = "".join(lines)
     assert proc.returncode == 130, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    assert last == "raytl: interrupted; rerun the same command to resume.", err[-3000:]
+    # raytl's last line; after it, only lines that Ray's own processes print as they stop.
+    said = [line.rstrip("\n") for line in lines]
+    end = said.index("raytl: interrupted; rerun the same command to resume.")
+    assert all(RAY_LOG_LINE.match(line) for line in said[end + 1 :] if line.strip()), err[-3000:]
     assert not (model_dir / "model.json").exists() and (model_dir / TRAIN_RUN).exists()
     assert main(args[3:]) == 0  # the same command (in this process, on this session's Ray: quicker)
     assert "resuming the unfinished run in MODEL_DIR" in capsys.readouterr().err
