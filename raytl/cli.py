@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt:
         # What is written stays written (parts are whole, checkpoints too): the same command continues.
-        print("raytl: interrupted; rerun the same command to resume.", file=sys.stderr)
+        logs.final_line("raytl: interrupted; rerun the same command to resume.", logging.WARNING)
         return 130
     finally:
         for name, value in saved.items():
@@ -66,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
         error = errors.user_error(exc)
         if error is None:
             raise
-        print(f"raytl: error: {error}", file=sys.stderr)
+        logs.final_line(f"raytl: error: {error}")
         return 2
 
 

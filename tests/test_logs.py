@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -65,6 +66,24 @@ def shout():
 ray.get(shout.remote())
 time.sleep(2)  # Ray forwards worker output to the driver asynchronously
 """
+
+
+def test_the_final_error_line_is_an_error_under_json(tmp_path, capsys):
+    """The command's last line is graded as what it is: `raytl: error:` at level error (it was "info", as a
+    line written past logging), `raytl: interrupted` a warning; plain text without --log-format json."""
+    from raytl.cli import main
+
+    missing = str(tmp_path / "missing")
+    assert main(["--log-format", "json", "train", missing, str(tmp_path / "m")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    entry = json.loads(line)
+    assert (entry["level"], entry["logger"]) == ("error", "raytl")
+    assert entry["message"] == f"raytl: error: {missing} does not exist."
+    logs.setup("warning", json_lines=True)
+    logs.final_line("raytl: interrupted; rerun the same command to resume.", logging.WARNING)
+    assert json.loads(capsys.readouterr().err)["level"] == "warning"
+    assert main(["train", missing, str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"raytl: error: {missing} does not exist."
 
 
 def test_a_json_run_writes_only_json_lines_each_once(ray_session):

@@ -46,6 +46,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+def final_line(text: str, level: int = logging.ERROR) -> None:
+    """The command's last line on stderr (`raytl: error: ...`, `raytl: interrupted; ...`): the text itself, or
+    under --log-format json one object at `level` from the logger `raytl`, as log collectors grade it."""
+    if SETTINGS.json:
+        record = logging.LogRecord("raytl", level, __file__, 0, text, None, None)
+        text = JsonFormatter().format(record)
+    print(text, file=sys.stderr, flush=True)
+
+
 def setup(
     level: str = "warning", json_lines: bool = False, quiet: bool = False, worker_env: dict | None = None
 ) -> None:
