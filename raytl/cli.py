@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, get_args, get_type_hints
+from typing import Any, NoReturn, get_args, get_type_hints
 
 from raytl import errors
 from raytl.config import (
@@ -33,9 +33,31 @@ from raytl.reporting import logs
 from raytl.version import VERSION
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), whose usage errors are one JSON object under --log-format
+    json, like every other line (they come before logging is set up)."""
+
+    json_errors = False
+
+    def error(self, message: str) -> NoReturn:
+        if not Parser.json_errors:
+            super().error(message)
+        logs.final_line(f"{self.prog}: error: {message}", json_lines=True)
+        sys.exit(2)
+
+
+def _asks_json(argv: Sequence[str]) -> bool:
+    """Whether the command line gives --log-format json (read before parsing, for parsing's own errors)."""
+    items = list(argv)
+    return "--log-format=json" in items or any(
+        a == "--log-format" and b == "json" for a, b in zip(items, items[1:], strict=False)
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `raytl` console script."""
     parser = build_parser()
+    Parser.json_errors = _asks_json(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     # Settings that Ray workers read from their environment; this process's is restored on return.
     worker_env = {} if args.retries is None else {storage.RETRIES_ENV: str(args.retries)}
@@ -210,7 +232,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raytl", description="Transfer learning at cluster scale on Ray.")
+    parser = Parser(prog="raytl", description="Transfer learning at cluster scale on Ray.")
     parser.add_argument("--version", action="version", version=f"raytl {VERSION}")
     add_global_options(parser)
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")

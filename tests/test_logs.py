@@ -84,6 +84,17 @@ def test_the_final_error_line_is_an_error_under_json(tmp_path, capsys):
     assert json.loads(capsys.readouterr().err)["level"] == "warning"
     assert main(["train", missing, str(tmp_path / "m")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"raytl: error: {missing} does not exist."
+    # argparse's own refusals come before logging is set up: one object too.
+    for argv in (["--log-format", "json", "train", missing], ["train", "--log-format=json"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        entry = json.loads(line)
+        assert exit_.value.code == 2 and (entry["level"], entry["logger"]) == ("error", "raytl")
+        assert entry["message"].startswith("raytl train: error: the following arguments are required:")
+    with pytest.raises(SystemExit):
+        main(["train", missing])
+    assert capsys.readouterr().err.startswith("usage: raytl train")
 
 
 def test_a_json_run_writes_only_json_lines_each_once(ray_session):

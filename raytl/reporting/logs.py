@@ -46,10 +46,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def final_line(text: str, level: int = logging.ERROR) -> None:
+def final_line(text: str, level: int = logging.ERROR, json_lines: bool | None = None) -> None:
     """The command's last line on stderr (`raytl: error: ...`, `raytl: interrupted; ...`): the text itself, or
-    under --log-format json one object at `level` from the logger `raytl`, as log collectors grade it."""
-    if SETTINGS.json:
+    under --log-format json (`json_lines`, else the settings') one object at `level` from the logger
+    `raytl`, as log collectors grade it."""
+    if SETTINGS.json if json_lines is None else json_lines:
         record = logging.LogRecord("raytl", level, __file__, 0, text, None, None)
         text = JsonFormatter().format(record)
     print(text, file=sys.stderr, flush=True)
