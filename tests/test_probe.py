@@ -31,7 +31,9 @@ from raytl.modeling.model_dir import TRAIN_RUN, WRITTEN, info_of, record_run, ru
 
 # A line that one of Ray's processes prints: forwarded from an actor or the raylet (`(Name pid=N) ...`,
 # maybe coloured), or Ray's own logger (`2026-12-07 16:38:20,597\tWARNING file.py:85 -- ...`, `[... E ...]`).
-RAY_LOG_LINE = re.compile(r"(\x1b\[\d+m)?\((raylet|\w+ pid=\d+)|\d{4}-\d\d-\d\d [\d:,]+\t[A-Z]+ \S+:\d+ -- |\[\d{4}-")
+RAY_LOG_LINE = re.compile(
+    r"(\x1b\[\d+m)?\((raylet|\w+ pid=\d+)|\d{4}-\d\d-\d\d [\d:,]+\t[A-Z]+ \S+:\d+ -- |\[\d{4}-"
+)
 
 
 @pytest.fixture(scope="module")
