@@ -96,7 +96,10 @@ ALLOW_SCHEMES = (
 )
 
 
-WEIGHTS = "imagenet (the model's default weights) | random | path or URI of a state_dict"
+WEIGHTS = (
+    "imagenet (the model's default weights) | a torchvision weights name (IMAGENET1K_V2, ...) | random | "
+    "path or URI of a state_dict"
+)
 MOVED_WEIGHTS = "the backbone weights, if they moved since the model was trained"
 
 

@@ -413,3 +413,47 @@ def test_backbone_options_are_checked(tmp_path):
         torch.save(random_state_dict(1), tmp_path / "vgg.pt")
         load_weights(str(tmp_path / "vgg.pt"), Layer.POOL5, model="resnet50")
     assert embedding_dim(Layer.POOL5, Pool.AVG, 64, "regnet_y_400mf") == 440  # built on CPU, not on meta
+
+
+def test_torchvision_weights_names_load_those_weights_with_their_preprocessing(tmp_path, monkeypatch, capsys):
+    """`--weights IMAGENET1K_V1` (torchvision's names of a model's weights, as in `get_model(weights=...)`):
+    those weights' file (staged where torch.hub looks: nothing downloaded), their own resize (MobileNetV2's
+    V1 resizes to 256, its default V2 to 232), their id in the metadata, which predict maps back to them."""
+    from conftest import assert_user_error
+
+    from raytl.config import ExtractConfig
+    from raytl.modeling.classifier import weights_spec
+    from raytl.vision.models import preset, resolved
+
+    torch.manual_seed(4)
+    state = torchvision.models.mobilenet_v2().state_dict()
+    url = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.url
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for spec in ("IMAGENET1K_V1", "MobileNet_V2_Weights.IMAGENET1K_V1"):
+        loaded = load_weights(spec, Layer.POOL5, model="mobilenet_v2")
+        assert loaded.id == "torchvision:MobileNet_V2_Weights.IMAGENET1K_V1"
+        assert set(loaded.state_dict) == set(state) - {"classifier.1.weight", "classifier.1.bias"}
+        assert all(torch.equal(loaded.state_dict[k], state[k]) for k in loaded.state_dict)
+        config = resolved(ExtractConfig.create(source="s", output="o", model="mobilenet_v2", weights=spec))
+        assert (config.image_size, config.resize_size) == (224, 256)
+    again = load_weights(weights_spec(loaded.id)[0], Layer.POOL5, model="mobilenet_v2")  # predict's way back
+    assert again.id == loaded.id
+    default = resolved(ExtractConfig.create(source="s", output="o", model="mobilenet_v2"))
+    assert default.resize_size == 232 and preset("mobilenet_v2").weights.endswith("IMAGENET1K_V2")
+    assert preset("vit_b_16", "IMAGENET1K_SWAG_E2E_V1").interpolation == "bicubic"
+    (tmp_path / "corpus" / "a").mkdir(parents=True)
+    base = ["extract", str(tmp_path / "corpus"), str(tmp_path / "out"), "--model", "mobilenet_v2"]
+    assert_user_error(
+        capsys,
+        [*base, "--weights", "IMAGENET1K_V3"],
+        "--weights IMAGENET1K_V3 is not one of mobilenet_v2's torchvision weights (IMAGENET1K_V1, "
+        "IMAGENET1K_V2)",
+    )
+    assert_user_error(
+        capsys,
+        ["extract", str(tmp_path / "corpus"), str(tmp_path / "out"), "--weights", "IMAGENET1K_FEATURES"],
+        "--weights IMAGENET1K_FEATURES normalises images unlike vgg16's other weights",
+    )
+    assert not (tmp_path / "out").exists()

@@ -288,7 +288,7 @@ def embed_dataset(dataset: Any, config: Any) -> Any:
     config = resolved(config)
     embedding_dim(config.layer, config.pool, config.image_size, config.model)  # a size the model takes
     weights = load_weights(config.weights, config.layer, config.seed, config.model)
-    found = preset(config.model)
+    found = preset(config.model, config.weights)
     transform = Transform(config.image_size, config.resize, config.max_pixels, found.interpolation)
     rows = dataset.map_batches(
         crops,

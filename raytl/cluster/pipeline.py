@@ -51,7 +51,8 @@ class Stages:
         """The stages as `source` sets them (a resolved config, or a model's Backbone record: whichever of
         these fields it has), then `overrides`; the interpolation is the model's weights' unless given."""
         given = {f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)}
-        return cls(**{"interpolation": preset(source.model).interpolation, **given, **overrides})
+        found = preset(source.model, getattr(source, "weights", None))
+        return cls(**{"interpolation": found.interpolation, **given, **overrides})
 
     @property
     def transform(self) -> Transform:

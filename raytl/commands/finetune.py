@@ -245,7 +245,7 @@ def datasets(
 ) -> dict[str, ray.data.Dataset]:
     """The train stream (shuffled listing, random block order each epoch, augmented) and the validation
     stream (DESIGN.md's eval transforms; kept in the object store when small)."""
-    size, interpolation = config.crop, preset(config.model).interpolation
+    size, interpolation = config.crop, preset(config.model, config.weights).interpolation
     eval_transform = Transform(size, config.resize, config.max_pixels, interpolation)
     train_transform = (
         TrainTransform(size, config.resize, config.max_pixels, interpolation, min_scale=config.min_crop_scale)

@@ -230,8 +230,8 @@ def weights_content(weights_id: str) -> str:
 
 def weights_spec(weights_id: str) -> tuple[str, int]:
     """A weights id from the metadata back to a --weights value (and seed)."""
-    if weights_id.startswith("torchvision:"):  # a model's default weights (VGG16_Weights.IMAGENET1K_V1, ...)
-        return "imagenet", 0
+    if weights_id.startswith("torchvision:"):  # torchvision's (VGG16_Weights.IMAGENET1K_V1, ...)
+        return weights_id, 0  # --weights takes the id as it is
     if weights_id.startswith("random:seed="):
         return "random", int(weights_id.split("=", 1)[1])
     return weights_id.split("#sha256:", 1)[0], 0

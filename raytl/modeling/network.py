@@ -131,7 +131,7 @@ class NetworkObjective:
         self.precision = resolve_precision(config.precision, device)
         self.dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self.precision)
         self.channels_last = self.dtype is not None and prefers_channels_last(network)
-        weights = preset(config.model)  # the normalisation the backbone's weights expect
+        weights = preset(config.model, config.weights)  # the normalisation the backbone's weights expect
         self.mean = torch.tensor(weights.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(weights.std, device=device).view(1, 3, 1, 1)
         self.model: nn.Module = network  # the DDP-wrapped one, once the worker has prepared it

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -118,14 +119,51 @@ _VGG16_PRESET = Preset(
 )
 
 
-def preset(model: str) -> Preset:
-    """The preset of a torchvision classification model, by name; one ConfigError sentence otherwise."""
-    return _VGG16_PRESET if model == VGG16 else torchvision_preset(model)
+def preset(model: str, weights: str | None = "imagenet") -> Preset:
+    """The preset of a torchvision classification model, by name, for its `--weights` (a torchvision weights
+    name such as IMAGENET1K_V1 has its own sizes; anything else: the model's default weights'); one
+    ConfigError sentence for a model or weights name torchvision does not have."""
+    named = named_weights(model, weights)
+    if model == VGG16 and named in (None, "DEFAULT", _VGG16_PRESET.weights.split(".")[1]):
+        return _VGG16_PRESET
+    return torchvision_preset(model, named or "DEFAULT")
 
 
-def torchvision_preset(model: str) -> Preset:
-    """`preset`, read from torchvision's weights."""
-    weights = _weights_enum(model).DEFAULT
+# `--weights` naming one of torchvision's weights of the model: `IMAGENET1K_V2`,
+# `ResNet50_Weights.IMAGENET1K_V2`, or the id that raytl records for them
+# (`torchvision:ResNet50_Weights.IMAGENET1K_V2`)
+_WEIGHTS_NAME = re.compile(r"(?:torchvision:)?(?:(\w+_Weights)\.)?([A-Z][A-Z0-9_]*)")
+
+
+def named_weights(model: str, spec: str | None) -> str | None:
+    """The torchvision weights name that `--weights` gives (`imagenet`: DEFAULT), or None (random, a file,
+    none given); a name that the model's weights do not have is one ConfigError sentence."""
+    if spec is None:
+        return None
+    if spec == "imagenet":
+        return "DEFAULT"
+    found = _WEIGHTS_NAME.fullmatch(spec)
+    if found is None or (not spec.startswith("torchvision:") and os.path.exists(spec)):
+        return None
+    enum = _weights_enum(model)
+    names = [w.name for w in enum]
+    if found.group(1) not in (None, enum.__name__) or found.group(2) not in [*names, "DEFAULT"]:
+        raise ConfigError(
+            f"--weights {spec} is not one of {model}'s torchvision weights ({', '.join(names)}), imagenet "
+            "(its default), random, or a state_dict file's path or URI."
+        )
+    weights, default = enum[found.group(2)].transforms(), enum.DEFAULT.transforms()
+    if (weights.mean, weights.std) != (default.mean, default.std):
+        raise ConfigError(
+            f"--weights {spec} normalises images unlike {model}'s other weights (mean {list(weights.mean)}), "
+            "which raytl does not support."
+        )
+    return found.group(2)
+
+
+def torchvision_preset(model: str, name: str = "DEFAULT") -> Preset:
+    """`preset`, read from torchvision's weights of that name."""
+    weights = _weights_enum(model)[name]
     transforms = weights.transforms()
     return Preset(
         f"{type(weights).__name__}.{weights.name}",
@@ -152,7 +190,7 @@ def _weights_enum(model: str) -> Any:
 def resolved(config: Any) -> Any:
     """An extract or embed config with the crop and resize sizes set: --image-size, else the crop the
     model's weights expect; --resize-size, else the crop scaled by the weights' resize / crop ratio."""
-    found = preset(config.model)
+    found = preset(config.model, config.weights)
     size = config.image_size or found.crop
     resize = config.resize_size or round(size * found.resize / found.crop)
     return dataclasses.replace(config, image_size=size, resize_size=resize)
@@ -263,8 +301,10 @@ def load_weights(spec: str, layer: Layer, seed: int = 0, model: str = VGG16) -> 
     """Load and validate `--weights` (imagenet | random | path or URI) into the tensors the backbone needs."""
     if spec == "random":
         return _random_weights(model, Layer(layer), seed)
-    if spec == "imagenet":
-        state, weights_id = _imagenet_state_dict(model), f"torchvision:{preset(model).weights}"
+    named = named_weights(model, spec)
+    if named is not None:
+        state = _torchvision_state_dict(model, named, spec)
+        weights_id = f"torchvision:{preset(model, spec).weights}"
     else:
         state, weights_id = _state_dict_from_file(spec)
     return _fitted(state, spec, layer, model, weights_id)
@@ -291,14 +331,14 @@ def _fitted(state: dict[str, torch.Tensor], spec: str, layer: Layer, model: str,
     return Weights({k: state[k].detach().contiguous() for k in needed}, weights_id)
 
 
-def _imagenet_state_dict(model: str) -> dict[str, torch.Tensor]:
-    weights = _weights_enum(model).DEFAULT
+def _torchvision_state_dict(model: str, name: str, spec: str) -> dict[str, torch.Tensor]:
+    weights = _weights_enum(model)[name]
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except Exception as exc:
         where = os.path.join(torch.hub.get_dir(), "checkpoints")
         raise WeightsError(
-            f"--weights imagenet could not be downloaded ({storage.describe_error(exc)}); stage the file "
+            f"--weights {spec} could not be downloaded ({storage.describe_error(exc)}); stage the file "
             f"{os.path.basename(weights.url)} in {where} or pass --weights PATH_OR_URI."
         ) from None
 
