@@ -75,8 +75,8 @@ def _select_round(strategy, x, y, revealed, budget, seed):
     pool, known = batch["unlabelled"], ~batch["unlabelled"]
     best.add(batch["score"][pool], batch["tie"][pool], batch["path"][pool], batch["x"][pool])
     covered.add(batch["tie"][known], batch["tie"][known], batch["path"][known], batch["x"][known])
-    rows, _ = command.choose(config, best, covered)
-    return [int(p.removeprefix("row-")) for p in best.path[rows]]
+    picked, _ = command.choose(config, best, covered)
+    return [int(p.removeprefix("row-")) for p in picked]
 
 
 def simulate(x, y, strategies, rounds, per_round, repeats):

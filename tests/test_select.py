@@ -127,3 +127,39 @@ def test_bad_options_get_one_sentence(options, message):
         SelectConfig.create(embeddings="e", output="o.csv", **options)
     with pytest.raises(ConfigError, match="OUT is a manifest and must end in .parquet or .csv"):
         SelectConfig.create(embeddings="e", output="o.txt", budget=1)
+
+
+@pytest.mark.ray
+def test_typical_on_a_pool_beyond_its_sample_assigns_every_row_in_a_second_pass(
+    ray_session, tmp_path, monkeypatch
+):
+    """A pool larger than typical's sample (made small here): the clusters are fitted on the sample, then a
+    second Ray Data pass puts every unlabelled row in its nearest cluster; the clusters without a label go
+    largest first by their size over the whole pool, and each pick is the most typical of its cluster's
+    rows nearest the centre over the whole pool (all recomputed here)."""
+    from raytl.modeling import select
+
+    monkeypatch.setattr(select, "COLD_CANDIDATES", 60)
+    monkeypatch.setattr(select, "NEAR_CENTRE", 40)
+    x, blob = _four_blobs(600)
+    known = int(np.flatnonzero(blob == 0)[0])
+    labels = ["a" if i == known else None for i in range(len(x))]
+    paths = np.array(write(str(tmp_path / "emb"), x, labels), dtype=object)
+    raytl.select(str(tmp_path / "emb"), str(tmp_path / "typical.parquet"), budget=3, seed=3)
+    picked = _picked(tmp_path / "typical.parquet")
+
+    pool = np.array([i != known for i in range(len(x))])
+    tie = select.hashed(paths.tolist(), 3)
+    sample = np.flatnonzero(pool)[np.lexsort((tie[pool], -tie[pool]))][:60]  # as select.Best keeps them
+    clusters = select.Clusters.fit(x[sample].astype(np.float64), 3, 3, x[[known]].astype(np.float64))
+    cluster, distance = select.nearest_centre(x.astype(np.float64), clusters.centres)
+    sizes = np.bincount(cluster[pool], minlength=4)
+    uncovered = sorted(set(range(4)) - clusters.taken, key=lambda c: -sizes[c])
+    assert [cluster[np.flatnonzero(paths == p)[0]] for p in picked] == uncovered
+    for p, c in zip(picked, uncovered, strict=True):
+        mine = np.flatnonzero(pool & (cluster == c))
+        near = mine[np.lexsort((tie[mine], distance[mine]))][:40]
+        d = np.linalg.norm(x[near, None] - x[None, near], axis=2)
+        mean = np.sort(d, axis=1)[:, 1:21].mean(axis=1)
+        assert p == paths[near[np.argmin(mean)]]
+    assert len(set(blob[[np.flatnonzero(paths == p)[0] for p in picked]])) == 3

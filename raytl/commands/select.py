@@ -3,7 +3,9 @@
 
 One streamed Ray Data pass scores every unlabelled row (a seeded hash, or a model's uncertainty) and keeps
 the best-scored candidates only; the selection itself (k-means and typicality, k-center, clusters of the
-most uncertain) runs on the driver over that compact set."""
+most uncertain) runs on the driver over that compact set. typical on a pool larger than its sample takes a
+second pass: every unlabelled row's nearest centre of the clusters fitted on the sample, each cluster's
+size over the whole pool and its rows nearest the centre, among which typicality picks."""
 
 from __future__ import annotations
 
@@ -52,13 +54,13 @@ def run(config: SelectConfig) -> dict[str, Any]:
         raise DatasetError(
             f"--budget {config.budget} is more than the {best.seen} unlabelled rows of EMBEDDINGS."
         )
-    rows, scores = choose(config, best, covered)
+    paths, scores = choose(config, best, covered, data)
     table = pa.table(
         {
-            "path": pa.array(best.path[rows].tolist(), pa.string()),
-            "rank": pa.array(np.arange(1, len(rows) + 1), pa.int64()),
+            "path": pa.array(paths.tolist(), pa.string()),
+            "rank": pa.array(np.arange(1, len(paths) + 1), pa.int64()),
             "score": pa.array(scores, pa.float64()),
-            "strategy": pa.array([str(config.strategy)] * len(rows), pa.string()),
+            "strategy": pa.array([str(config.strategy)] * len(paths), pa.string()),
         }
     )
     write_manifest(table, config.output)
@@ -103,15 +105,57 @@ def pool_pass(config: SelectConfig, data: Any, model: Model | None) -> tuple[sel
     return best, covered
 
 
-def choose(config: SelectConfig, best: select.Best, covered: select.Best) -> tuple[np.ndarray, np.ndarray]:
-    """(indices into the candidates, scores) of the picks, in rank order."""
+def assign_batch(batch: pa.Table, dim: int, seed: int, centres: np.ndarray) -> dict:
+    """The unlabelled rows of a batch with their nearest centre and its distance (typical's second pass)."""
+    scored = score_batch(batch, dim, Strategy.TYPICAL, seed, None)
+    pool = scored["unlabelled"]
+    cluster, distance = select.nearest_centre(scored["x"][pool].astype(np.float64), centres)
+    kept = {name: scored[name][pool] for name in ("tie", "path", "x")}
+    return {"cluster": cluster, "distance": distance, **kept}
+
+
+def near_centre_pass(config: SelectConfig, data: Any, clusters: select.Clusters) -> select.NearCentre:
+    """A second streamed pass, over every unlabelled row: its cluster (the nearest of the centres fitted on
+    the sample), each cluster's size over the whole pool and the rows nearest each centre."""
+    near = select.NearCentre(len(clusters.centres), select.NEAR_CENTRE)
+    assigned = data.read().map_batches(
+        assign_batch,
+        fn_kwargs={"dim": data.dim, "seed": config.seed, "centres": clusters.centres},
+        batch_format="pyarrow",
+    )
+    for batch in assigned.iter_batches(batch_size=None, batch_format="numpy"):
+        near.add(batch["cluster"], batch["distance"], batch["tie"], batch["path"], batch["x"])
+    return near
+
+
+def choose(
+    config: SelectConfig, best: select.Best, covered: select.Best, data: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(paths, scores) of the picks, in rank order. typical on a pool larger than its sample (`data`
+    given): the clusters fitted on the sample, then every row's cluster and typicality from a second pass."""
     assert best.x is not None
     x = best.x.astype(np.float64)
     known = None if covered.x is None or not len(covered.x) else covered.x.astype(np.float64)
+    if config.strategy == Strategy.TYPICAL and data is not None and best.seen > len(best.path):
+        clusters = select.Clusters.fit(x, config.budget, config.seed, known)
+        near = near_centre_pass(config, data, clusters)
+        assert near.keep.x is not None
+        rows, scores = select.most_typical(
+            near.keep.x.astype(np.float64), near.cluster, near.sizes, clusters.taken, config.budget
+        )
+        return near.keep.path[rows], scores
+    rows, scores = _choose_among(config, x, best.score, known)
+    return best.path[rows], scores
+
+
+def _choose_among(
+    config: SelectConfig, x: np.ndarray, score: np.ndarray, known: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into the candidates `x`, scores) of the picks, in rank order."""
     if config.strategy == Strategy.TYPICAL:
         return select.typical(x, config.budget, config.seed, known)
     if config.strategy == Strategy.KCENTER:
         return select.kcenter(x, config.budget, 0, known)  # no labels: from the first by the seeded hash
     if config.strategy == Strategy.MARGIN_DIVERSE:
-        return select.diverse(x, best.score, config.budget, config.seed)
-    return np.arange(config.budget), best.score[: config.budget]
+        return select.diverse(x, score, config.budget, config.seed)
+    return np.arange(config.budget), score[: config.budget]

@@ -27,6 +27,7 @@ NEIGHBOURS = 20  # typicality: the mean distance to this many nearest neighbours
 DIVERSE_POOL = 10  # margin-diverse: clusters drawn from the budget x this many most uncertain rows
 COLD_CANDIDATES = 20_000  # typical and kcenter: a seeded sample of at least this many unlabelled rows
 COVERED = 20_000  # and of at most this many labelled rows (what the labels cover already)
+NEAR_CENTRE = 1_000  # typical on a larger pool: each cluster's rows this near its centre, over the whole pool
 
 
 def hashed(paths: Sequence[str], seed: int) -> np.ndarray:
@@ -78,28 +79,97 @@ class Best:
         self.score, self.tie, self.path, self.x = (a[keep] for a in both)
 
 
-def _kmeans(x: np.ndarray, clusters: int, seed: int) -> np.ndarray:
+def _kmeans(x: np.ndarray, clusters: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(each row's cluster, the clusters' centres)."""
     from sklearn.cluster import KMeans
 
-    return KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit_predict(x)
+    fitted = KMeans(n_clusters=clusters, n_init=3, random_state=seed).fit(x)
+    return fitted.labels_, fitted.cluster_centers_
+
+
+@dataclass
+class Clusters:
+    """TypiClust's clusters: k-means of the candidates and the labelled rows (`covered`) into
+    len(covered) + budget clusters; which of them hold a labelled row; each candidate's cluster."""
+
+    centres: np.ndarray
+    taken: set[int]
+    own: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray, budget: int, seed: int, covered: np.ndarray | None = None) -> Clusters:
+        held = 0 if covered is None else len(covered)
+        both = x if covered is None or not held else np.concatenate([covered, x])
+        labels, centres = _kmeans(both, min(len(both), held + budget), seed)
+        return cls(centres, set(labels[:held].tolist()), labels[held:])
+
+
+def nearest_centre(x: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each row's nearest centre, its distance to it), in chunks that bound the distance matrix."""
+    cluster, distance = np.zeros(len(x), np.int64), np.zeros(len(x))
+    for start in range(0, len(x), 4096):
+        d = np.linalg.norm(x[start : start + 4096, None, :] - centres[None], axis=2)
+        cluster[start : start + 4096] = d.argmin(axis=1)
+        distance[start : start + 4096] = d.min(axis=1)
+    return cluster, distance
+
+
+@dataclass
+class NearCentre:
+    """Streamed over every unlabelled row: each cluster's size and its `n` rows nearest the centre (ties: the
+    lower path hash), with their embeddings: the rows typicality is judged among on a pool too large for the
+    driver to cluster whole."""
+
+    clusters: int
+    n: int
+    sizes: np.ndarray = field(init=False)
+    keep: Best = field(init=False)
+    cluster: np.ndarray = field(init=False)  # the kept rows' clusters
+
+    def __post_init__(self) -> None:
+        self.sizes = np.zeros(self.clusters, np.int64)
+        self.keep = Best(0)
+        self.cluster = np.zeros(0, np.int64)
+
+    def add(
+        self, cluster: np.ndarray, distance: np.ndarray, tie: np.ndarray, path: np.ndarray, x: np.ndarray
+    ) -> None:
+        self.sizes += np.bincount(cluster, minlength=self.clusters)
+        keep = self.keep
+        both = (
+            np.concatenate([self.cluster, cluster]),
+            np.concatenate([keep.score, distance]),
+            np.concatenate([keep.tie, tie]),
+            np.concatenate([keep.path, path]),
+            x if keep.x is None else np.concatenate([keep.x, x]),
+        )
+        order = np.lexsort((both[2], both[1], both[0]))  # by cluster, then nearest, then hash
+        rank = np.arange(len(order)) - np.searchsorted(both[0][order], both[0][order])
+        chosen = order[rank < self.n]
+        self.cluster = both[0][chosen]
+        keep.score, keep.tie, keep.path, keep.x = (a[chosen] for a in both[1:])
+        keep.seen += len(cluster)
 
 
 def typical(
     x: np.ndarray, budget: int, seed: int, covered: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(row indices, typicality): TypiClust. The candidates and the rows labelled already (`covered`) in
-    len(covered) + budget k-means clusters; of the clusters that hold no labelled row, largest first, the
-    most typical candidate (the lowest mean distance to its nearest neighbours in the cluster)."""
+    """(row indices, typicality): TypiClust over the candidates themselves (`Clusters.fit`, then
+    `most_typical` with the candidates' own cluster sizes)."""
+    clusters = Clusters.fit(x, budget, seed, covered)
+    sizes = np.bincount(clusters.own, minlength=len(clusters.centres))
+    return most_typical(x, clusters.own, sizes, clusters.taken, budget)
+
+
+def most_typical(
+    x: np.ndarray, own: np.ndarray, sizes: np.ndarray, taken: set[int], budget: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row indices, typicality): of the clusters that hold no labelled row (`taken`), largest first
+    (`sizes`), the most typical row of `x` in each (`own`: its cluster; the lowest mean distance to its
+    nearest neighbours in the cluster)."""
     from sklearn.neighbors import NearestNeighbors
 
-    held = 0 if covered is None else len(covered)
-    both = x if not held else np.concatenate([covered, x])
-    clusters = min(len(both), held + budget)
-    labels = _kmeans(both, clusters, seed)
-    taken = set(labels[:held].tolist())
-    own = labels[held:]
-    sizes = np.bincount(own, minlength=clusters)
-    order = sorted(range(clusters), key=lambda c: (c in taken, -sizes[c], c))  # uncovered, largest first
+    order = sorted(range(len(sizes)), key=lambda c: (c in taken, -sizes[c], c))  # uncovered, largest first
     picks: list[int] = []
     scores: list[float] = []
     for cluster in order:
@@ -149,7 +219,7 @@ def kcenter(
 
 def diverse(x: np.ndarray, score: np.ndarray, budget: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(row indices, score): the highest-scored row of each of `budget` k-means clusters, best first."""
-    labels = _kmeans(x, budget, seed)
+    labels, _ = _kmeans(x, budget, seed)
     picks = [int(np.flatnonzero(labels == c)[np.argmax(score[labels == c])]) for c in np.unique(labels)]
     order = sorted(picks, key=lambda i: -score[i])
     return np.array(order, dtype=np.int64), score[order]
