@@ -153,6 +153,8 @@ def test_typical_on_a_pool_beyond_its_sample_assigns_every_row_in_a_second_pass(
     sample = np.flatnonzero(pool)[np.lexsort((tie[pool], -tie[pool]))][:60]  # as select.Best keeps them
     clusters = select.Clusters.fit(x[sample].astype(np.float64), 3, 3, x[[known]].astype(np.float64))
     cluster, distance = select.nearest_centre(x.astype(np.float64), clusters.centres)
+    brute = np.linalg.norm(x[:, None].astype(np.float64) - clusters.centres[None], axis=2)
+    assert (cluster == brute.argmin(axis=1)).all() and np.allclose(distance, brute.min(axis=1))
     sizes = np.bincount(cluster[pool], minlength=4)
     uncovered = sorted(set(range(4)) - clusters.taken, key=lambda c: -sizes[c])
     assert [cluster[np.flatnonzero(paths == p)[0]] for p in picked] == uncovered

@@ -107,10 +107,12 @@ class Clusters:
 def nearest_centre(x: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(each row's nearest centre, its distance to it), in chunks that bound the distance matrix."""
     cluster, distance = np.zeros(len(x), np.int64), np.zeros(len(x))
-    for start in range(0, len(x), 4096):
-        d = np.linalg.norm(x[start : start + 4096, None, :] - centres[None], axis=2)
-        cluster[start : start + 4096] = d.argmin(axis=1)
-        distance[start : start + 4096] = d.min(axis=1)
+    squares = (centres**2).sum(axis=1)
+    for start in range(0, len(x), 8192):
+        chunk = x[start : start + 8192]
+        d2 = (chunk**2).sum(axis=1)[:, None] - 2.0 * chunk @ centres.T + squares[None]  # |x - c|^2
+        cluster[start : start + 8192] = d2.argmin(axis=1)
+        distance[start : start + 8192] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
     return cluster, distance
 
 
@@ -136,6 +138,9 @@ class NearCentre:
     ) -> None:
         self.sizes += np.bincount(cluster, minlength=self.clusters)
         keep = self.keep
+        keep.seen += len(cluster)
+        own = self._nearest(cluster, distance, tie)  # the batch's own first: what the merge sorts stays small
+        cluster, distance, tie, path, x = cluster[own], distance[own], tie[own], path[own], x[own]
         both = (
             np.concatenate([self.cluster, cluster]),
             np.concatenate([keep.score, distance]),
@@ -143,12 +148,15 @@ class NearCentre:
             np.concatenate([keep.path, path]),
             x if keep.x is None else np.concatenate([keep.x, x]),
         )
-        order = np.lexsort((both[2], both[1], both[0]))  # by cluster, then nearest, then hash
-        rank = np.arange(len(order)) - np.searchsorted(both[0][order], both[0][order])
-        chosen = order[rank < self.n]
+        chosen = self._nearest(*both[:3])
         self.cluster = both[0][chosen]
         keep.score, keep.tie, keep.path, keep.x = (a[chosen] for a in both[1:])
-        keep.seen += len(cluster)
+
+    def _nearest(self, cluster: np.ndarray, distance: np.ndarray, tie: np.ndarray) -> np.ndarray:
+        """Indices of each cluster's `n` rows nearest its centre (ties: the lower hash)."""
+        order = np.lexsort((tie, distance, cluster))  # by cluster, then nearest, then hash
+        rank = np.arange(len(order)) - np.searchsorted(cluster[order], cluster[order])
+        return order[rank < self.n]
 
 
 def typical(
