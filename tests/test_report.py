@@ -72,6 +72,8 @@ def test_train_writes_the_report_and_its_figures(trained):
             pixels = np.asarray(image.convert("L"), np.float32)
         assert pixels.shape[0] > 60 and pixels.shape[1] > 200 and pixels.std() > 5, name  # drawn, not blank
     sample = pq.read_table(model_dir / VALIDATION_FILE)
+    dim = len(sample["embedding"][0])
+    assert sample.schema.field("embedding").type == pa.list_(pa.float32(), dim)  # as extract writes them
     wrong = int(np.sum(metrics["confusion_matrix"]) - np.trace(metrics["confusion_matrix"]))
     assert 0 < wrong < sample.num_rows <= metrics["samples"]
     rows = sample.to_pylist()

@@ -65,15 +65,23 @@ def batch_sample(
     if len(right) > _PER_BATCH[1]:  # evenly spread: batches often come sorted by class
         right = [right[int(k)] for k in np.linspace(0, len(right) - 1, _PER_BATCH[1])]
     rows = wrong + right
+    vectors = np.array([np.asarray(embeddings[i], np.float32) for i in rows], np.float32)
+    # The embeddings as extract writes them (fixed_size_list<float>[D]); SAMPLE_SCHEMA's list<float> is the
+    # type of an empty sample and of files from older raytl releases, which read the same.
+    embedding = (
+        pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+        if rows
+        else pa.array([], pa.list_(pa.float32()))
+    )
     table = pa.table(
         [
             pa.array([str(paths[i]) for i in rows], pa.string()),
             pa.array([str(labels[i]) for i in rows], pa.string()),
             pa.array([str(predicted[i]) for i in rows], pa.string()),
             pa.array(np.asarray(scores, np.float32)[rows] if rows else [], pa.float32()),
-            pa.array([np.asarray(embeddings[i], np.float32) for i in rows], pa.list_(pa.float32())),
+            embedding,
         ],
-        schema=SAMPLE_SCHEMA,
+        names=SAMPLE_SCHEMA.names,
     )
     return pickle.dumps(table)
 
@@ -86,7 +94,9 @@ class Sampler:
 
     def add(self, pickled: Any) -> None:
         for blob in np.atleast_1d(pickled):
-            self.tables.append(pickle.loads(blob))
+            table = pickle.loads(blob)
+            if table.num_rows:  # an empty one has no dimension to its embedding type
+                self.tables.append(table)
 
     def table(self) -> pa.Table:
         table = pa.concat_tables(self.tables) if self.tables else SAMPLE_SCHEMA.empty_table()
