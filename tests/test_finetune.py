@@ -37,7 +37,7 @@ from raytl.vision.preprocess import TrainTransform, Transform, crop_box
 OPTIONS = {
     "weights": None,  # set by the fixture: a state_dict file in S3
     "image_size": 32,
-    "epochs": 4,
+    "epochs": 6,
     "batch_size": 8,
     "lr": 0.2,  # random conv weights give pool5 features of ~0.05: the head needs large steps
     "backbone_lr": 0.0001,  # block 5 still trains, gently, so that backbone.pt differs from --weights
@@ -320,7 +320,7 @@ def test_a_rerun_with_other_options_is_refused(tmp_path, capsys):
         ({"head": "fc8"}, "--head must be one of avg, fc7, not 'fc8'"),
         ({"optimizer": "adam"}, "--optimizer must be one of adamw, sgd"),
         ({"lr": 0}, "--lr must be positive, not 0.0"),
-        ({"warmup_epochs": 4}, "--warmup-epochs must be at least 0 and less than --epochs (4)"),
+        ({"warmup_epochs": 6}, "--warmup-epochs must be at least 0 and less than --epochs (6)"),
         ({"label_smoothing": 1.5}, "--label-smoothing must be in [0, 1)"),
         ({"min_crop_scale": 0}, "--min-crop-scale must be in (0, 1]"),
         ({"workers": 0}, "--workers must be a count (4) or a range MIN-MAX (1-8; MIN at least 1), not '0'."),
