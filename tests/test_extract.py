@@ -369,3 +369,21 @@ def test_embeddings_of_unknown_options_are_refused_as_such(tmp_path):
     config = ExtractConfig.create(source=str(tmp_path), output=str(tmp_path / "out"), weights="random")
     with pytest.raises(StorageError, match=r"already holds raytl results \(1 files\); pass --overwrite"):
         output.resume(config, output.run_record(config, "random:seed=0"))
+
+
+def test_a_listing_is_read_in_blocks_of_decode_batch_rows_each_task_holding_its_own():
+    """The driver's listing becomes one read task a block of --decode-batch rows (the last one shorter),
+    in order; each task pickles only its own rows, not the whole listing (a slice would)."""
+    import pickle
+
+    import pyarrow as pa
+
+    from raytl.cluster.pipeline import BlocksOf
+
+    table = pa.table({"path": [f"/corpus/{i:05d}.jpg" for i in range(1000)], "label": ["a", "b"] * 500})
+    blocks = BlocksOf(table, 128)
+    assert [task.metadata.num_rows for task in blocks.tasks] == [128] * 7 + [104]
+    read = pa.concat_tables([block for task in blocks.tasks for block in task()])
+    assert read.equals(table)
+    assert len(pickle.dumps(blocks.tasks[0])) < len(pickle.dumps(table)) / 4
+    assert blocks.get_read_tasks(parallelism=200) == blocks.tasks  # as listed, whatever Ray asks for
