@@ -14,7 +14,8 @@ On the same files and the same cores, in one run:
     every 0.5 s: decode tasks, model actors, writer, driver, Ray's own processes, the S3 server), and the
     CPU-seconds per image spent outside decoding and the model; the same from the first batch on (the
     pipeline at work, start-up left out) and the rate then.
-Then the client CPU per S3 GET of raytl's reader (s3fs), pyarrow's S3FileSystem and boto3, same objects.
+Then the client CPU per S3 GET of raytl's reader (boto3 from threads), s3fs's cat (raytl's reader until
+2026-12-07), pyarrow's S3FileSystem and boto3, same objects.
 The model is a near-free backbone: mobilenet_v3_small, random weights, 64 px crops of 64 px resizes, fp32.
 Then --decode draft on the camera photos: the bare decoder's rate exact and draft, and the cosine of
 VGG16 pool5 embeddings (224 px; --weights, random by default) of the two decodes. Last, the bare decoder
@@ -283,8 +284,8 @@ class CpuSampler:
 
 
 def s3_clients(files: list[Path], root: Path, endpoint: str) -> dict:
-    """Client CPU (this process's) per GET of the same objects, 128 at a time: raytl's fetch_many (s3fs on
-    aiobotocore), pyarrow's C++ S3FileSystem and boto3 (32 threads each)."""
+    """Client CPU (this process's) per GET of the same objects, 128 at a time: raytl's fetch_many, s3fs's cat
+    (on aiobotocore), pyarrow's C++ S3FileSystem (a HEAD and a GET an object) and boto3 (32 threads each)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import boto3
@@ -297,6 +298,7 @@ def s3_clients(files: list[Path], root: Path, endpoint: str) -> dict:
         endpoint_override=endpoint, scheme="http", access_key="bench", secret_key="bench", region="us-east-1"
     )
     client = boto3.client("s3", endpoint_url=endpoint)
+    fs, _ = storage.filesystem(f"s3://{BUCKET}")
     threads = ThreadPoolExecutor(32)
 
     def arrow_get(key: str) -> bytes:
@@ -308,7 +310,8 @@ def s3_clients(files: list[Path], root: Path, endpoint: str) -> dict:
         return client.get_object(Bucket=bucket, Key=name)["Body"].read()
 
     readers = {
-        "raytl (s3fs)": lambda batch: storage.fetch_many(["s3://" + k for k in batch]),
+        "raytl": lambda batch: storage.fetch_many(["s3://" + k for k in batch]),
+        "s3fs": lambda batch: list(fs.cat(["s3://" + k for k in batch]).values()),
         "pyarrow": lambda batch: list(threads.map(arrow_get, batch)),
         "boto3": lambda batch: list(threads.map(boto_get, batch)),
     }

@@ -32,6 +32,16 @@ def test_transient_errors_are_retried(objects, bucket, s3_faults):
     assert rule.injected == 12 and set(rule.attempts.values()) == {3}  # two failures, then the read
 
 
+def test_objects_are_read_with_one_get_each_and_no_head(objects, bucket, s3_faults):
+    """fetch_many's S3 reads (boto3 from threads): a GET an object, nothing else asked of the store."""
+    gets = s3_faults.add(Rule(bucket=bucket, prefix="in/", method="GET", times=0))
+    heads = s3_faults.add(Rule(bucket=bucket, prefix="in/", method="HEAD", times=0))
+    got = storage.fetch_many([*objects, f"s3://{bucket}/in/gone.jpg"])
+    assert got[:-1] == [f"image {i}".encode() for i in range(6)] and isinstance(got[-1], FileNotFoundError)
+    assert gets.attempts == {f"in/{i}.jpg": 1 for i in [*range(6), "gone"]} and heads.attempts == {}
+    assert gets.injected == heads.injected == 0
+
+
 def test_writes_are_retried(bucket, s3_faults):
     rule = s3_faults.add(Rule(bucket=bucket, method="PUT", status=500, times=3))
     storage.write_bytes(f"s3://{bucket}/out/part-1.parquet", b"rows")
