@@ -144,3 +144,51 @@ def test_k8s_jobs_run_each_verb_on_the_cluster_with_arguments_raytl_accepts():
         assert program == "raytl" and argv[0] == verb
         config = config_of(build_parser().parse_args(argv), verb)
         assert config.device == Device.CUDA, name
+
+
+# --- Ray Serve: serve.yaml (serve deploy / serve run) and k8s/rayservice.yaml (KubeRay) -------------------
+
+
+def serve_config() -> dict:
+    with open(os.path.join(ROOT, "serve.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def test_serve_config_passes_serves_own_schema_and_raytls_options():
+    """serve.yaml is what `serve deploy` accepts (Ray Serve's own schema, which `serve deploy` and KubeRay's
+    serveConfigV2 are checked against), and its app's args are options `raytl serve` accepts, asking
+    for GPUs as the jobs do (GPU nodes that scale from zero are not up when it deploys)."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+    from raytl.config import Device, ServeConfig
+
+    config = serve_config()
+    ServeDeploySchema.model_validate(config)
+    broken = copy.deepcopy(config)
+    broken["applications"][0]["import_path"] = "raytl"
+    with pytest.raises(ValidationError, match='invalid import path "raytl"'):
+        ServeDeploySchema.model_validate(broken)
+    (app,) = config["applications"]
+    # Serve's schema lets unknown fields by: no misspelt one here
+    assert set(config) <= set(ServeDeploySchema.model_fields)
+    assert set(app) <= set(ServeApplicationSchema.model_fields)
+    assert app["import_path"] == "raytl.commands.serve:app" and app["route_prefix"] == "/"
+    options = ServeConfig.create(**app["args"])
+    assert options.device == Device.CUDA and options.replicas == (1, 4) and options.max_batch_size == 32
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+
+
+def test_k8s_rayservice_serves_serve_yaml_on_the_raycluster():
+    """The RayService is serve.yaml (serveConfigV2, the same config) on raycluster.yaml's cluster
+    (rayClusterConfig, the same spec), whose head names Serve's port; its image has the serve extra."""
+    manifests = k8s_manifests()
+    service = manifests["rayservice.yaml"]
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == serve_config()
+    cluster = manifests["raycluster.yaml"]["spec"]
+    assert service["spec"]["rayClusterConfig"] == cluster
+    (head,) = containers(cluster["headGroupSpec"]["template"])
+    assert {"containerPort": 8000, "name": "serve"} in head["ports"]
+    with open(os.path.join(ROOT, "k8s", "Dockerfile")) as f:
+        assert '"/home/ray/raytl[serve]"' in f.read()

@@ -114,3 +114,27 @@ def test_serve_options_and_models_it_cannot_serve(predict_models, tmp_path, caps
     )
     assert_user_error(capsys, ["serve", model, "--max-upload-mb", "0"], "--max-upload-mb must be positive")
     assert_user_error(capsys, ["serve", str(tmp_path / "none")], "holds no raytl model")
+
+
+def test_serve_yaml_deploys_as_serve_deploy_builds_it(served, predict_models):
+    """serve.yaml's application, built as `serve deploy` / `serve run serve.yaml` (and KubeRay's
+    serveConfigV2) build it: its import_path's builder called with its args (here the test's MODEL_DIR,
+    on CPU), deployed beside the first app; an upload gets predict's label and score."""
+    import importlib
+
+    import yaml
+    from ray import serve
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "serve.yaml")) as f:
+        (app,) = yaml.safe_load(f)["applications"]
+    module, name = app["import_path"].split(":")
+    args = {**app["args"], "model_dir": str(predict_models / "model"), "device": "cpu", "replicas": "1"}
+    builder = getattr(importlib.import_module(module), name)
+    application = call_user_app_builder_with_args_if_necessary(builder, args)
+    serve.run(application, name="from-config", route_prefix="/config")
+    good = served["predicted"][0]
+    status, answer = _post(served["url"].rstrip("/") + "/config", open(good["path"], "rb").read())
+    assert status == 200 and answer["label"] == good["predicted_label"]
+    assert answer["score"] == pytest.approx(good["score"], abs=1e-4)
+    serve.delete("from-config")

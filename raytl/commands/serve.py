@@ -8,7 +8,8 @@ uploads (EXIF orientation, RGB, resize, centre crop: extract's preprocessing) an
 A bad upload gets a 4xx and one JSON sentence, `{"error": ...}`; the replica goes on serving.
 
 Started by `raytl serve MODEL_DIR` (or `raytl.serve(...)`), or by Ray Serve's own tools through the
-application builder `app`: `serve run raytl.commands.serve:app model_dir=s3://bucket/models/probe`.
+application builder `app`: `serve run raytl.commands.serve:app model_dir=s3://bucket/models/probe`,
+the repository's `serve.yaml` (`serve deploy`) or `k8s/rayservice.yaml` (KubeRay).
 """
 
 from __future__ import annotations
