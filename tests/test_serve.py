@@ -72,6 +72,73 @@ def test_bad_uploads_get_a_4xx_sentence_and_the_replica_keeps_serving(served, pr
     )
 
 
+def _post_as(url: str, data: bytes, content_type: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _multipart(field: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "raytl-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="x.jpg"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_multipart_base64_and_batches_answer_as_predict_and_top_k_keeps_the_best(served, predict_models):
+    """The same images as a multipart `file` field (as curl -F and browsers send them), as base64 JSON one
+    at a time and as one batch: predict's labels and scores; ?top_k=1 keeps the best class only; OpenAPI
+    at /docs and /openapi.json; bad JSON, a form without `file` and top_k=0 are one 4xx sentence each."""
+    import base64
+
+    url, rows = served["url"], served["predicted"][:6]
+    uploads = [open(r["path"], "rb").read() for r in rows]
+    for data, row in zip(uploads, rows, strict=True):
+        status, answer = _post_as(url, *_multipart("file", data))
+        assert status == 200 and answer["label"] == row["predicted_label"], answer
+        assert answer["score"] == pytest.approx(row["score"], abs=1e-4)
+        status, one = _post_as(
+            url, json.dumps({"image": base64.b64encode(data).decode()}).encode(), "application/json"
+        )
+        assert status == 200 and one == answer
+    images = [base64.b64encode(d).decode() for d in uploads] + [base64.b64encode(b"not an image").decode()]
+    status, batch = _post_as(url, json.dumps({"images": images}).encode(), "application/json")
+    assert status == 200 and [a.get("label") for a in batch["predictions"]] == [
+        *(r["predicted_label"] for r in rows),
+        None,
+    ]
+    assert batch["predictions"][-1]["error"].startswith("the upload is not a usable image: ")
+    status, top = _post(url + "?top_k=1", uploads[0])
+    assert status == 200 and top["scores"] == {top["label"]: top["score"]}
+    for data, content_type, status, error in [
+        (b"{", "application/json", 400, "the upload is not JSON: "),
+        (b'{"image": "***"}', "application/json", 400, "an image in the JSON upload is not valid base64."),
+        (b'{"picture": "AA=="}', "application/json", 400, 'a JSON upload is {"image": BASE64}'),
+        (*_multipart("photo", b"x")[:1], _multipart("photo", b"x")[1], 400, "a multipart upload needs"),
+    ]:
+        got_status, answer = _post_as(url, data, content_type)
+        assert got_status == status and answer["error"].startswith(error) and answer["error"].endswith(".")
+    assert _post(url + "?top_k=0", uploads[0]) == (
+        422,
+        {"error": "top_k must be a positive integer, not '0'."},
+    )
+    with urllib.request.urlopen(url.rstrip("/") + "/openapi.json", timeout=60) as response:
+        spec = json.loads(response.read())
+    assert "post" in spec["paths"]["/"] and spec["paths"]["/"]["post"]["parameters"][0]["name"] == "top_k"
+    with urllib.request.urlopen(url.rstrip("/") + "/docs", timeout=60) as response:
+        assert response.status == 200 and b"swagger" in response.read().lower()
+
+
 def test_chunked_uploads_are_read_only_up_to_the_limit(served):
     """Without a Content-Length (Transfer-Encoding: chunked) an upload is read until it passes
     --max-upload-mb, then refused (413): over loopback, and chunk by chunk in the replica's reader."""
@@ -119,7 +186,8 @@ def test_serve_options_and_models_it_cannot_serve(predict_models, tmp_path, caps
 def test_serve_yaml_deploys_as_serve_deploy_builds_it(served, predict_models):
     """serve.yaml's application, built as `serve deploy` / `serve run serve.yaml` (and KubeRay's
     serveConfigV2) build it: its import_path's builder called with its args (here the test's MODEL_DIR,
-    on CPU), deployed beside the first app; an upload gets predict's label and score."""
+    on CPU), deployed beside the first app under /config; an upload to /config (no slash: not redirected)
+    gets predict's label and score."""
     import importlib
 
     import yaml
@@ -134,7 +202,8 @@ def test_serve_yaml_deploys_as_serve_deploy_builds_it(served, predict_models):
     application = call_user_app_builder_with_args_if_necessary(builder, args)
     serve.run(application, name="from-config", route_prefix="/config")
     good = served["predicted"][0]
-    status, answer = _post(served["url"].rstrip("/") + "/config", open(good["path"], "rb").read())
+    data = open(good["path"], "rb").read()
+    status, answer = _post(served["url"].rstrip("/") + "/config", data)  # the prefix itself, no 307
     assert status == 200 and answer["label"] == good["predicted_label"]
     assert answer["score"] == pytest.approx(good["score"], abs=1e-4)
     serve.delete("from-config")
