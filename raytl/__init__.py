@@ -21,11 +21,47 @@ options fail with one ConfigError sentence before anything heavy loads.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from raytl import config as _config
 from raytl.version import VERSION as __version__  # noqa: F401 (the package's version, `raytl.__version__`)
 
+F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _options(config: type, **renamed: str) -> Callable[[F], F]:
+    """Give an API function the keywords of its config's options, from the config itself (their one home):
+    `inspect.signature`, `help()`, IDEs and Tab completion show them with their defaults and help texts.
+    `renamed`: a positional argument that fills a differently named field (predict's `input` is `source`)."""
+
+    def decorate(function: F) -> F:
+        signature = inspect.signature(function)
+        given = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        taken = {p.name for p in given} | set(renamed.values())
+        options = [f for f in dataclasses.fields(config) if "help" in f.metadata and f.name not in taken]
+        keywords = [
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=_plain(f.default), annotation=f.type
+            )
+            for f in options
+        ]
+        function.__signature__ = signature.replace(parameters=[*given, *keywords])  # type: ignore[attr-defined]
+        lines = [f"    {f.name}={_plain(f.default)!r}: {f.metadata['help']}" for f in options]
+        function.__doc__ = f"{function.__doc__}\n\nOptions (the CLI's, as keywords):\n" + "\n".join(lines)
+        return function
+
+    return decorate
+
+
+def _plain(default: Any) -> Any:
+    """A default as a caller passes it: a choice's string (`device="auto"`), else the value."""
+    return str(default) if isinstance(default, _config.Choice) else default
+
+
+@_options(_config.ExtractConfig)
 def extract(source: str | None, output: str, **options: Any) -> dict[str, Any]:
     """`raytl extract SOURCE OUTPUT`: embed every image under SOURCE (None with manifest=...) into OUTPUT
     as Parquet; returns the summary (also OUTPUT/_summary.json)."""
@@ -37,6 +73,7 @@ def extract(source: str | None, output: str, **options: Any) -> dict[str, Any]:
     return command.run(config)
 
 
+@_options(_config.TrainConfig)
 def train(embeddings: str, model_dir: str, **options: Any) -> dict[str, Any]:
     """`raytl train EMBEDDINGS MODEL_DIR`: fit a linear probe; returns the metrics (also in MODEL_DIR)."""
     from raytl.config import TrainConfig
@@ -47,6 +84,7 @@ def train(embeddings: str, model_dir: str, **options: Any) -> dict[str, Any]:
     return command.run(config)
 
 
+@_options(_config.CurveConfig)
 def curve(embeddings: str, output: str, **options: Any) -> dict[str, Any]:
     """`raytl curve EMBEDDINGS OUT`: the probe's few-shot learning curve (accuracy against labels per class);
     returns it (also OUT/curve.json)."""
@@ -58,6 +96,7 @@ def curve(embeddings: str, output: str, **options: Any) -> dict[str, Any]:
     return command.run(config)
 
 
+@_options(_config.SelectConfig)
 def select(embeddings: str, output: str, **options: Any) -> dict[str, Any]:
     """`raytl select EMBEDDINGS OUT --budget N`: which unlabelled rows to label next, written to OUT as a
     manifest (path, rank, score, strategy); returns the summary."""
@@ -69,6 +108,7 @@ def select(embeddings: str, output: str, **options: Any) -> dict[str, Any]:
     return command.run(config)
 
 
+@_options(_config.AuditConfig)
 def audit(embeddings: str, output: str, **options: Any) -> dict[str, Any]:
     """`raytl audit EMBEDDINGS OUT`: likely label errors, near-duplicate groups and train/validation leakage,
     written to OUT as Parquet tables and audit.html; returns the summary (also OUT/audit.json)."""
@@ -80,6 +120,7 @@ def audit(embeddings: str, output: str, **options: Any) -> dict[str, Any]:
     return command.run(config)
 
 
+@_options(_config.FinetuneConfig)
 def finetune(source: str | None, model_dir: str, **options: Any) -> dict[str, Any]:
     """`raytl finetune SOURCE MODEL_DIR`: fine-tune VGG16 (or `model=`) with a new head (resumes a run in
     MODEL_DIR); returns the metrics."""
@@ -91,6 +132,7 @@ def finetune(source: str | None, model_dir: str, **options: Any) -> dict[str, An
     return command.run(config)
 
 
+@_options(_config.PredictConfig, input="source")
 def predict(model_dir: str, input: str | None, output: str, **options: Any) -> dict[str, Any]:
     """`raytl predict MODEL_DIR INPUT OUTPUT`: classify embeddings or images (None with manifest=...);
     returns the summary (also OUTPUT/_summary.json)."""
@@ -102,6 +144,7 @@ def predict(model_dir: str, input: str | None, output: str, **options: Any) -> d
     return command.run(config)
 
 
+@_options(_config.ExportConfig)
 def export(model_dir: str, output: str, **options: Any) -> dict[str, Any]:
     """`raytl export MODEL_DIR OUT`: the model as one torch.export file (.pt2) that plain PyTorch loads;
     returns the summary."""
@@ -113,6 +156,7 @@ def export(model_dir: str, output: str, **options: Any) -> dict[str, Any]:
     return command.run(config)
 
 
+@_options(_config.ServeConfig)
 def serve(model_dir: str, **options: Any) -> dict[str, Any]:
     """`raytl serve MODEL_DIR`: deploy the model on Ray Serve (HTTP: POST an image, get JSON) and return
     once it is ready, with its URL; it serves until `ray.serve.delete(name)` or the end of Ray."""
@@ -124,6 +168,7 @@ def serve(model_dir: str, **options: Any) -> dict[str, Any]:
     return command.run(config)
 
 
+@_options(_config.EmbedConfig)
 def embed(dataset: Any, **options: Any) -> Any:
     """A Ray Dataset you already have (e.g. `ray.data.read_images`, `ray.data.from_huggingface`) -> a lazy
     Ray Dataset of the same rows with `embedding` (float32, extract's preprocessing and backbone) and

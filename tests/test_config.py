@@ -228,6 +228,38 @@ def test_python_api_keywords_are_the_flags():
         raytl.embed(None, source="x")
 
 
+def test_python_api_signatures_list_every_option_from_its_config():
+    """inspect.signature (what help(), IDEs and Tab completion read) shows each function's options as
+    keywords, made from its config: the same names, defaults (a choice as its string) and help texts;
+    `import raytl` still loads neither torch nor Ray."""
+    import dataclasses
+    import inspect
+
+    import raytl
+    from raytl import config
+
+    verbs = {"extract": config.ExtractConfig, "train": config.TrainConfig, "curve": config.CurveConfig,
+             "select": config.SelectConfig, "audit": config.AuditConfig, "finetune": config.FinetuneConfig,
+             "predict": config.PredictConfig, "export": config.ExportConfig, "serve": config.ServeConfig,
+             "embed": config.EmbedConfig}  # fmt: skip
+    for verb, config_class in verbs.items():
+        function = getattr(raytl, verb)
+        parameters = inspect.signature(function).parameters
+        keywords = {n: p for n, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        options = {f.name: f for f in dataclasses.fields(config_class) if "help" in f.metadata}
+        positional = [n for n, p in parameters.items() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+        renamed = {"source"} if verb == "predict" else set()  # predict's INPUT fills `source`
+        assert set(keywords) == set(options) - set(positional) - renamed, verb
+        for name, parameter in keywords.items():
+            default = options[name].default
+            assert parameter.default == (str(default) if isinstance(default, config.Choice) else default)
+            assert f"    {name}={parameter.default!r}: {options[name].metadata['help']}" in function.__doc__
+    assert list(inspect.signature(raytl.predict).parameters)[:3] == ["model_dir", "input", "output"]
+    assert inspect.signature(raytl.extract).parameters["image_size"].default is None
+    assert inspect.signature(raytl.extract).parameters["device"].default == "auto"
+    assert heavy_modules_after("raytl", ("torch", "torchvision", "ray", "pyarrow", "numpy")) == []
+
+
 def test_an_option_shared_by_verbs_is_declared_once_in_its_group():
     """Options that mean the same in every verb (the backbone, image limits, tracking, workers, ...) live in
     one option group each, with one default, one help text and one check; only these names are declared by
