@@ -13,6 +13,7 @@ The Python API runs what the CLI runs, with the CLI's options as keywords (`--im
     raytl.finetune("s3://bucket/images", "s3://bucket/models/ft", epochs=5)
     raytl.export("s3://bucket/models/ft", "model.pt2")  # for plain PyTorch, raytl not needed
     raytl.serve("s3://bucket/models/ft", replicas=2)  # HTTP on Ray Serve: POST an image, get JSON
+    raytl.load("s3://bucket/models/ft").predict([open("cat.jpg", "rb").read()])  # in this process, no Ray
     rows = raytl.embed(ray.data.read_images("s3://bucket/images"))  # a Ray Dataset with `embedding`
 
 Nothing heavy is imported until a function runs (`import raytl` loads neither torch nor Ray), and bad
@@ -166,6 +167,17 @@ def serve(model_dir: str, **options: Any) -> dict[str, Any]:
     from raytl.commands import serve as command
 
     return command.run(config)
+
+
+@_options(_config.LoadConfig)
+def load(model_dir: str, **options: Any) -> Any:
+    """A trained MODEL_DIR (a probe or a fine-tuned network) in this process, no Ray: a Predictor whose
+    `predict(images)` takes encoded files (bytes), uint8 arrays, PIL images or {"bytes": ...} dicts and
+    returns one {"label", "score", "scores"} an image, as `raytl predict` and `raytl serve` score them."""
+    config = _config.LoadConfig.create(model_dir=model_dir, **options)
+    from raytl.modeling.predictor import Predictor
+
+    return Predictor(config)
 
 
 @_options(_config.EmbedConfig)

@@ -1032,6 +1032,17 @@ REPLICAS = (
 
 
 @dataclass(frozen=True)
+class LoadConfig(Validated, MovedWeights, ImageLimits, Placement, paths=("model_dir",)):
+    """A trained model in this process (`raytl.load`); build with `LoadConfig.create` to validate."""
+
+    model_dir: str
+
+    def validate(self) -> None:
+        if not self.model_dir:
+            raise ConfigError("load takes MODEL_DIR, and it may not be empty.")
+
+
+@dataclass(frozen=True)
 class ServeConfig(Validated, MovedWeights, ImageLimits, Placement, paths=("model_dir",)):
     """Everything `raytl serve` needs; build with `ServeConfig.create` to validate."""
 

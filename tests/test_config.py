@@ -241,7 +241,7 @@ def test_python_api_signatures_list_every_option_from_its_config():
     verbs = {"extract": config.ExtractConfig, "train": config.TrainConfig, "curve": config.CurveConfig,
              "select": config.SelectConfig, "audit": config.AuditConfig, "finetune": config.FinetuneConfig,
              "predict": config.PredictConfig, "export": config.ExportConfig, "serve": config.ServeConfig,
-             "embed": config.EmbedConfig}  # fmt: skip
+             "embed": config.EmbedConfig, "load": config.LoadConfig}  # fmt: skip
     for verb, config_class in verbs.items():
         function = getattr(raytl, verb)
         parameters = inspect.signature(function).parameters

@@ -47,6 +47,45 @@ def test_images_and_embeddings_give_the_same_predictions(trained, model):
     )
 
 
+def same_answers(a: list[dict], b: list[dict]) -> bool:
+    """The same labels, scores within float rounding (batches of other sizes)."""
+    return [x["label"] for x in a] == [y["label"] for y in b] and all(
+        x["scores"] == pytest.approx(y["scores"], abs=1e-5) for x, y in zip(a, b, strict=True)
+    )
+
+
+@pytest.mark.parametrize("model", ["model", "model-svm"])
+def test_raytl_load_predicts_in_process_as_predict_does(trained, model, tmp_path):
+    """raytl.load(MODEL_DIR).predict(...) without Ray: file bytes, uint8 arrays and PIL images of the same
+    images get predict's labels and scores (logreg: probability; SVM: margin); top_k keeps the best class;
+    an image that cannot be used, a bad option and a MODEL_DIR that is not one are one sentence each."""
+    from PIL import Image, ImageOps
+
+    from raytl.errors import ConfigError, ImageError, StorageError
+
+    raytl.predict(str(trained / model), str(trained / "corpus"), str(tmp_path / "pred"))
+    rows = pq.read_table(tmp_path / "pred").to_pylist()
+    predictor = raytl.load(str(trained / model))
+    files = [open(r["path"], "rb").read() for r in rows]
+    answers = predictor.predict(files, batch_size=8)
+    assert [a["label"] for a in answers] == [r["predicted_label"] for r in rows]
+    assert [a["score"] for a in answers] == pytest.approx([r["score"] for r in rows], abs=1e-4)
+    assert all(a["scores"][a["label"]] == a["score"] and set(a["scores"]) == {"cat", "dog"} for a in answers)
+    pictures = [Image.open(r["path"]) for r in rows[:4]]
+    assert same_answers(predictor.predict(pictures), answers[:4])
+    jpeg = next(i for i, r in enumerate(rows) if r["path"].endswith(".jpg"))
+    pixels = np.asarray(ImageOps.exif_transpose(Image.open(rows[jpeg]["path"])).convert("RGB"))
+    assert same_answers(predictor.predict([pixels]), answers[jpeg : jpeg + 1])  # the decoded file, as pixels
+    (best,) = predictor.predict(files[:1], top_k=1)
+    assert best["scores"] == {best["label"]: best["score"]}
+    with pytest.raises(ImageError, match="^image 1 is not a usable image: "):
+        predictor.predict([files[0], b"not an image"])
+    with pytest.raises(ConfigError, match="--device must be one of"):
+        raytl.load(str(trained / model), device="tpu")
+    with pytest.raises(StorageError, match="holds no raytl model"):
+        raytl.load(str(tmp_path / "none"))
+
+
 @pytest.mark.parametrize("model", ["model", "model-svm"])
 def test_an_exported_model_scores_images_as_predict_does_without_raytl(trained, model, tmp_path, capsys):
     """raytl export -> one .pt2 that plain torch loads (raytl never imported) and runs on the images' uint8

@@ -48,6 +48,7 @@ api = FastAPI(
     description="POST an image (the body, a multipart `file` field or base64 JSON): its label and scores.",
 )
 
+
 class _PrefixItself:
     """A request to the route prefix itself (`/classify`, not `/classify/`) reaches the `/` routes: Serve
     mounts the app under its prefix, and Starlette would answer it with a 307 to the slashed path (which
@@ -126,17 +127,10 @@ class Classifier:
     """A replica: the model on this replica's device, batched scoring, one JSON answer per upload."""
 
     def __init__(self, config: ServeConfig, device: Device = Device.AUTO) -> None:
-        from raytl.cluster.pipeline import Stages
-        from raytl.modeling import portable
-        from raytl.modeling.classifier import Model
-        from raytl.vision.models import model_device
+        from raytl.modeling.predictor import Predictor
 
-        model = Model.load(config.model_dir)
-        self.classes = model.classes
-        self.device = model_device(device)  # application: cpu unless Ray gave the replica a GPU
-        self.network = portable.build(model, config.model_dir, config.weights).to(self.device)
-        # The crop (and --decode draft) as the model's embeddings were made, as predict makes it.
-        self.transform = Stages.of(model.backbone, max_pixels=config.max_pixels, decode_batch=1).transform
+        self.predictor = Predictor(config, device)  # application: cpu unless Ray gave the replica a GPU
+        self.transform = self.predictor.transform  # the crop as the model's embeddings were made
         self.max_bytes = int(config.max_upload_mb * 1024**2)
         self.max_upload_mb = config.max_upload_mb
         # Ray's stubs type a @serve.batch method as a plain coroutine function, without its setters.
@@ -189,14 +183,7 @@ class Classifier:
             return 415, {"error": f"the upload is not a usable image: {exc}."}
         except Exception as exc:  # a decoder bug on a hostile upload must not take the replica down
             return 415, {"error": f"the upload could not be decoded: {type(exc).__name__}: {exc}."}
-        scores = await self.scores(crop)
-        order = np.argsort(-scores, kind="stable")[:top_k] if top_k else range(len(self.classes))
-        best = int(np.argmax(scores))
-        return 200, {
-            "label": self.classes[best],
-            "score": float(scores[best]),
-            "scores": {self.classes[i]: float(scores[i]) for i in order},
-        }
+        return 200, self.predictor.answer(await self.scores(crop), top_k)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def scores(self, crops: list[np.ndarray]) -> list[np.ndarray]:
@@ -204,10 +191,7 @@ class Classifier:
         return list(await asyncio.to_thread(self._forward, np.stack(crops)))
 
     def _forward(self, crops: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return self.network(torch.from_numpy(crops).to(self.device)).float().cpu().numpy()
+        return self.predictor.scores(crops)
 
     def _too_large(self, size: int, over: bool = False) -> str:
         size_text = f"over {size - 1:,}" if over else f"{size:,}"
