@@ -177,7 +177,7 @@ def load(model_dir: str, **options: Any) -> Any:
     config = _config.LoadConfig.create(model_dir=model_dir, **options)
     from raytl.modeling.predictor import Predictor
 
-    return Predictor(config)
+    return Predictor.load(config)
 
 
 @_options(_config.EmbedConfig)

@@ -129,7 +129,7 @@ class Classifier:
     def __init__(self, config: ServeConfig, device: Device = Device.AUTO) -> None:
         from raytl.modeling.predictor import Predictor
 
-        self.predictor = Predictor(config, device)  # application: cpu unless Ray gave the replica a GPU
+        self.predictor = Predictor.load(config, device)  # application: cpu unless Ray gave the replica a GPU
         self.transform = self.predictor.transform  # the crop as the model's embeddings were made
         self.max_bytes = int(config.max_upload_mb * 1024**2)
         self.max_upload_mb = config.max_upload_mb

@@ -3,13 +3,20 @@ saves for plain PyTorch and what `raytl serve` runs in its replicas."""
 
 from __future__ import annotations
 
+import io
+import json
+from typing import Any
+
 import torch
 from torch import nn
 
 from raytl.errors import ConfigError
 from raytl.files import storage
 from raytl.modeling.classifier import Model, backbone_weights
+from raytl.version import VERSION
 from raytl.vision.models import from_state_dict
+
+INFO_FILE = "raytl.json"  # the extra file inside an exported program: `describe`
 
 
 class Portable(nn.Module):
@@ -60,3 +67,51 @@ def build(model: Model, model_dir: str, weights: str | None = None) -> Portable:
     state = backbone_weights(model, model_dir, weights)
     trunk = from_state_dict(backbone.model, state.state_dict, backbone.layer, backbone.pool)
     return Portable(trunk, model, backbone.image_size).eval()
+
+
+def export(model: Model, model_dir: str, weights: str | None = None) -> tuple[bytes, dict[str, Any]]:
+    """The model as torch.export's ExportedProgram (a `.pt2` file's bytes, any batch size) with `describe`
+    inside as raytl.json; and that description."""
+    network = build(model, model_dir, weights)
+    size = network.image_size
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.export.export(network, (example,), dynamic_shapes={"images": {0: batch}})
+    info = describe(model, model_dir)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={INFO_FILE: json.dumps(info, indent=2)})
+    return buffer.getvalue(), info
+
+
+def describe(model: Model, model_dir: str) -> dict[str, Any]:
+    """An exported program's raytl.json: what goes in, what comes out, and how the images must be prepared."""
+    backbone = model.backbone
+    size, resize, interpolation = backbone.image_size, backbone.resize, backbone.interpolation
+    return {
+        "format": "raytl-export/1",
+        "raytl": VERSION,
+        "torch": torch.__version__,
+        "input": f"uint8 RGB crops, shape (N, {size}, {size}, 3), prepared as `preprocessing` says",
+        "scores": "SVM margins" if model.info.svm else "softmax probabilities",
+        "classes": model.classes,
+        "preprocessing": {
+            "steps": [
+                "EXIF orientation applied, converted to RGB",
+                f"shorter side resized to {resize} px ({interpolation}, antialiased)",
+                f"centre crop of {size} x {size} px",
+            ],
+            "resize": resize,
+            "crop": size,
+            "interpolation": interpolation,
+            # extract's --decode (draft: a JPEG at least twice the resize decoded at 1/2, 1/4 or 1/8 scale)
+            "decode": str(backbone.decode),
+            # inside the program: pixels / 255, then these per channel
+            "mean": list(backbone.mean),
+            "std": list(backbone.std),
+        },
+        "precision": "fp32",
+        "model": {k: v for k, v in model.info.to_json(model.classes).items() if k != "backbone"},
+        "backbone": model.info.recorded_backbone,  # as recorded (checked into `model.backbone`)
+        "model_dir": storage.redact(model_dir),
+    }

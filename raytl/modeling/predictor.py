@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,19 +19,39 @@ from raytl.vision.preprocess import Transform
 
 
 class Predictor:
-    """The model's backbone and head (`modeling.portable`, what `raytl export` saves: fp32, eval mode) on
+    """A classifier of uint8 crops (`modeling.portable`, what `raytl export` saves: fp32, eval mode) on
     `device`, with the crop its embeddings were made with (extract's preprocessing, --decode draft
     included). `predict(images)`: encoded files (bytes), uint8 arrays (H, W) or (H, W, C), PIL images or
-    {"bytes": ...} dicts -> one {"label", "score", "scores"} an image, `score` as in predict's output."""
+    {"bytes": ...} dicts -> one {"label", "score", "scores"} an image, `score` as in predict's output.
+    Made from a MODEL_DIR (`load`) or from an exported program (`from_program`: the MLflow model)."""
 
-    def __init__(self, config: LoadConfig | ServeConfig, device: Device | None = None) -> None:
+    def __init__(self, network: Any, classes: list[str], transform: Transform, device: torch.device) -> None:
+        self.network, self.classes, self.transform, self.device = network, classes, transform, device
+
+    @classmethod
+    def load(cls, config: LoadConfig | ServeConfig, device: Device | None = None) -> Predictor:
+        """MODEL_DIR's model on `device` (default: the config's)."""
         model = Model.load(config.model_dir)
-        self.classes: list[str] = list(model.classes)
-        self.device = model_device(device or config.device)  # serve: its replica's (a GPU if Ray gave one)
-        self.network = portable.build(model, config.model_dir, config.weights).to(self.device)
+        on = model_device(device or config.device)  # serve: its replica's (a GPU if Ray gave one)
+        network = portable.build(model, config.model_dir, config.weights).to(on)
         b = model.backbone
-        draft = b.decode == Decode.DRAFT
-        self.transform = Transform(b.image_size, b.resize, config.max_pixels, b.interpolation, draft)
+        transform = Transform(
+            b.image_size, b.resize, config.max_pixels, b.interpolation, b.decode == Decode.DRAFT
+        )
+        return cls(network, list(model.classes), transform, on)
+
+    @classmethod
+    def from_program(cls, path: str) -> Predictor:
+        """A `.pt2` that `raytl export` wrote (its raytl.json gives the classes and the crop), on the CPU."""
+        extra = {portable.INFO_FILE: ""}
+        program = torch.export.load(path, extra_files=extra)
+        info = json.loads(extra[portable.INFO_FILE])
+        pre = info["preprocessing"]
+        transform = Transform(
+            int(pre["crop"]), int(pre["resize"]), interpolation=pre["interpolation"],
+            draft=pre.get("decode") == str(Decode.DRAFT),
+        )  # fmt: skip
+        return cls(program.module(), list(info["classes"]), transform, torch.device("cpu"))
 
     def scores(self, crops: np.ndarray) -> np.ndarray:
         """uint8 crops (N, S, S, 3) -> float32 (N, classes): probabilities, or an SVM's margins."""
