@@ -332,6 +332,10 @@ class Tracking:
     mlflow_uri: str | None = option(None, MLFLOW_URI)
     mlflow_experiment: str = option("raytl", "MLflow experiment of the run (made if missing)")
     mlflow_run_name: str | None = option(None, MLFLOW_RUN_NAME)
+    mlflow_register: str | None = option(
+        None, "register the run's MLflow model under this name in MLflow's model registry (a new version "
+        "each run; default: logged, not registered)",
+    )  # fmt: skip
 
     def check_group(self) -> None:
         """--mlflow-uri needs MLflow's client (an extra); the experiment needs a name."""
@@ -343,6 +347,8 @@ class Tracking:
             )
         if not self.mlflow_experiment:
             raise ConfigError("--mlflow-experiment is empty: name the MLflow experiment to log the run in.")
+        if self.mlflow_register is not None and not self.mlflow_register.strip():
+            raise ConfigError("--mlflow-register is empty: name the registered model, or leave it out.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -208,9 +208,12 @@ def test_the_resumed_run_continues_its_mlflow_run(resumed_run):
         assert sorted(latest) == [h["epoch"] for h in history], key
         assert [latest[h["epoch"]][1] for h in history] == pytest.approx([h[key] for h in history]), key
     assert run.data.metrics["accuracy"] == pytest.approx(resumed_run["metrics"]["accuracy"])
-    assert {"metrics.json", "report.html", "report"} == {
+    assert {"model.json", "model.pt", "metrics.json", "report.html", "report"} == {
         a.path for a in client.list_artifacts(run.info.run_id)
-    }
+    }  # backbone.pt is inside the MLflow model's program
+    (logged,) = run.outputs.model_outputs
+    model = client.get_logged_model(logged.model_id)
+    assert model.status == "READY" and model.source_run_id == run.info.run_id
 
 
 def test_model_dir_in_s3_holds_what_predict_needs(resumed_run):

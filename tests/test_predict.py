@@ -301,3 +301,57 @@ def test_a_gpu_decoded_model_predicts_tar_shards_decoded_on_cpu(trained, tmp_pat
     assert gpu["predicted"] == cpu["predicted"] == len(files) and gpu["failed"] == 0
     a, b = pq.read_table(tmp_path / "p-gpu").to_pylist(), pq.read_table(tmp_path / "p-cpu").to_pylist()
     assert sorted(map(str, a)) == sorted(map(str, b))
+
+
+def test_train_logs_and_registers_an_mlflow_model_that_predicts_as_predict_does(trained, tmp_path, caplog):
+    """train --mlflow-register: the run's MLflow model (pyfunc over the exported program, its code a file,
+    no pickle) loads with MLflow's own client from the registry and from runs:/ID/model and labels image
+    files as raytl predict does; its signature, requirements and MODEL_DIR's files are in the run. An
+    RBF-kernel SVM, which has no program, gets a warning and a finished run without a model."""
+    import logging
+
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from raytl.version import VERSION
+
+    uri, model_dir = str(tmp_path / "mlruns"), str(tmp_path / "model")
+    options = dict(backend="sklearn", val_fraction=0.25, mlflow_uri=uri)
+    raytl.train(str(trained / "emb"), model_dir, mlflow_register="pets", **options)
+    raytl.predict(model_dir, str(trained / "corpus"), str(tmp_path / "pred"))
+    rows = pq.read_table(tmp_path / "pred").to_pylist()
+    images = pd.DataFrame({"image": [open(r["path"], "rb").read() for r in rows]})
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("raytl").experiment_id])
+    assert run.info.status == "FINISHED" and len(run.outputs.model_outputs) == 1
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "model.json", "model.pt", "metrics.json", "report.html", "report"
+    }  # fmt: skip
+    (version,) = client.search_model_versions("name='pets'")
+    assert int(version.version) == 1 and version.run_id == run.info.run_id
+    with _use_tracking_uri(uri):
+        for model_uri in ("models:/pets/1", f"runs:/{run.info.run_id}/model"):
+            model = mlflow.pyfunc.load_model(model_uri)
+            got = model.predict(images)
+            assert list(got.columns) == ["label", "score"] and len(got) == len(rows) == 52
+            assert list(got["label"]) == [r["predicted_label"] for r in rows]
+            np.testing.assert_allclose(got["score"], [r["score"] for r in rows], atol=1e-4)
+        signature = model.metadata.signature
+        assert signature.inputs.input_names() == ["image"]
+        assert signature.outputs.input_names() == ["label", "score"]
+        files = client.get_logged_model(run.outputs.model_outputs[0].model_id).artifact_location
+        local = mlflow.artifacts.download_artifacts(files, dst_path=str(tmp_path / "logged"))
+    names = {p.name for p in (tmp_path / "logged").rglob("*")}
+    assert {"MLmodel", "mlflow_code.py", "model.pt2", "input_example.json"} <= names
+    assert not any(n.endswith(".pkl") for n in names)  # the model is code, not a pickle
+    requirements = open(f"{local}/requirements.txt").read().split()
+    assert f"raytl=={VERSION}" in requirements and any(r.startswith("torch==") for r in requirements)
+
+    with caplog.at_level(logging.WARNING):
+        raytl.train(str(trained / "emb"), str(tmp_path / "rbf"), kernel="rbf", head="svm", **options)
+    assert "The MLflow run gets no model: MODEL_DIR" in caplog.text and "RBF-kernel SVM" in caplog.text
+    runs = client.search_runs(
+        [client.get_experiment_by_name("raytl").experiment_id], "attributes.run_name = 'rbf'"
+    )
+    assert runs[0].info.status == "FINISHED" and not runs[0].outputs.model_outputs

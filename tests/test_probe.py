@@ -124,7 +124,10 @@ def test_the_run_is_in_mlflow_with_its_options_epochs_and_files(ray_run, data, t
     assert run.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
     assert run.data.metrics["macro_f1"] == pytest.approx(metrics["macro_f1"])
     assert run.data.metrics["best_epoch"] == metrics["best_epoch"]
-    assert {a.path for a in client.list_artifacts(run_id)} == {"metrics.json", "report.html", "report"}
+    assert {a.path for a in client.list_artifacts(run_id)} == {
+        "model.json", "model.pt", "metrics.json", "report.html", "report"
+    }  # fmt: skip
+    assert len(run.outputs.model_outputs) == 1  # the MLflow model (test_predict loads one)
     figures = {a.path for a in client.list_artifacts(run_id, "report")}
     assert figures == {
         f"report/{n}.png" for n in ("confusion", "per_class", "curves", "pca", "misclassified")

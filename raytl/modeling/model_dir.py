@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
-from raytl.config import Decode, Layer, Pool, Precision
+from raytl.config import Decode, Layer, Pool, Precision, Tracking
 from raytl.errors import ConfigError, StorageError
 from raytl.files import storage
 from raytl.vision.models import IMAGENET_MEAN, IMAGENET_STD, VGG16, preset
@@ -72,7 +72,7 @@ def write_json(model_dir: str, name: str, data: dict) -> None:
 # --- a run in MODEL_DIR: a new one, the unfinished one resumed, or a finished model kept ------------------
 
 # The options that do not change what a run trains: how hard to try, and where it is tracked.
-_NOT_RUN_OPTIONS = ("overwrite", "max_failures", "mlflow_uri", "mlflow_experiment", "mlflow_run_name")
+_NOT_RUN_OPTIONS = ("overwrite", "max_failures", *(f.name for f in fields(Tracking)))
 
 
 def run_options(config: Any) -> dict[str, Any]:

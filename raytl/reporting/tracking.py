@@ -20,9 +20,11 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
+from raytl.config import Tracking
+from raytl.errors import RaytlError
 from raytl.files import storage
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_T
 # cluster's): MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set.
 _FORWARDED = ("MLFLOW_ALLOW_FILE_STORE", *_HTTP_DEFAULTS)
 _PARAM_CHARS = 6000  # MLflow's limit on a param's value
-_OWN_OPTIONS = ("mlflow_uri", "mlflow_experiment", "mlflow_run_name", "overwrite")
+_OWN_OPTIONS = ("overwrite", *(f.name for f in fields(Tracking)))
 MODEL_DIR_TAG, COMMAND_TAG = "raytl.model_dir", "raytl.command"
 
 _failed: set[str] = set()  # runs whose tracking failed in this process: not tried again
@@ -49,6 +51,7 @@ class Tracker:
     uri: str | None = None
     run_id: str | None = None
     env: tuple[tuple[str, str], ...] = ()
+    register: str | None = None  # --mlflow-register
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         """An epoch's numbers (losses, accuracies, lr, workers, ...) at step = its epoch; rank 0 only."""
@@ -58,10 +61,33 @@ class Tracker:
         )
 
     def finish(self, model_dir: str, metrics: dict[str, Any]) -> None:
-        """The final metrics, MODEL_DIR's metrics.json, report.html and figures; the run marked finished."""
+        """The final metrics, MODEL_DIR's files and the MLflow model (registered with --mlflow-register);
+        the run marked finished."""
         self._safely("log the final metrics", lambda client: _log_metrics(client, self, _numbers(metrics)))
         self._safely("log MODEL_DIR's files", lambda client: _log_model_dir(client, self.run_id, model_dir))
+        if self.run_id is not None and self.run_id not in _failed:
+            self._log_model(model_dir)
         self.close("FINISHED")
+
+    def _log_model(self, model_dir: str) -> None:
+        """MODEL_DIR's model as the run's MLflow model (reporting/mlflow_model.py); a model that cannot be
+        one (an RBF-kernel SVM, backbone weights not found) costs a warning."""
+        from raytl.modeling import portable
+        from raytl.modeling.classifier import Model
+
+        try:
+            program, _ = portable.export(Model.load(model_dir), model_dir)
+        except RaytlError as exc:
+            log.warning("The MLflow run gets no model: %s", exc)
+            return
+        what = f"log the model{f' and register it as {self.register!r}' if self.register else ''}"
+
+        def log_model(client: Any) -> None:
+            from raytl.reporting import mlflow_model
+
+            mlflow_model.log(self.uri, str(self.run_id), program, self.register)
+
+        self._safely(what, log_model)
 
     def close(self, status: str) -> None:
         self._safely("close the run", lambda client: client.set_terminated(self.run_id, status))
@@ -128,7 +154,7 @@ def _open(command: str, config: Any, metadata: dict[str, Any], resume: bool) -> 
         _warn(uri, f"start a run in experiment {config.mlflow_experiment!r}", exc)
         return UNTRACKED
     log.info("MLflow run %s in experiment %r at %s", run_id, config.mlflow_experiment, storage.redact(uri))
-    return Tracker(uri, run_id, env)
+    return Tracker(uri, run_id, env, config.mlflow_register)
 
 
 def _start(client: Any, command: str, config: Any, metadata: dict[str, Any], resume: bool) -> str:
@@ -180,12 +206,20 @@ def _log_metrics(client: Any, tracker: Tracker, metrics: dict[str, float], step:
 
 
 def _log_model_dir(client: Any, run_id: str | None, model_dir: str) -> None:
-    """metrics.json, report.html and report/*.png, copied from MODEL_DIR (local or object storage)."""
-    from raytl.modeling.model_dir import FIGURES_DIR, METRICS_FILE, REPORT_FILE
+    """model.json, model.pt, kernel.skops, metrics.json, report.html and report/*.png, copied from MODEL_DIR
+    (local or object storage); a fine-tune's backbone.pt is in the MLflow model's program."""
+    from raytl.modeling.model_dir import (
+        FIGURES_DIR,
+        KERNEL_FILE,
+        METRICS_FILE,
+        MODEL_FILE,
+        MODEL_JSON,
+        REPORT_FILE,
+    )
 
     fs, root = storage.filesystem(model_dir)
     root = root.rstrip("/")
-    names = [METRICS_FILE, REPORT_FILE]
+    names = [MODEL_JSON, MODEL_FILE, KERNEL_FILE, METRICS_FILE, REPORT_FILE]
     names += [f"{FIGURES_DIR}/{p.rsplit('/', 1)[-1]}" for p in sorted(fs.glob(f"{root}/{FIGURES_DIR}/*.png"))]
     with tempfile.TemporaryDirectory() as directory:
         for name in names:
