@@ -127,7 +127,12 @@ def test_the_run_is_in_mlflow_with_its_options_epochs_and_files(ray_run, data, t
     assert {a.path for a in client.list_artifacts(run_id)} == {
         "model.json", "model.pt", "metrics.json", "report.html", "report"
     }  # fmt: skip
-    assert len(run.outputs.model_outputs) == 1  # the MLflow model (test_predict loads one)
+    # No MLflow model (test_predict loads one): these synthetic embeddings were made by no VGG16 (24-d).
+    assert not run.outputs.model_outputs
+    with pytest.raises(
+        ConfigError, match=r"takes 24-dimensional embeddings, but its backbone \(vgg16 at 32 px\) gives"
+    ):
+        raytl.export("s3://raytl-probe/models/probe", str(tmp_path / "m.pt2"))  # nor a program
     figures = {a.path for a in client.list_artifacts(run_id, "report")}
     assert figures == {
         f"report/{n}.png" for n in ("confusion", "per_class", "curves", "pca", "misclassified")
@@ -426,7 +431,7 @@ def test_ctrl_c_is_exit_130_and_the_same_command_resumes(ray_session, data, tmp_
     write(str(tmp_path / "emb"), data["x"], names(data["y"]))
     model_dir = tmp_path / "model"
     args = [sys.executable, "-m", "raytl", "train", str(tmp_path / "emb"), str(model_dir), "--workers", "1",
-            "--epochs", "30", "--patience", "30", "--batch-size", "16"]  # fmt: skip
+            "--epochs", "12", "--patience", "12", "--batch-size", "16"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines: list[str] = []
@@ -441,7 +446,7 @@ def test_ctrl_c_is_exit_130_and_the_same_command_resumes(ray_session, data, tmp_
     # its epochs ~2 s on an idle machine, so a wait could land before or after them. (Ray Train's abort then
     # takes ~9 s here, during which the epochs may run to the end: the run is unfinished all the same.)
     deadline = time.monotonic() + 180
-    while not any("train: epoch 2/30" in line for line in lines) and proc.poll() is None:
+    while not any("train: epoch 2/12" in line for line in lines) and proc.poll() is None:
         assert time.monotonic() < deadline, "".join(lines[-30:])
         time.sleep(0.02)
     assert proc.poll() is None, "".join(lines[-30:])

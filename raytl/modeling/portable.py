@@ -13,8 +13,9 @@ from torch import nn
 from raytl.errors import ConfigError
 from raytl.files import storage
 from raytl.modeling.classifier import Model, backbone_weights
+from raytl.modeling.model_dir import named
 from raytl.version import VERSION
-from raytl.vision.models import from_state_dict
+from raytl.vision.models import embedding_dim, from_state_dict
 
 INFO_FILE = "raytl.json"  # the extra file inside an exported program: `describe`
 
@@ -64,6 +65,13 @@ def build(model: Model, model_dir: str, weights: str | None = None) -> Portable:
     when they moved) and head as one module, in eval mode, in fp32."""
     check_linear(model, model_dir, "run")
     backbone = model.backbone
+    dim = embedding_dim(backbone.layer, backbone.pool, backbone.image_size, backbone.model)
+    takes = model.weight.shape[1]
+    if dim != takes:
+        raise ConfigError(
+            f"{named(model_dir)}'s head takes {takes}-dimensional embeddings, but its backbone "
+            f"({backbone.model} at {backbone.image_size} px) gives {dim}: they were made by another backbone."
+        )
     state = backbone_weights(model, model_dir, weights)
     trunk = from_state_dict(backbone.model, state.state_dict, backbone.layer, backbone.pool)
     return Portable(trunk, model, backbone.image_size).eval()

@@ -77,8 +77,9 @@ class Tracker:
 
         try:
             program, _ = portable.export(Model.load(model_dir), model_dir)
-        except RaytlError as exc:
-            log.warning("The MLflow run gets no model: %s", exc)
+        except Exception as exc:  # MODEL_DIR is written: whatever fails here costs the model nothing
+            reason = str(exc) if isinstance(exc, RaytlError) else storage.describe_error(exc)
+            log.warning("The MLflow run gets no model: %s", reason)
             return
         what = f"log the model{f' and register it as {self.register!r}' if self.register else ''}"
 
