@@ -8,6 +8,7 @@ import json
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_the_readme_example_runs(api_run):
     assert api_run["curve"]["points"][-1]["accuracy"] == pytest.approx(api_run["metrics"]["accuracy"])
     assert pq.read_table(api_run["tmp"] / "out" / "embeddings").num_rows == n
     first = api_run["first"]
-    assert first["embedding"].shape == (512,) and first["error"] == ""
+    assert len(first["embedding"]) == 512 and first["error"] == ""
     assert "image" not in first  # the images column is dropped
 
 
@@ -83,8 +84,9 @@ def test_embed_matches_torchvision_and_extract_for_bytes_arrays_and_bad_cells(ap
     items += [{"image": b"not an image", "name": "bad"}]
     weights = str(tmp / "vgg16.pt")
     # fp32: torchvision's computation (auto would be bf16 on CPUs with AMX or AVX-512-BF16)
-    embedded = raytl.embed(ray.data.from_items(items), weights=weights, image_size=64, precision="fp32")
-    got = {r["name"]: r for r in embedded.take_all()}
+    dataset = raytl.embed(ray.data.from_items(items), weights=weights, image_size=64, precision="fp32")
+    dataset = dataset.materialize()
+    got = {r["name"]: r for r in dataset.take_all()}
     assert set(got) == {*names, "bad"} and set(got["bad"]) == {"name", "embedding", "error"}
     assert got["bad"]["error"] == "not a recognised image format" and np.isnan(got["bad"]["embedding"]).all()
     expected = reference_embeddings(files, state, 64)
@@ -97,6 +99,18 @@ def test_embed_matches_torchvision_and_extract_for_bytes_arrays_and_bad_cells(ap
     by_path = {row["path"].rsplit("/images/", 1)[1]: row["embedding"] for row in table.to_pylist()}
     similar = cosine(embedded, np.array([by_path[name] for name in names], np.float32)).min()
     assert similar >= (0.999 if bf16 else 0.9999), similar
+    # Written by Ray Data, extract's embedding type and `raytl` metadata (how the embeddings were made).
+    dataset.write_parquet(str(tmp / "embedded"))
+    written = pq.read_table(tmp / "embedded")
+    assert written.schema.field("embedding").type == pa.list_(pa.float32(), 512)
+    assert sorted(written.column_names) == ["embedding", "error", "name"] and written.num_rows == len(items)
+    meta, extracted = (
+        json.loads(written.schema.metadata[b"raytl"]),
+        json.loads(table.schema.metadata[b"raytl"]),
+    )
+    assert set(meta) == set(extracted) - {"schemes", "precision_option"}
+    assert (meta["model"], meta["dim"], meta["image_size"], meta["precision"]) == ("vgg16", 512, 64, "fp32")
+    assert "vgg16.pt#sha256:" in meta["weights"] and meta["preprocessing"] == extracted["preprocessing"]
 
     pixels = ray.data.from_items([{"pixels": a} for a in rgb])
     arrays = raytl.embed(pixels, column="pixels", weights=weights, image_size=64, precision="fp32")

@@ -23,8 +23,9 @@ from images import (
 
 from raytl.cli import main
 from raytl.commands import extract
-from raytl.config import ExtractConfig
+from raytl.config import ExtractConfig, Precision
 from raytl.errors import ConfigError
+from raytl.vision.models import resolve_precision
 
 CLASSES = {"cat": [1, 2], "dog": [3]}
 
@@ -185,7 +186,13 @@ def test_default_precision_and_224px_against_torchvision(ray_session, tmp_path):
         )
         assert extract.run(config)["embedded"] == 3
         table = pq.read_table(out)
-        assert json.loads(table.schema.metadata[b"raytl"])["preprocessing"]["decode"] == decode
+        meta = json.loads(table.schema.metadata[b"raytl"])
+        assert meta["preprocessing"]["decode"] == decode
+        # the precision that ran, as this CPU's actors resolve auto; and what was asked when they differ
+        ran = str(resolve_precision(Precision(precision), torch.device("cpu")))
+        assert meta["precision"] == ran and meta.get("precision_option") == (
+            precision if ran != precision else None
+        )
         rows = {r["path"]: r["embedding"] for r in table.to_pylist()}
         got = np.array([rows[str(tmp_path / "src" / "x" / f"{i}.jpg")] for i in range(3)], np.float32)
         assert cosine(got, expected[size]).min() >= least, (precision, decode)

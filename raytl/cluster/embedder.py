@@ -16,6 +16,8 @@ import torch
 
 from raytl.config import Device, Layer, Pool, Precision
 from raytl.errors import ImageError
+from raytl.files import writer
+from raytl.files.writer import PRECISION
 from raytl.vision.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -109,6 +111,8 @@ class Embedder:
                 "label": _labels(batch["label"]),
                 "embedding": embedding,
                 "error": pa.array(batch["error"], pa.string()),
+                # what --precision auto became on this actor's device: the part writer records it
+                PRECISION: pa.repeat(pa.scalar(str(self.precision)), len(ok)),
             }
         )
 
@@ -207,9 +211,11 @@ def on_actors(
     options: Any,
     resources: Resources,
     device_decode: Transform | None = None,
+    **extra: Any,
 ) -> Any:
     """rows.map_batches(embedder) on the model actor pool (`actor_pool`). `options`: pipeline.Stages or
-    an EmbedConfig (model, layer, pool, precision, batch_size, num_actors, compile)."""
+    an EmbedConfig (model, layer, pool, precision, batch_size, num_actors, compile); `extra`: more of the
+    embedder's constructor arguments."""
     # The run executes with the context its first Dataset copied (and every Dataset made from it shares):
     # setting DataContext.get_current() now would not reach it.
     context = rows.context
@@ -234,6 +240,7 @@ def on_actors(
             "mean": preset(options.model).mean,
             "std": preset(options.model).std,
             "device": Device.CUDA if gpu else Device.CPU,  # as num_gpus says
+            **extra,
         },
         compute=pool,
         batch_size=batch_size,
@@ -266,16 +273,26 @@ def crops(batch: dict[str, np.ndarray], column: str, transform: Transform) -> di
 
 
 class DatasetEmbedder(Embedder):
-    """The model actor for raytl.embed: every column but the images kept, `embedding` (float32 (D,), NaN
-    for a row whose image could not be used, whose `error` says why) added."""
+    """The model actor for raytl.embed: every column but the images kept, `embedding` (extract's
+    fixed_size_list<float32>[D], NaN for a row whose image could not be used, whose `error` says why)
+    added, and extract's `raytl` schema metadata, with the precision this actor ran at."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # type: ignore[override]
+    def __init__(self, *args: Any, metadata: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metadata = writer.schema_metadata(writer.ran_at(metadata, self.precision))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:  # type: ignore[override]
+        from ray.data.block import BlockAccessor
+
         images = batch.pop(IMAGE)
         ok = batch[ERROR] == ""
         vectors = self.embed(images[ok])
-        embedding = np.full((len(ok), vectors.shape[1]), np.nan, dtype=np.float32)
-        embedding[ok] = vectors
-        return {**batch, "embedding": embedding}
+        dim = vectors.shape[1]
+        values = np.full((len(ok), dim), np.nan, dtype=np.float32)
+        values[ok] = vectors
+        table = BlockAccessor.batch_to_arrow_block(batch)  # the dataset's columns, as Ray Data makes them
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), dim)
+        return table.append_column("embedding", embedding).replace_schema_metadata(self.metadata)
 
 
 def embed_dataset(dataset: Any, config: Any) -> Any:
@@ -286,7 +303,6 @@ def embed_dataset(dataset: Any, config: Any) -> Any:
     from raytl.vision.models import embedding_dim, load_weights, resolved
 
     config = resolved(config)
-    embedding_dim(config.layer, config.pool, config.image_size, config.model)  # a size the model takes
     weights = load_weights(config.weights, config.layer, config.seed, config.model)
     found = preset(config.model, config.weights)
     transform = Transform(config.image_size, config.resize, config.max_pixels, found.interpolation)
@@ -297,5 +313,9 @@ def embed_dataset(dataset: Any, config: Any) -> Any:
         batch_format="numpy",
         num_cpus=1,
     )
+    from raytl.cluster.pipeline import Stages, embeddings_metadata
+
+    dim = embedding_dim(config.layer, config.pool, config.image_size, config.model)
+    metadata = embeddings_metadata(Stages.of(config, decode_batch=32), weights.id, dim)
     resources = Resources.of_cluster(config.device)
-    return on_actors(rows, DatasetEmbedder, ray.put(weights.state_dict), config, resources)
+    return on_actors(rows, DatasetEmbedder, ray.put(weights.state_dict), config, resources, metadata=metadata)

@@ -17,6 +17,7 @@ from raytl.files import storage
 ERRORS_DIR = "_errors"
 SUMMARY_FILE = "_summary.json"
 METADATA_KEY = b"raytl"
+PRECISION = "precision"  # the model actors' column of the precision they ran at (not written)
 ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string())])
 
 
@@ -24,8 +25,20 @@ def embeddings_schema(dim: int, metadata: dict) -> pa.Schema:
     """The contract: path, label, embedding fixed_size_list<float32>[D], metadata key `raytl`."""
     return pa.schema(
         [("path", pa.string()), ("label", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
-        metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()},
+        metadata=schema_metadata(metadata),
     )
+
+
+def schema_metadata(metadata: dict) -> dict[bytes, bytes]:
+    return {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}
+
+
+def ran_at(metadata: dict, precision: str) -> dict:
+    """The metadata with `precision` what the model actor ran at (--precision auto: bf16 or fp32 by its
+    hardware) and `precision_option` what was asked, when the two differ."""
+    if metadata.get("precision") == str(precision):
+        return metadata
+    return {**metadata, "precision": str(precision), "precision_option": metadata.get("precision")}
 
 
 def write_part(batch: pa.Table, output: str, schema: pa.Schema) -> pa.Table:
@@ -41,6 +54,11 @@ def write_part(batch: pa.Table, output: str, schema: pa.Schema) -> pa.Table:
     failed = batch.filter(pc.not_equal(batch.column("error"), ""))
     embedded = batch.filter(pc.equal(batch.column("error"), ""))
     if embedded.num_rows:
+        if PRECISION in embedded.column_names:  # a batch is one actor's: one precision
+            ran = embedded.column(PRECISION)[0].as_py()
+            schema = schema.with_metadata(
+                schema_metadata(ran_at(json.loads(schema.metadata[METADATA_KEY]), ran))
+            )
         rows = embedded.select(schema.names).cast(schema)
         storage.write_bytes(storage.join(output, name), _parquet(rows))
     if failed.num_rows:

@@ -191,7 +191,14 @@ def parse_backbone(raw: Any, where: str) -> Backbone:
         interpolation=str(interpolation),
         mean=_triple(pre.get("mean", list(IMAGENET_MEAN)), "backbone.preprocessing.mean", problems, 0.0),
         std=_triple(pre.get("std", list(IMAGENET_STD)), "backbone.preprocessing.std", problems, None),
-        precision=_choice(Precision, raw.get("precision", "auto"), "backbone.precision", problems)
+        # what extract was asked (`precision_option` where auto became bf16 or fp32): predict's actors
+        # resolve auto on their own hardware as extract's did on theirs
+        precision=_choice(
+            Precision,
+            raw.get("precision_option") or raw.get("precision", "auto"),
+            "backbone.precision",
+            problems,
+        )
         or Precision.AUTO,
         decode=_choice(Decode, pre.get("decode", "cpu"), "backbone.preprocessing.decode", problems)
         or Decode.CPU,
