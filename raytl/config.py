@@ -73,8 +73,9 @@ class Device(Choice):
 
 
 MODEL = (
-    "the backbone: vgg16, or any torchvision classification model by name (resnet50, convnext_tiny, "
-    "efficientnet_v2_s, vit_b_16, ...); its features are the input of its final classifier layer"
+    "the backbone: vgg16, any torchvision classification model by name (resnet50, convnext_tiny, "
+    "efficientnet_v2_s, vit_b_16, ...; its features are the input of its final classifier layer), or any "
+    "timm model as timm/NAME (timm/vit_small_patch14_dinov2.lvd142m, ...: its pooled features; raytl[timm])"
 )
 DEVICE = (
     "auto: GPUs if the cluster has some up at start; cuda: ask Ray for GPUs even when none is up (an "

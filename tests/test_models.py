@@ -457,3 +457,63 @@ def test_torchvision_weights_names_load_those_weights_with_their_preprocessing(t
         "--weights IMAGENET1K_FEATURES normalises images unlike vgg16's other weights",
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_timm_backbone_gives_timms_own_features_and_predicts_and_exports_as_the_others(backbones, tmp_path):
+    """--model timm/NAME (timm's tiny test ViT, seeded weights in a file): each embedding is what timm's own
+    model and eval transform compute (its pretrained config: 160 px, bicubic, crop_pct 0.95, mean 0.5), as
+    the metadata says; a probe on them predicts from the images as from the stored embeddings, and its
+    exported program (plain torch, timm not imported) scores the images the same."""
+    import pyarrow.parquet as pq
+    import timm
+    from images import reference_rgb
+
+    import raytl
+    from raytl.errors import ConfigError
+    from raytl.modeling.classifier import Model
+
+    name = "test_vit.r160_in1k"
+    torch.manual_seed(3)
+    network = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    torch.save(network.state_dict(), tmp_path / "w.pt")
+    out, model = str(tmp_path / "emb"), f"timm/{name}"
+    raytl.extract(backbones["uri"], out, model=model, weights=str(tmp_path / "w.pt"), precision="fp32")
+    table = pq.read_table(out)
+    meta = json.loads(table.schema.metadata[b"raytl"])
+    assert (meta["model"], meta["dim"], meta["image_size"], meta["layer"]) == (model, 64, 160, "penultimate")
+    pre = meta["preprocessing"]
+    assert (pre["resize"], pre["interpolation"], pre["mean"], pre["std"]) == (
+        168,
+        "bicubic",
+        [0.5] * 3,
+        [0.5] * 3,
+    )
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(network))
+    corpus = backbones["tmp"] / "corpus"
+    files = [(corpus / p.split("/corpus/", 1)[1]).read_bytes() for p in table["path"].to_pylist()]
+    with torch.no_grad():
+        expected = network(torch.stack([transform(reference_rgb(data)) for data in files])).numpy()
+    got = np.array(table["embedding"].to_pylist(), np.float32)
+    assert got.shape == (26, 64)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+    raytl.train(out, str(tmp_path / "probe"), backend="sklearn", val_fraction=0.25)
+    raytl.predict(str(tmp_path / "probe"), backbones["uri"], str(tmp_path / "pred"))
+    probe = Model.load(str(tmp_path / "probe"))
+    index, score = probe.predict(got)
+    stored = {
+        p: (probe.classes[i], s) for p, i, s in zip(table["path"].to_pylist(), index, score, strict=True)
+    }
+    rows = pq.read_table(tmp_path / "pred").to_pylist()
+    assert len(rows) == 26 and [r["predicted_label"] for r in rows] == [stored[r["path"]][0] for r in rows]
+    assert [r["score"] for r in rows] == pytest.approx([stored[r["path"]][1] for r in rows], abs=1e-4)
+    raytl.export(str(tmp_path / "probe"), str(tmp_path / "probe.pt2"))
+    crop = Transform(160, 168, interpolation="bicubic")
+    crops = np.stack([crop((corpus / r["path"].split("/corpus/", 1)[1]).read_bytes()) for r in rows])
+    exported = exported_scores(tmp_path / "probe.pt2", crops, tmp_path)
+    scores = np.array(exported["scores"])
+    assert exported["info"]["backbone"]["model"] == model and exported["raytl_imported"] == []
+    assert [probe.classes[i] for i in scores.argmax(1)] == [r["predicted_label"] for r in rows]
+    np.testing.assert_allclose(scores.max(1), [r["score"] for r in rows], atol=1e-4)
+    with pytest.raises(ConfigError, match="--model timm/no_such_net is not one of timm's models"):
+        raytl.extract(backbones["uri"], str(tmp_path / "none"), model="timm/no_such_net")

@@ -216,7 +216,7 @@ def _model(value: Any, problems: list[str]) -> str:
     try:
         preset(value)  # the registry's names only: never a download
     except ConfigError:
-        problems.append(f"backbone.model is {value!r}, not a torchvision classification model")
+        problems.append(f"backbone.model is {value!r}, not a torchvision classification model or timm/NAME")
     return value
 
 

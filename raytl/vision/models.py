@@ -1,6 +1,7 @@
-"""Backbones: VGG16 cut at pool5 / fc6 / fc7, or any torchvision classification model without its final
-classifier layer (resolved by name through torchvision's model registry); their weights, the
-preprocessing their weights expect, and the precision they run at."""
+"""Backbones: VGG16 cut at pool5 / fc6 / fc7, any torchvision classification model without its final
+classifier layer (resolved by name through torchvision's model registry), or any timm model as
+`timm/NAME` (PyTorch Image Models, `raytl[timm]`: `timm.create_model(NAME, num_classes=0)`, its pooled
+features); their weights, the preprocessing their weights expect, and the precision they run at."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from raytl.errors import ConfigError, WeightsError
 from raytl.files import storage
 
 VGG16 = "vgg16"  # the default backbone, with its own layers (--layer) and pooling (--pool)
+# --model timm/NAME: timm's model NAME, with its pretrained tag (timm/vit_small_patch14_dinov2.lvd142m)
+TIMM = "timm/"
+TIMM_INSTALL = 'pip install -c requirements/lock.txt "raytl[timm]"'
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -123,10 +127,51 @@ def preset(model: str, weights: str | None = "imagenet") -> Preset:
     """The preset of a torchvision classification model, by name, for its `--weights` (a torchvision weights
     name such as IMAGENET1K_V1 has its own sizes; anything else: the model's default weights'); one
     ConfigError sentence for a model or weights name torchvision does not have."""
+    if model.startswith(TIMM):
+        return timm_preset(model)
     named = named_weights(model, weights)
     if model == VGG16 and named in (None, "DEFAULT", _VGG16_PRESET.weights.split(".")[1]):
         return _VGG16_PRESET
     return torchvision_preset(model, named or "DEFAULT")
+
+
+@functools.lru_cache(maxsize=16)
+def timm_preset(model: str) -> Preset:
+    """`preset` of a timm model, from its pretrained config (`timm.data.resolve_model_data_config`): the
+    crop is its input size, the resize its crop / crop_pct (timm's eval transform: resize the shorter side,
+    centre crop). Read from the model built on the meta device: nothing is downloaded."""
+    network = timm_network(model, "meta")
+    config = _timm().data.resolve_model_data_config(network)
+    if config.get("crop_mode", "center") != "center":
+        raise ConfigError(
+            f"--model {model} crops with timm's crop_mode {config['crop_mode']!r}; raytl crops the centre."
+        )
+    crop = int(config["input_size"][-1])
+    return Preset(
+        f"timm:{model.removeprefix(TIMM)}", crop, int(crop / config["crop_pct"]), config["interpolation"],
+        tuple(float(v) for v in config["mean"]), tuple(float(v) for v in config["std"]), None,
+    )  # fmt: skip
+
+
+def _timm() -> Any:
+    try:
+        import timm
+        import timm.data
+    except ModuleNotFoundError:
+        raise ConfigError(f"--model timm/... needs timm (PyTorch Image Models): {TIMM_INSTALL}.") from None
+    return timm
+
+
+def timm_network(model: str, storage: str = "cpu", pretrained: bool = False) -> nn.Module:
+    """timm's model NAME without its classifier (num_classes=0: the pooled features), in eval mode."""
+    timm, name = _timm(), model.removeprefix(TIMM)
+    if not timm.is_model(name.split(".", 1)[0]):
+        raise ConfigError(
+            f"--model {model} is not one of timm's models; for example timm/vit_small_patch14_dinov2.lvd142m"
+            ", timm/vit_base_patch16_clip_224.openai, timm/convnext_tiny.in12k (timm.list_models() has all)."
+        )
+    with torch.device(storage):
+        return timm.create_model(name, pretrained=pretrained, num_classes=0).eval()
 
 
 # `--weights` naming one of torchvision's weights of the model: `IMAGENET1K_V2`,
@@ -142,6 +187,8 @@ def named_weights(model: str, spec: str | None) -> str | None:
         return None
     if spec == "imagenet":
         return "DEFAULT"
+    if model.startswith(TIMM):  # its weights are named by the model name's tag
+        return "DEFAULT" if spec == preset(model).weights else None
     found = _WEIGHTS_NAME.fullmatch(spec)
     if found is None or (not spec.startswith("torchvision:") and os.path.exists(spec)):
         return None
@@ -202,6 +249,8 @@ def trunk(model: str, layer: Layer = Layer.POOL5, pool: Pool = Pool.AVG, storage
     ResNet-50, the class token of a ViT. On the meta device (no memory) unless `storage` is "cpu"."""
     if model == VGG16:
         return VGG16Trunk(layer, pool)
+    if model.startswith(TIMM):
+        return timm_network(model, storage)
     import torchvision
 
     options = _builder_options(model)
@@ -302,7 +351,9 @@ def load_weights(spec: str, layer: Layer, seed: int = 0, model: str = VGG16) -> 
     if spec == "random":
         return _random_weights(model, Layer(layer), seed)
     named = named_weights(model, spec)
-    if named is not None:
+    if named is not None and model.startswith(TIMM):
+        state, weights_id = _timm_state_dict(model, spec), preset(model).weights
+    elif named is not None:
         state = _torchvision_state_dict(model, named, spec)
         weights_id = f"torchvision:{preset(model, spec).weights}"
     else:
@@ -320,7 +371,10 @@ def _random_weights(model: str, layer: Layer, seed: int) -> Weights:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        state = torchvision.models.get_model(model, weights=None).state_dict()
+        if model.startswith(TIMM):
+            state = timm_network(model).state_dict()  # timm's own initialisation
+        else:
+            state = torchvision.models.get_model(model, weights=None).state_dict()
     return _fitted(state, "random", layer, model, f"random:seed={seed}")
 
 
@@ -329,6 +383,19 @@ def _fitted(state: dict[str, torch.Tensor], spec: str, layer: Layer, model: str,
     needed = trunk(model, layer).state_dict().keys()
     check_fits(state, spec, needed, model)
     return Weights({k: state[k].detach().contiguous() for k in needed}, weights_id)
+
+
+def _timm_state_dict(model: str, spec: str) -> dict[str, torch.Tensor]:
+    """The model's pretrained weights as timm loads them (from the Hugging Face Hub, or its local cache)."""
+    try:
+        return timm_network(model, pretrained=True).state_dict()
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise WeightsError(
+            f"--weights {spec} could not be downloaded ({storage.describe_error(exc)}); stage the model in "
+            "the Hugging Face cache (HF_HOME) or save its state_dict and pass --weights PATH_OR_URI."
+        ) from None
 
 
 def _torchvision_state_dict(model: str, name: str, spec: str) -> dict[str, torch.Tensor]:
