@@ -72,51 +72,11 @@ def _cell(value: Any) -> str:
 def page(result: dict[str, Any], tables: dict[str, pa.Table], schemes: Sequence[str]) -> str:
     """The whole page; sections for the checks that ran."""
     facts = [("rows", f"{result['rows']:,}"), ("checks", ", ".join(result["checks"]))]
-    sections = []
-    labels = result.get("labels")
-    if labels is not None:
-        facts += [
-            ("label issues", f"{labels['issues']:,} of {labels['labelled']:,} labelled rows"),
-            ("out-of-fold accuracy", f"{labels['out_of_fold_accuracy']:.4f} ({labels['folds']} folds)"),
-        ]
-        issues = tables["label_issues.parquet"].slice(0, ISSUES_SHOWN).to_pylist()
-        body = "<p>No label issues found.</p>"
-        if issues:
-            cells = [
-                (
-                    r["path"],
-                    f"#{r['rank']} {r['label']} → {r['suggested_label']}\n({r['self_confidence']:.2f})",
-                )
-                for r in issues
-            ]
-            body = _img(grid(cells, schemes), "label issues") + _listing(
-                issues, ("rank", "path", "label", "suggested_label", "self_confidence")
-            )
-        sections.append(
-            f"<section><h2>Likely label errors (given → suggested, self-confidence)</h2>{body}</section>"
-        )
-    duplicates = result.get("duplicates")
-    if duplicates is not None:
-        facts += [("duplicate groups", f"{duplicates['groups']:,} ({duplicates['rows_in_groups']:,} rows; "
-                   f"{duplicates['removable']:,} removable; {duplicates['groups_crossing_splits']:,} cross "
-                   "the split)")]  # fmt: skip
-        rows = tables["duplicates.parquet"].to_pylist()
-        cells, shown = [], []
-        for number in sorted({r["group"] for r in rows})[:GROUPS_SHOWN]:
-            members = [r for r in rows if r["group"] == number][:MEMBERS_SHOWN]
-            shown += members
-            cells += [(r["path"], f"group {number} · {r['label']} · {r['split']}\n({r['similarity']:.3f})")
-                      for r in members]  # fmt: skip
-        body = "<p>No near-duplicates found.</p>"
-        if cells:
-            body = _img(grid(cells, schemes), "duplicate groups") + _listing(
-                shown, ("group", "path", "label", "split", "similarity", "keep")
-            )
-        figure = similarity_figure(duplicates["nearest_similarity"], duplicates["threshold"])
-        sections.append(f"<section><h2>Near-duplicate groups</h2>{body}</section>")
-        sections.append(
-            f"<section><h2>Nearest-neighbour similarity</h2>{_img(figure, 'similarities')}</section>"
-        )
+    sections: list[str] = []
+    if result.get("labels") is not None:
+        _label_issues(result["labels"], tables["label_issues.parquet"], schemes, facts, sections)
+    if result.get("duplicates") is not None:
+        _duplicate_groups(result["duplicates"], tables["duplicates.parquet"], schemes, facts, sections)
     leak = result.get("leakage")
     if leak is not None:
         before, after = leak["accuracy"], leak["accuracy_without_leaked"]
@@ -140,3 +100,50 @@ td, th {{ border-bottom: 1px solid #ddd; padding: .15rem .6rem; text-align: left
 {FIGURES_SCRIPT}
 </body></html>
 """
+
+
+def _label_issues(
+    labels: dict[str, Any], table: pa.Table, schemes: Sequence[str], facts: list, sections: list[str]
+) -> None:
+    """The label-issues facts and section: the most suspicious rows' images and their listing."""
+    facts += [
+        ("label issues", f"{labels['issues']:,} of {labels['labelled']:,} labelled rows"),
+        ("out-of-fold accuracy", f"{labels['out_of_fold_accuracy']:.4f} ({labels['folds']} folds)"),
+    ]
+    issues = table.slice(0, ISSUES_SHOWN).to_pylist()
+    body = "<p>No label issues found.</p>"
+    if issues:
+        cells = [
+            (r["path"], f"#{r['rank']} {r['label']} → {r['suggested_label']}\n({r['self_confidence']:.2f})")
+            for r in issues
+        ]
+        body = _img(grid(cells, schemes), "label issues") + _listing(
+            issues, ("rank", "path", "label", "suggested_label", "self_confidence")
+        )
+    sections.append(
+        f"<section><h2>Likely label errors (given → suggested, self-confidence)</h2>{body}</section>"
+    )
+
+
+def _duplicate_groups(
+    duplicates: dict[str, Any], table: pa.Table, schemes: Sequence[str], facts: list, sections: list[str]
+) -> None:
+    """The duplicates' facts and sections: the first groups' images and listing, the similarity figure."""
+    facts += [("duplicate groups", f"{duplicates['groups']:,} ({duplicates['rows_in_groups']:,} rows; "
+               f"{duplicates['removable']:,} removable; {duplicates['groups_crossing_splits']:,} cross "
+               "the split)")]  # fmt: skip
+    rows = table.to_pylist()
+    cells, shown = [], []
+    for number in sorted({r["group"] for r in rows})[:GROUPS_SHOWN]:
+        members = [r for r in rows if r["group"] == number][:MEMBERS_SHOWN]
+        shown += members
+        cells += [(r["path"], f"group {number} · {r['label']} · {r['split']}\n({r['similarity']:.3f})")
+                  for r in members]  # fmt: skip
+    body = "<p>No near-duplicates found.</p>"
+    if cells:
+        body = _img(grid(cells, schemes), "duplicate groups") + _listing(
+            shown, ("group", "path", "label", "split", "similarity", "keep")
+        )
+    figure = similarity_figure(duplicates["nearest_similarity"], duplicates["threshold"])
+    sections.append(f"<section><h2>Near-duplicate groups</h2>{body}</section>")
+    sections.append(f"<section><h2>Nearest-neighbour similarity</h2>{_img(figure, 'similarities')}</section>")
