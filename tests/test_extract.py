@@ -184,9 +184,10 @@ def test_default_precision_and_224px_against_torchvision(ray_session, tmp_path):
             decode=decode,
             image_size=size,
         )
-        assert extract.run(config)["embedded"] == 3
+        summary = extract.run(config)
         table = pq.read_table(out)
         meta = json.loads(table.schema.metadata[b"raytl"])
+        assert summary["embedded"] == 3 and summary["embedding"] == meta  # _summary.json says the same
         assert meta["preprocessing"]["decode"] == decode
         # the precision that ran, as this CPU's actors resolve auto; and what was asked when they differ
         ran = str(resolve_precision(Precision(precision), torch.device("cpu")))

@@ -66,7 +66,7 @@ def run(config: ExtractConfig) -> dict[str, Any]:
         "wall_seconds": round(wall, 3),
         "images_per_second": round(embedded / wall, 2) if wall else None,
         "output": storage.redact(config.output),
-        "embedding": metadata,
+        "embedding": writer.ran_at(metadata, ran) if (ran := writer.precisions(counts)) else metadata,
     }
     writer.write_summary(config.output, summary)
     return summary

@@ -33,6 +33,13 @@ def schema_metadata(metadata: dict) -> dict[bytes, bytes]:
     return {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}
 
 
+def precisions(counts: dict[str, int]) -> str | None:
+    """The precisions the model actors ran at, from the written parts' counts ("fp32"; "bf16,fp32" for a
+    cluster of both kinds of node); None when this run embedded nothing."""
+    ran = sorted(k.split(":", 1)[1] for k in counts if k.startswith(f"{PRECISION}:"))
+    return ",".join(ran) or None
+
+
 def ran_at(metadata: dict, precision: str) -> dict:
     """The metadata with `precision` what the model actor ran at (--precision auto: bf16 or fp32 by its
     hardware) and `precision_option` what was asked, when the two differ."""
@@ -65,6 +72,8 @@ def write_part(batch: pa.Table, output: str, schema: pa.Schema) -> pa.Table:
         rows = failed.select(["path", "error"]).cast(ERRORS_SCHEMA)
         storage.write_bytes(storage.join(output, ERRORS_DIR, name), _parquet(rows))
     counts = {"embedded": [embedded.num_rows], "failed": [failed.num_rows]}
+    if PRECISION in embedded.column_names and embedded.num_rows:  # rows embedded at each precision
+        counts[f"{PRECISION}:{embedded.column(PRECISION)[0].as_py()}"] = [embedded.num_rows]
     if "correct" in batch.column_names:  # predictions with known labels
         correct = embedded["correct"]
         counts["labelled"] = [len(correct) - correct.null_count]
