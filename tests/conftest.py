@@ -25,6 +25,9 @@ os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 # Ray Train starts a PreemptionWatcher actor (a process: ~2 CPU-seconds) for every run, to act on a node's
 # drain notice; no test drains a node (a lost node is killed, not drained), and the suite has ~20 runs.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Data records each run's usage in a detached actor of its own, one per cluster (a process: ~5
+# CPU-seconds, in each of the suite's ~15 clusters), for Ray's usage server, which no test reaches.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # The tests track runs in MLflow's file store (a folder), which MLflow 3 takes only when asked to.
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 

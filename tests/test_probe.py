@@ -455,9 +455,16 @@ def test_ctrl_c_is_exit_130_and_the_same_command_resumes(ray_session, data, tmp_
     reader.join(timeout=30)
     err = "".join(lines)
     assert proc.returncode == 130, err[-3000:]
-    # raytl's last line; after it, only lines that Ray's own processes print as they stop.
+    # raytl's last line; after it, only lines that Ray's own processes print as they stop. (Ray's log thread
+    # writes a line and its newline apart: raytl's line can follow another's text on one line.)
     said = [line.rstrip("\n") for line in lines]
-    end = said.index("raytl: interrupted; rerun the same command to resume.")
+    ends = [
+        i
+        for i, line in enumerate(said)
+        if line.endswith("raytl: interrupted; rerun the same command to resume.")
+    ]
+    assert ends, err[-3000:]
+    end = ends[-1]
     assert all(RAY_LOG_LINE.match(line) for line in said[end + 1 :] if line.strip()), err[-3000:]
     assert not (model_dir / "model.json").exists() and (model_dir / TRAIN_RUN).exists()
     assert main(args[3:]) == 0  # the same command (in this process, on this session's Ray: quicker)

@@ -53,7 +53,9 @@ def final_line(text: str, level: int = logging.ERROR, json_lines: bool | None = 
     if SETTINGS.json if json_lines is None else json_lines:
         record = logging.LogRecord("raytl", level, __file__, 0, text, None, None)
         text = JsonFormatter().format(record)
-    print(text, file=sys.stderr, flush=True)
+    # One write: print() writes the newline apart, and a Ray thread's line could fall in between.
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def setup(
