@@ -135,6 +135,26 @@ def test_retries_on_the_command_line_reach_this_process_and_rays_workers(bucket,
     assert inits[-1]["runtime_env"] == {"worker_process_setup_hook": "raytl.cluster.session.name_own_ray"}
 
 
+@pytest.mark.ray  # calls init_ray, with ray.init replaced
+def test_a_ray_started_here_runs_no_preemption_watcher_and_a_clusters_keeps_it(monkeypatch):
+    """Ray Train's preemption watcher (an actor a run) acts on a node's drain notice: a Ray that raytl starts
+    on this host gets none; a cluster's nodes may (spot), so there it stays on."""
+    import ray
+
+    from raytl.reporting import logs
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(logs, "quiet_ray", lambda: None)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    session.init_ray()
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+    monkeypatch.delenv("RAY_ADDRESS")
+    session.init_ray()
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+
+
 def test_access_denied_fails_at_once(objects, bucket, s3_faults):
     rule = s3_faults.add(
         Rule(

@@ -29,6 +29,11 @@ def init_ray() -> None:
         # Before init: its first lines come early (e.g. that a local Ray uses token authentication).
         for name in ("ray", "ray._private.authentication"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    starts_local = _starts_local()
+    if starts_local:
+        # Ray Train's preemption watcher (an actor a run: a process, and an "actor restart" warning of Ray's
+        # on stderr) acts on a cloud node's drain notice; a Ray that raytl starts on this host gets none.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     _start_ray(
         # Ray's own warnings (e.g. that a local instance uses token authentication) from --log-level info.
         logging_level=logs.SETTINGS.level if logs.SETTINGS.level <= logging.INFO else logging.ERROR,
@@ -37,7 +42,7 @@ def init_ray() -> None:
         logging_config=ray.LoggingConfig(
             encoding="JSON" if logs.SETTINGS.json else "TEXT", log_level="DEBUG" if debug else "WARNING"
         ),
-        runtime_env=_runtime_env(),
+        runtime_env=_runtime_env(starts_local),
     )
     # ray.init's logging_config also gives this process's root logger a handler of Ray's: every raytl line
     # would print twice (once in Ray's own JSON shape). The workers keep Ray's.
@@ -82,20 +87,26 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _runtime_env() -> dict[str, Any] | None:
+def _runtime_env(starts_local: bool) -> dict[str, Any] | None:
     """The job's runtime_env: raytl's worker environment, and, when this process starts a local Ray on a
     host where another Ray runs, `name_own_ray` in every worker (a runtime_env makes each worker start
     through Ray's runtime-env agent: ~10 s more for the quickstart, paid only where it is needed)."""
-    from ray._private.services import canonicalize_bootstrap_address, find_gcs_addresses
+    from ray._private.services import find_gcs_addresses
 
     env: dict[str, Any] = {"env_vars": logs.SETTINGS.worker_env} if logs.SETTINGS.worker_env else {}
-    try:
-        starts_local = canonicalize_bootstrap_address(None) is None  # type: ignore[arg-type]
-    except Exception:  # Ray names a bad RAY_ADDRESS itself, in ray.init
-        starts_local = False
     if starts_local and find_gcs_addresses():
         env["worker_process_setup_hook"] = "raytl.cluster.session.name_own_ray"
     return env or None
+
+
+def _starts_local() -> bool:
+    """Whether ray.init will start a Ray on this host (no RAY_ADDRESS, no `ray start` cluster here)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(None) is None  # type: ignore[arg-type]
+    except Exception:  # Ray names a bad RAY_ADDRESS itself, in ray.init
+        return False
 
 
 def name_own_ray() -> None:
