@@ -73,7 +73,8 @@ def main() -> None:
             result[f"p_{where}"] = run
             log(f"p ({where}) {run['p']} images/s: p/c {run['p/c']}, p/d {run['p/d']}")
         result["s3_client_cpu_ms_per_get"] = s3_clients(files[:1024], workdir / "photos", endpoint)
-    result["draft"] = draft_run(workdir / "camera", args.camera_photos, cores, args.weights)
+    if args.camera_photos:  # --camera-photos 0: no --decode draft figures
+        result["draft"] = draft_run(workdir / "camera", args.camera_photos, cores, args.weights)
     result["d_224"] = decoder_rate(files, Transform(), cores)  # 256 px resize, 224 px crop: a GPU run's
     result["cores_at_10000_per_second"] = extrapolated(result, cores)
     report(result, args.json)
@@ -333,12 +334,10 @@ def extrapolated(result: dict, cores: int) -> dict:
     store, so this is a floor)."""
     spent = result["p_local"]["cpu_seconds_per_image_after_the_first_batch"]
     own = spent["total"] - spent.get("decode tasks", 0) - spent.get("model actors", 0)
-    draft = result["draft"]
-    decode = {
-        "500x375, --decode cpu": cores / result["d_224"],
-        "12 MP, --decode cpu": cores / draft["exact_images_per_second"],
-        "12 MP, --decode draft": cores / draft["draft_images_per_second"],
-    }
+    decode = {"500x375, --decode cpu": cores / result["d_224"]}
+    if "draft" in result:
+        decode["12 MP, --decode cpu"] = cores / result["draft"]["exact_images_per_second"]
+        decode["12 MP, --decode draft"] = cores / result["draft"]["draft_images_per_second"]
     return {
         "pipeline_cpu_ms_per_image": round(1000 * own, 2),
         **{name: round(10_000 * (seconds + own)) for name, seconds in decode.items()},

@@ -92,6 +92,12 @@ def test_random_weights_are_torchvisions_initialisation_seeded():
     assert torch.equal(a["features.0.weight"], b["features.0.weight"])
     assert not torch.equal(a["features.0.weight"], c["features.0.weight"])
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator is left as it was
+    # fc7 keeps the classifier's layers too (pool5 only makes their draws): torchvision's values all the same.
+    fc7 = load_weights("random", Layer.FC7, seed=3).state_dict
+    assert {k for k in fc7 if not k.startswith("features.")} == {
+        f"classifier.{i}.{p}" for i in (0, 3) for p in ("weight", "bias")
+    }
+    assert all(torch.equal(fc7[k], expected[k]) for k in fc7)
 
 
 def test_weights_of_the_wrong_shape_are_refused(tmp_path, state):

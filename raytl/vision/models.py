@@ -49,7 +49,7 @@ _VGG16_CONVS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 
 
 class _VGG16(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, classifier: bool = True) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = 3
@@ -61,11 +61,45 @@ class _VGG16(nn.Module):
                 channels = int(width)
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        if not classifier:  # pool5 only: the layers' own initialisation draws are made all the same
+            _draw_like_linear_layers(_VGG16_LINEARS)
+            return
         self.classifier = nn.Sequential(
-            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(p=0.5),
-            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(p=0.5),
-            nn.Linear(4096, 1000),
+            nn.Linear(*_VGG16_LINEARS[0]), nn.ReLU(True), nn.Dropout(p=0.5),
+            nn.Linear(*_VGG16_LINEARS[1]), nn.ReLU(True), nn.Dropout(p=0.5),
+            nn.Linear(*_VGG16_LINEARS[2]),
         )  # fmt: skip
+
+
+_VGG16_LINEARS = ((512 * 7 * 7, 4096), (4096, 4096), (4096, 1000))  # fc6, fc7, fc8: (in, out)
+
+
+def _draw_like_linear_layers(shapes: Iterable[tuple[int, int]]) -> None:
+    """Advance the generator as building these nn.Linear layers would (each draws its weight, then its
+    bias, from a uniform distribution: one number an element), without holding them: fc6-fc8 are 124M
+    numbers, 500 MB, that pool5 does not use but whose draws come before VGG16's own initialisation."""
+    buffer = torch.empty(1 << 20)
+    for inputs, outputs in shapes:
+        for count in (inputs * outputs, outputs):
+            for start in range(0, count, buffer.numel()):
+                buffer[: min(buffer.numel(), count - start)].uniform_()
+
+
+def _vgg16_initialised(layer: Layer) -> dict[str, torch.Tensor]:
+    """`torchvision.models.vgg16(weights=None)`'s tensors under the current generator, drawn as torchvision
+    draws them (every layer built in order with its own default initialisation, then VGG's: Kaiming-normal
+    convolutions on their fan-out, N(0, 0.01) linear layers, zero biases), without importing torchvision;
+    for pool5 only the convolutions are kept (and 60% of the CPU time saved). tests/test_models.py checks
+    it against torchvision's."""
+    network = _VGG16(classifier=layer != Layer.POOL5)
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)  # type: ignore[arg-type]  # VGG16's convolutions all have one
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0, 0.01)
+            nn.init.zeros_(module.bias)
+    return network.state_dict()
 
 
 class VGG16Trunk(nn.Module):
@@ -365,15 +399,18 @@ def load_weights(spec: str, layer: Layer, seed: int = 0, model: str = VGG16) -> 
 def _random_weights(model: str, layer: Layer, seed: int) -> Weights:
     """torchvision's own initialisation of the model, seeded (a seed gives the weights it always gave), on a
     copy of the global generator. Kept for the next call in this process with the same arguments (a
-    notebook's, a test suite's): VGG16 draws 138M numbers, 2-3 CPU-seconds. Its tensors are shared: read
-    them (as the model stages and Ray's object store do), never change them."""
-    import torchvision
-
+    notebook's, a test suite's): VGG16 draws 138M numbers (0.6 CPU-seconds for pool5, 1.3 with its fc layers;
+    torchvision's own build 1.3, after 1.4 to import it). Its tensors are shared: read them (as the model
+    stages and Ray's object store do), never change them."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if model.startswith(TIMM):
+        if model == VGG16:
+            state = _vgg16_initialised(layer)
+        elif model.startswith(TIMM):
             state = timm_network(model).state_dict()  # timm's own initialisation
         else:
+            import torchvision
+
             state = torchvision.models.get_model(model, weights=None).state_dict()
     return _fitted(state, "random", layer, model, f"random:seed={seed}")
 
