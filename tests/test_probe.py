@@ -431,7 +431,7 @@ def test_ctrl_c_is_exit_130_and_the_same_command_resumes(ray_session, data, tmp_
     write(str(tmp_path / "emb"), data["x"], names(data["y"]))
     model_dir = tmp_path / "model"
     args = [sys.executable, "-m", "raytl", "train", str(tmp_path / "emb"), str(model_dir), "--workers", "1",
-            "--epochs", "12", "--patience", "12", "--batch-size", "16"]  # fmt: skip
+            "--epochs", "6", "--patience", "6", "--batch-size", "16"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines: list[str] = []
@@ -446,7 +446,7 @@ def test_ctrl_c_is_exit_130_and_the_same_command_resumes(ray_session, data, tmp_
     # its epochs ~2 s on an idle machine, so a wait could land before or after them. (Ray Train's abort then
     # takes ~9 s here, during which the epochs may run to the end: the run is unfinished all the same.)
     deadline = time.monotonic() + 180
-    while not any("train: epoch 2/12" in line for line in lines) and proc.poll() is None:
+    while not any("train: epoch 2/6" in line for line in lines) and proc.poll() is None:
         assert time.monotonic() < deadline, "".join(lines[-30:])
         time.sleep(0.02)
     assert proc.poll() is None, "".join(lines[-30:])
